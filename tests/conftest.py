@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny model configurations that run in milliseconds on a CPU."""
+
+import pytest
+import torch
+
+from detr_ray.model import DETRConfig
+
+
+def tiny_config(**overrides) -> DETRConfig:
+    base = dict(
+        backbone="resnet18",
+        hidden_dim=32,
+        nheads=4,
+        enc_layers=2,
+        dec_layers=2,
+        dim_feedforward=64,
+        dropout=0.0,
+        num_queries=6,
+        num_classes=3,
+    )
+    base.update(overrides)
+    return DETRConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg() -> DETRConfig:
+    return tiny_config()
+
+
+def random_batch(batch=2, h=64, w=80, max_boxes=3, num_classes=3, seed=0, pad_last=True):
+    """uint8 images, padding mask (the last image padded on the right and bottom), targets."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=g)
+    mask = torch.zeros(batch, h, w, dtype=torch.bool)
+    if pad_last and batch > 1:
+        mask[-1, :, w - w // 4 :] = True
+        mask[-1, h - h // 5 :, :] = True
+        images[-1][:, mask[-1]] = 0
+    targets = []
+    for i in range(batch):
+        n = int(torch.randint(0, max_boxes + 1, (1,), generator=g)) if i else max_boxes
+        cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.05
+        targets.append(
+            {
+                "labels": torch.randint(0, num_classes, (n,), generator=g),
+                "boxes": torch.cat([cxcy, wh], dim=1),
+            }
+        )
+    return images, mask, targets

@@ -1,0 +1,35 @@
+import pytest
+
+from detr_ray.config import ConfigError, from_dict, load_yaml
+from detr_ray.model import DETRConfig
+
+
+def test_from_dict_builds_and_converts():
+    cfg = from_dict(DETRConfig, {"backbone": "resnet101", "dropout": 0, "num_classes": 3}, "model")
+    assert cfg.backbone == "resnet101" and cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"hidden": 3}, "model: unknown key(s) hidden"),
+        ({"hidden_dim": "big"}, "model.hidden_dim: expected an integer"),
+        ({"aux_loss": 1}, "model.aux_loss: expected true/false"),
+        ({"backbone": "resnet152"}, "model.backbone: unknown backbone"),
+    ],
+)
+def test_errors_name_the_key(data, needle):
+    with pytest.raises(ConfigError) as e:
+        from_dict(DETRConfig, data, "model")
+    assert needle in str(e.value)
+
+
+def test_load_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: malformed YAML"):
+        load_yaml(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: top level must be a mapping"):
+        load_yaml(lst)
