@@ -1,0 +1,144 @@
+"""COCO bbox evaluation with pycocotools, reported under stable metric names.
+
+`evaluate(gt, results)` runs COCOeval on a ground-truth COCO dict (or pycocotools COCO object)
+and a list of COCO result dicts, and returns the 12 standard numbers as `val/AP`, `val/AP50`,
+`val/AP75`, `val/APs`, `val/APm`, `val/APl`, `val/AR1`, `val/AR10`, `val/AR100`, `val/ARs`,
+`val/ARm`, `val/ARl`, plus `val/mean_iou`: the mean IoU of the true positives at IoU 0.5
+(all areas, 100 detections per image). As in pycocotools, -1 means "no ground truth in that
+range". The numbers are exactly pycocotools' own on the same inputs.
+
+Result sets pycocotools would crash on are checked first: an empty set scores 0, detections for
+unknown images or categories and malformed entries are a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class ResultsError(ValueError):
+    """A detection result set that cannot be evaluated against the ground truth."""
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    coco_eval: COCOeval | None  # None for an empty result set
+    tp_ious: np.ndarray  # IoU of every true positive at IoU 0.5 (all areas, maxDet 100)
+
+
+def _quiet(fn, *args):
+    """pycocotools prints; keep its chatter in the debug log instead."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = fn(*args)
+    if buf.getvalue().strip():
+        log.debug("%s", buf.getvalue().strip())
+    return out
+
+
+def as_coco(gt: COCO | dict) -> COCO:
+    if isinstance(gt, COCO):
+        return gt
+    coco = COCO()
+    coco.dataset = gt
+    _quiet(coco.createIndex)
+    return coco
+
+
+def detections_to_results(
+    image_ids: Sequence[int], detections: Sequence[dict], label_to_category_id: Sequence[int] | None = None
+) -> list[dict]:
+    """postprocess() output (xyxy pixels) -> COCO result dicts (xywh pixels), one per query."""
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        boxes = det["boxes"].detach().cpu().double()
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
+        labels = det["labels"].detach().cpu().tolist()
+        scores = det["scores"].detach().cpu().tolist()
+        for box, label, score in zip(xywh, labels, scores):
+            category = label_to_category_id[label] if label_to_category_id is not None else label
+            results.append({"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)})
+    return results
+
+
+def check_results(gt: COCO, results: Sequence[dict], source: str = "results") -> None:
+    """Raises ResultsError naming the first offending entry of each kind."""
+    image_ids = set(gt.getImgIds())
+    category_ids = set(gt.getCatIds())
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ResultsError(f"{source}[{i}]: expected a dict, got {type(r).__name__}")
+        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in r]
+        if missing:
+            raise ResultsError(f"{source}[{i}]: missing key(s) {missing}")
+        box = r["bbox"]
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+            raise ResultsError(f"{source}[{i}].bbox: expected 4 finite numbers [x, y, w, h], got {box!r}")
+        if not isinstance(r["score"], (int, float)) or not math.isfinite(r["score"]):
+            raise ResultsError(f"{source}[{i}].score: expected a finite number, got {r['score']!r}")
+        if r["image_id"] not in image_ids:
+            raise ResultsError(f"{source}[{i}].image_id: {r['image_id']} is not an image of the ground truth")
+        if r["category_id"] not in category_ids:
+            raise ResultsError(
+                f"{source}[{i}].category_id: {r['category_id']} is not a category of the ground truth "
+                f"(known: {sorted(category_ids)[:10]}...); are labels mapped to the dataset's category ids?"
+            )
+
+
+def _tp_ious(E: COCOeval, gt: COCO, dt: COCO) -> np.ndarray:
+    """IoU of every true positive at the first IoU threshold (0.5), area 'all', maxDet 100."""
+    all_range = E.params.areaRng[0]
+    max_det = E.params.maxDets[-1]
+    ious = []
+    for e in E.evalImgs:
+        if e is None or e["aRng"] != all_range or e["maxDet"] != max_det:
+            continue
+        for d, dt_id in enumerate(e["dtIds"]):
+            gt_id = int(e["dtMatches"][0, d])
+            if gt_id and not e["dtIgnore"][0, d]:
+                ious.append(_iou_xywh(dt.anns[dt_id]["bbox"], gt.anns[gt_id]["bbox"]))
+    return np.asarray(ious, dtype=np.float64)
+
+
+def _iou_xywh(a, b) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def evaluate(gt: COCO | dict, results: Sequence[dict], prefix: str = "val/", source: str = "results") -> Evaluation:
+    gt = as_coco(gt)
+    if not gt.getImgIds():
+        raise ResultsError("ground truth has no images")
+    results = list(results)
+    check_results(gt, results, source)
+    if not results:
+        metrics = {prefix + name: 0.0 for name in METRIC_NAMES}
+        metrics[prefix + "mean_iou"] = 0.0
+        return Evaluation(metrics, None, np.zeros(0))
+    dt = _quiet(gt.loadRes, [dict(r) for r in results])  # loadRes adds keys: hand it copies
+    E = COCOeval(gt, dt, iouType="bbox")
+    _quiet(E.evaluate)
+    _quiet(E.accumulate)
+    _quiet(E.summarize)
+    metrics = {prefix + name: float(v) for name, v in zip(METRIC_NAMES, E.stats)}
+    tp = _tp_ious(E, gt, dt)
+    metrics[prefix + "mean_iou"] = float(tp.mean()) if len(tp) else 0.0
+    return Evaluation(metrics, E, tp)
