@@ -44,6 +44,10 @@ class DETRConfig:
     aux_loss: bool = True
     pre_norm: bool = False
     train_backbone: bool = True  # False freezes the whole backbone (lr_backbone = 0)
+    # DETR's backbone uses frozen BatchNorm (statistics from ImageNet pre-training). Training from
+    # scratch (the demo, where nothing can be downloaded) learns far faster with ordinary,
+    # trainable BatchNorm and the whole backbone trainable: frozen_bn=False.
+    frozen_bn: bool = True
 
     def validate(self, where: str = "model") -> "DETRConfig":
         if self.backbone not in RESNET_BACKBONES:
@@ -78,6 +82,11 @@ class DETRConfig:
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
     """Checks (and for int->float, converts) one scalar field value against its annotation."""
     if annotation in (float, "float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -143,4 +152,147 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is fed. Empty `train`/`val` mean the synthetic demo dataset
+    (generated under `demo_root`, default: demo.default_demo_root()).
+
+    `augment`: "auto" (the demo's small scales for the demo dataset, DETR's COCO scales
+    otherwise), "coco" or "demo" (see transforms.TransformConfig).
+    `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
+    (0: no local shuffle). `decode_num_cpus` is the CPU reservation of one decode task."""
+
+    train: str = ""
+    val: str = ""
+    demo_root: str = ""
+    augment: str = "auto"
+    batch_size: int = 4
+    shuffle_buffer: int = 64
+    decode_batch_size: int = 16
+    decode_num_cpus: float = 1.0
+    prefetch_batches: int = 2
+
+    def validate(self, where: str = "data") -> "DataConfig":
+        if self.augment not in ("auto", "coco", "demo"):
+            raise ConfigError(f"{where}.augment: choose auto, coco or demo, got {self.augment!r}")
+        for name in ("batch_size", "decode_batch_size", "prefetch_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"{where}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
+        if self.decode_num_cpus <= 0:
+            raise ConfigError(f"{where}.decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
+        if bool(self.train) != bool(self.val):
+            raise ConfigError(f"{where}: give both train and val shard locations, or neither (demo)")
+        return self
+
+    @property
+    def uses_demo(self) -> bool:
+        return not self.train
+
+    def transform_config(self):
+        """The augmentation recipe: transforms.TransformConfig.demo() or .coco()."""
+        from detr_ray.data.transforms import TransformConfig  # the data package imports this module
+
+        if self.augment == "demo" or (self.augment == "auto" and self.uses_demo):
+            return TransformConfig.demo()
+        return TransformConfig.coco()
+
+
+PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, resources and bookkeeping of one training run.
+
+    Defaults are DETR's (AdamW lr 1e-4, backbone 1e-5, weight decay 1e-4, clip 0.1, x0.1 drop at
+    `lr_drop`); `precision: auto` is bf16 on GPUs that support it and fp32 elsewhere."""
+
+    epochs: int = 50
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_schedule: str = "step"  # step (x0.1 at lr_drop) | cosine (after warmup_epochs)
+    lr_drop: int = 200
+    warmup_epochs: int = 0
+    clip_max_norm: float = 0.1
+    eos_coef: float = 0.1
+    cost_class: float = 1.0  # matcher costs; the loss weights of L1 and GIoU are the same numbers
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    precision: str = "auto"
+    channels_last: bool = False
+    eval_every: int = 1
+    seed: int = 0
+    pretrained: str = ""  # DETR checkpoint or ImageNet backbone (file, URL, "torchvision")
+    pretrained_backbone: str = ""  # loaded after `pretrained`, e.g. ImageNet R101 after R50 DETR
+    calibrate_frozen_bn: bool = True  # without a pretrained backbone only
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0  # 0: CPU training (gloo); fractions allowed for small models
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2  # best k by val/AP (the latest is always kept too)
+    max_failures: int = 2  # worker-group restarts before the run fails
+    check_finite_every: int = 20  # steps between non-finite checks on GPU (every step on CPU)
+    max_steps_per_epoch: int = 0  # 0: whole epochs
+    tensorboard: bool = True
+    tensorboard_images: int = 4
+
+    def validate(self, where: str = "train") -> "TrainConfig":
+        if self.lr_schedule not in ("step", "cosine"):
+            raise ConfigError(f"{where}.lr_schedule: choose step or cosine, got {self.lr_schedule!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ConfigError(f"{where}.precision: choose one of {PRECISION_CHOICES}, got {self.precision!r}")
+        for name in ("epochs", "eval_every", "num_workers", "keep_checkpoints", "check_finite_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "cpus_per_worker"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("lr_backbone", "weight_decay", "clip_max_norm", "gpus_per_worker", "warmup_epochs", "max_steps_per_epoch", "max_failures"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lr_drop < 1:
+            raise ConfigError(f"{where}.lr_drop: must be >= 1, got {self.lr_drop}")
+        return self
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one training run needs: model, data, training. YAML layout:
+    `model: {...}`, `data: {...}`, `train: {...}`."""
+
+    model: DETRConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": to_dict(self.model), "data": to_dict(self.data), "train": to_dict(self.train)}
+
+
+def experiment_from_dict(data: Mapping[str, Any] | None, where: str = "config") -> ExperimentConfig:
+    """Builds an ExperimentConfig; unknown sections or keys are errors naming `where.section.key`."""
+    data = dict(data or {})
+    unknown = sorted(set(data) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: model, data, train")
+    return ExperimentConfig(
+        model=from_dict(DETRConfig, data.get("model"), f"{where}.model"),
+        data=from_dict(DataConfig, data.get("data"), f"{where}.data"),
+        train=from_dict(TrainConfig, data.get("train"), f"{where}.train"),
+    )
+
+
+def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> dict:
+    """Applies `section.key=value` strings (value parsed as YAML) to a nested config dict."""
+    data = {k: dict(v or {}) for k, v in data.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"{where} {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+        data.setdefault(section, {})[name] = yaml.safe_load(raw)
     return data

@@ -1,0 +1,388 @@
+"""Ray Data datasets for training and validation, and the collate that pads images into a batch.
+
+Flow (one direction):
+
+    read_parquet(shard dir or URI)     file order shuffled every epoch (train)
+      -> map_batches(decode_augment)     CPU tasks on any node, CPU-only nodes too
+      -> TorchTrainer(datasets=...)      Ray Train splits it across workers (streaming_split)
+      -> DetectionBatches(get_dataset_shard("train"), ...)
+                                         local shuffle buffer + `collate` -> batches
+
+Block order: the file order of read_parquet is reshuffled each epoch (streaming); a local shuffle
+buffer at iteration time mixes rows across files. `Dataset.randomize_block_order` is not used:
+in Ray 2.60 it is an all-to-all barrier that holds the whole split in the object store before
+the first batch.
+
+Parallelism: the shards are read with Ray Data's V1 Parquet datasource, split into blocks of
+READ_BLOCK_BATCHES * decode_batch_size rows, so that decoding runs as parallel tasks on every
+CPU. Ray 2.60's default (V2) reader handed all small files of a split to one read task as one
+block, and so the whole epoch to a single decode task (measured: ~1 core busy of 2).
+
+Rows after `decode_augment` (`DECODED_SCHEMA`): image_id, image (raw uint8 CHW bytes), height and
+width of the augmented image, orig_height/orig_width, boxes (flattened normalized cx, cy, w, h),
+labels (contiguous, int64), skipped (True for an undecodable image: counted, never trained on).
+Crowd annotations (iscrowd=1) are left out of the targets, as in DETR.
+
+A batch delivered to the trainer (`collate`):
+    images  uint8 [B, 3, H, W], zero-padded on the right and bottom to the batch's largest H, W
+    mask    bool  [B, H, W], True on padding
+    targets list of B dicts: boxes float32 [N, 4] normalized (cx, cy, w, h) relative to the
+            unpadded augmented image; labels int64 [N] in 0..K-1; image_id int;
+            orig_size int64 [2] (h, w) of the original image; size int64 [2] (h, w) augmented.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from detr_ray.config import DataConfig
+from detr_ray.data.shards import read_meta
+from detr_ray.data.transforms import DetectionTransform, TransformConfig
+
+try:  # ArrowBatchCollateFn lets iter_torch_batches hand `collate` an Arrow table directly.
+    from ray.data.collate_fn import ArrowBatchCollateFn as _CollateBase
+except ImportError:  # pragma: no cover - older Ray
+    _CollateBase = object
+
+logger = logging.getLogger(__name__)
+
+READ_BLOCK_BATCHES = 4  # a read block (and one decode task) holds this many decode batches
+READ_COLUMNS = ["image_id", "file_name", "width", "height", "image", "boxes", "category_ids", "iscrowd"]
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("image", pa.large_binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("boxes", pa.list_(pa.float32())),
+        ("labels", pa.list_(pa.int64())),
+        ("skipped", pa.bool_()),
+    ]
+)
+
+
+_NO_PIXELS = np.zeros(0, dtype=np.uint8)  # the image of a skipped row
+
+
+class ShardRowError(RuntimeError):
+    """A shard row could not be turned into a training sample for a reason other than a corrupt
+    image. The message names the shard file and the row (image_id, file_name)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Decode + augment (runs inside Ray Data tasks)
+
+_process_seeded = False
+
+
+def _decode(data: bytes) -> Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_augment(
+    batch: pa.Table, *, train: bool, augment: dict[str, Any], category_to_label: dict[int, int]
+) -> pa.Table:
+    """map_batches function: shard rows (READ_COLUMNS + path) -> DECODED_SCHEMA rows.
+
+    An image that fails to decode (or decodes to another size than its row says) becomes a
+    `skipped` row and a warning; any other failure raises ShardRowError naming shard and row."""
+    global _process_seeded
+    if not _process_seeded:  # Ray worker processes all start from torch's fixed default seed
+        torch.seed()
+        _process_seeded = True
+    transform = DetectionTransform(TransformConfig(**augment), train=train)
+    rows = {name: batch.column(name).to_pylist() for name in READ_COLUMNS}
+    paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
+    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
+
+    def emit(image_id, image=_NO_PIXELS, size=(0, 0), orig=(0, 0), boxes=(), labels=(), skipped=False):
+        out["image_id"].append(image_id)
+        out["image"].append(image)
+        out["height"].append(size[0])
+        out["width"].append(size[1])
+        out["orig_height"].append(orig[0])
+        out["orig_width"].append(orig[1])
+        out["boxes"].append(list(boxes))
+        out["labels"].append(list(labels))
+        out["skipped"].append(skipped)
+
+    for i in range(batch.num_rows):
+        image_id, file_name = rows["image_id"][i], rows["file_name"][i]
+        orig = (rows["height"][i], rows["width"][i])
+        try:
+            try:
+                image = _decode(rows["image"][i])
+            except RuntimeError as e:
+                logger.warning("%s: skipping image_id=%s (%s): cannot decode: %s",
+                               paths[i], image_id, file_name, str(e).splitlines()[0])
+                emit(image_id, orig=orig, skipped=True)
+                continue
+            if tuple(image.shape[-2:]) != orig:
+                logger.warning("%s: skipping image_id=%s (%s): decoded size %s, row says %s",
+                               paths[i], image_id, file_name, tuple(image.shape[-2:]), orig)
+                emit(image_id, orig=orig, skipped=True)
+                continue
+            keep = [j for j, crowd in enumerate(rows["iscrowd"][i]) if not crowd]
+            boxes = torch.tensor([rows["boxes"][i][j] for j in keep], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.tensor([category_to_label[rows["category_ids"][i][j]] for j in keep], dtype=torch.int64)
+            image, boxes, labels = transform(image, boxes, labels)
+            emit(
+                image_id,
+                image=image.contiguous().numpy().reshape(-1),
+                size=tuple(image.shape[-2:]),
+                orig=orig,
+                boxes=boxes.reshape(-1).tolist(),
+                labels=labels.tolist(),
+            )
+        except Exception as e:
+            raise ShardRowError(
+                f"{paths[i]}: row image_id={image_id} file_name={file_name!r}: {type(e).__name__}: {e}"
+            ) from e
+    out["image"] = _large_binary(out["image"])
+    return pa.Table.from_pydict(out, schema=DECODED_SCHEMA)
+
+
+def _large_binary(arrays: list[np.ndarray]) -> pa.Array:
+    """uint8 arrays -> one large_binary Arrow array, copying the pixels once."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([a.nbytes for a in arrays], out=offsets[1:])
+    data = np.concatenate(arrays) if arrays else _NO_PIXELS
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(arrays), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+
+
+def detection_dataset(
+    shards_uri: str,
+    augment: TransformConfig,
+    *,
+    train: bool,
+    decode_batch_size: int = 16,
+    decode_num_cpus: float = 1.0,
+    read_num_cpus: float = 0.25,
+    seed: int | None = None,
+):
+    """A Ray Data Dataset of decoded, augmented rows (DECODED_SCHEMA) from a shard directory.
+
+    train=True: file order reshuffled every epoch (`seed` makes the sequence reproducible) and
+    the train recipe; train=False: shard order and the val recipe."""
+    import ray.data
+    from ray.data import DataContext, FileShuffleConfig
+
+    meta = read_meta(shards_uri)
+    augment.validate()
+    rows = sum(s["rows"] for s in meta.shards)
+    blocks = max(len(meta.shards), -(-rows // (READ_BLOCK_BATCHES * decode_batch_size)))
+    context = DataContext.get_current()
+    uses_v2 = getattr(context, "use_datasource_v2", False)
+    context.use_datasource_v2 = False  # see the module docstring: V2 gives one decode task
+    try:
+        ds = ray.data.read_parquet(
+            shards_uri,
+            columns=READ_COLUMNS,
+            include_paths=True,
+            shuffle=FileShuffleConfig(seed=seed) if train else None,
+            num_cpus=read_num_cpus,
+            override_num_blocks=blocks,
+        )
+    finally:
+        context.use_datasource_v2 = uses_v2
+    return ds.map_batches(
+        decode_augment,
+        batch_format="pyarrow",
+        batch_size=decode_batch_size,
+        num_cpus=decode_num_cpus,
+        fn_kwargs={
+            "train": train,
+            "augment": {k: getattr(augment, k) for k in augment.__dataclass_fields__},
+            "category_to_label": meta.category_id_to_label,
+        },
+    )
+
+
+def train_dataset(shards_uri: str, augment: TransformConfig, **kwargs):
+    return detection_dataset(shards_uri, augment, train=True, **kwargs)
+
+
+def val_dataset(shards_uri: str, augment: TransformConfig, **kwargs):
+    return detection_dataset(shards_uri, augment, train=False, **kwargs)
+
+
+def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
+    """(train_uri, val_uri): the configured ones, or the demo's (generated if missing)."""
+    cfg.validate()
+    if not cfg.uses_demo:
+        return cfg.train, cfg.val
+    from detr_ray.data.demo import default_demo_root, ensure_demo_shards
+
+    return ensure_demo_shards(cfg.demo_root or default_demo_root())
+
+
+def build_datasets(cfg: DataConfig, seed: int | None = None) -> dict[str, Any]:
+    """{"train": Dataset, "val": Dataset} for TorchTrainer(datasets=...)."""
+    train_uri, val_uri = resolve_shards(cfg)
+    augment = cfg.transform_config()
+    common = dict(decode_batch_size=cfg.decode_batch_size, decode_num_cpus=cfg.decode_num_cpus)
+    return {
+        "train": train_dataset(train_uri, augment, seed=seed, **common),
+        "val": val_dataset(val_uri, augment, **common),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Collate
+
+
+def _column(batch: Any, name: str) -> list:
+    if isinstance(batch, pa.Table):
+        return batch.column(name).to_pylist()
+    return list(batch[name])
+
+
+def _pixel_views(batch: Any) -> list[np.ndarray]:
+    """Read-only uint8 views of each row's raw pixels, without copying them."""
+    if not isinstance(batch, pa.Table):
+        return [np.frombuffer(b, dtype=np.uint8) for b in batch["image"]]
+    views = []
+    for chunk in batch.column("image").chunks:
+        chunk = chunk.cast(pa.large_binary()) if chunk.type != pa.large_binary() else chunk
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else _NO_PIXELS
+        views += [data[offsets[i] : offsets[i + 1]] for i in range(len(chunk))]
+    return views
+
+
+def _collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
+    """(images, mask, targets, number of skipped rows) from a DECODED_SCHEMA batch."""
+    skipped = [bool(s) for s in _column(batch, "skipped")]
+    keep = [i for i, s in enumerate(skipped) if not s]
+    all_heights, all_widths = _column(batch, "height"), _column(batch, "width")
+    heights = [int(all_heights[i]) for i in keep]
+    widths = [int(all_widths[i]) for i in keep]
+    raw = _pixel_views(batch)
+    image_ids = _column(batch, "image_id")
+    orig_h, orig_w = _column(batch, "orig_height"), _column(batch, "orig_width")
+    all_boxes, all_labels = _column(batch, "boxes"), _column(batch, "labels")
+
+    max_h, max_w = (max(heights), max(widths)) if keep else (0, 0)
+    images = torch.zeros(len(keep), 3, max_h, max_w, dtype=torch.uint8)
+    mask = torch.ones(len(keep), max_h, max_w, dtype=torch.bool)
+    pixels = images.numpy()  # shares memory with `images`
+    targets = []
+    for out_i, (i, h, w) in enumerate(zip(keep, heights, widths)):
+        pixels[out_i, :, :h, :w] = raw[i].reshape(3, h, w)
+        mask[out_i, :h, :w] = False
+        targets.append(
+            {
+                "boxes": torch.tensor(np.asarray(all_boxes[i], dtype=np.float32)).reshape(-1, 4),
+                "labels": torch.tensor(np.asarray(all_labels[i], dtype=np.int64)).reshape(-1),
+                "image_id": int(image_ids[i]),
+                "orig_size": torch.tensor([int(orig_h[i]), int(orig_w[i])], dtype=torch.int64),
+                "size": torch.tensor([h, w], dtype=torch.int64),
+            }
+        )
+    return images, mask, targets, len(skipped) - len(keep)
+
+
+class DetectionCollate(_CollateBase):
+    """Pads a batch of decoded rows into (images, mask, targets); skipped rows are left out.
+
+    Accepts an Arrow table (what `iter_torch_batches(collate_fn=collate)` passes) or a dict of
+    numpy arrays (what `iter_batches()` yields)."""
+
+    def __call__(self, batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+        images, mask, targets, _ = _collate(batch)
+        return images, mask, targets
+
+
+class _CountingCollate(_CollateBase):
+    def __call__(self, batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
+        return _collate(batch)
+
+
+collate = DetectionCollate()
+
+
+# --------------------------------------------------------------------------------------------
+# Iteration inside a Train worker
+
+
+@dataclass
+class DetectionBatches:
+    """Iterates a Ray Data DataIterator (`ray.train.get_dataset_shard(name)`) or Dataset as
+    `(images, mask, targets)` batches (see the module docstring), one pass per `iter()`.
+
+    After (or during) a pass, `skipped` is the number of corrupt images skipped in that pass and
+    `images` the number delivered; batches whose rows were all skipped are not yielded. Both
+    count this worker's part only: sum them over the workers for the epoch's totals. Tensors
+    are moved to `device` (non_blocking; targets' tensors too).
+
+        batches = DetectionBatches.from_config(ray.train.get_dataset_shard("train"), cfg, train=True)
+        for epoch in range(epochs):
+            for images, mask, targets in batches:
+                ...
+            metrics["skipped_images"] = batches.skipped"""
+
+    source: Any
+    batch_size: int
+    shuffle_buffer: int = 0
+    shuffle_seed: int | None = None
+    drop_last: bool = False
+    prefetch_batches: int = 2
+    device: str | torch.device = "cpu"
+    skipped: int = field(default=0, init=False)
+    images: int = field(default=0, init=False)
+
+    @classmethod
+    def from_config(cls, source: Any, cfg: DataConfig, train: bool, device: str | torch.device = "cpu"):
+        return cls(
+            source,
+            batch_size=cfg.batch_size,
+            shuffle_buffer=cfg.shuffle_buffer if train else 0,
+            prefetch_batches=cfg.prefetch_batches,
+            device=device,
+        )
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
+        self.skipped = 0
+        self.images = 0
+        shuffle = max(self.shuffle_buffer, self.batch_size) if self.shuffle_buffer else None
+        batches = self.source.iter_torch_batches(
+            batch_size=self.batch_size,
+            collate_fn=_CountingCollate(),
+            drop_last=self.drop_last,
+            local_shuffle_buffer_size=shuffle,
+            local_shuffle_seed=self.shuffle_seed if shuffle else None,
+            prefetch_batches=self.prefetch_batches,
+        )
+        device = torch.device(self.device)
+        for images, mask, targets, skipped in batches:
+            self.skipped += skipped
+            if not targets:
+                continue
+            self.images += len(targets)
+            if device.type != "cpu":
+                images = images.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True)
+                targets = [
+                    {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+                    for t in targets
+                ]
+            yield images, mask, targets

@@ -1,0 +1,454 @@
+"""Parquet shards of one COCO split: the schema, the parallel writer, and the readers.
+
+A shard directory (local folder or pyarrow URI such as s3://bucket/coco/train) holds
+
+    part-00000-of-00118-<plan>.parquet   ~shard_size images each, one row per image
+    ...
+    _meta.json                           written last: the directory is complete once it exists
+
+Row schema (`SHARD_SCHEMA`, version `SCHEMA_VERSION`):
+
+    image_id int64, file_name string, width int32, height int32 (as in the annotation file)
+    image binary                 the encoded file bytes (JPEG/PNG), never decoded here
+    annotation_ids list<int64>   one entry per object, all lists in the same order
+    boxes list<list<float32>[4]> [x, y, w, h] in pixels, clipped to the image
+    category_ids list<int64>     the source's category ids
+    iscrowd list<bool>, area list<float32>
+
+`_meta.json` (see `DatasetMeta`): schema version, categories (original id, name,
+supercategory), the contiguous mapping label i -> label_to_category_id[i], counts, the source
+annotation file and its sha256, the shard list, and the validation summary.
+
+Writing is idempotent: shard names carry a hash of the plan (source sha256, shard size, schema
+version), finished shards are detected and reused on a rerun, and files from another plan in the
+output directory are an error rather than silently mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from detr_ray.data import storage
+from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_FILE = "_meta.json"
+ROW_GROUP_SIZE = 64  # rows per Parquet row group: the unit a reader can stream
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image", pa.binary()),
+        ("annotation_ids", pa.list_(pa.int64())),
+        ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+        ("category_ids", pa.list_(pa.int64())),
+        ("iscrowd", pa.list_(pa.bool_())),
+        ("area", pa.list_(pa.float32())),
+    ]
+)
+_REPORT_KEY = b"detr_ray.shard_report"
+
+# Reasons an image file is skipped.
+SKIP_MISSING = "missing file"
+SKIP_UNREADABLE = "unreadable file"
+SKIP_UNDECODABLE = "undecodable image"
+SKIP_SIZE = "decoded size differs from the annotation's width/height"
+
+
+class ShardError(RuntimeError):
+    """A shard directory is missing, incomplete, inconsistent or holds foreign files."""
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+
+@dataclass
+class DatasetMeta:
+    """The content of `_meta.json`."""
+
+    schema_version: int
+    categories: list[Category]
+    label_to_category_id: list[int]
+    counts: dict[str, Any]
+    source: dict[str, str]  # {"annotations": path, "sha256": hex digest}
+    shard_size: int
+    shards: list[dict[str, Any]]  # [{"file": name, "rows": n}]
+    validation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the demo generator's parameters
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_to_category_id)
+
+    @property
+    def category_id_to_label(self) -> dict[int, int]:
+        return {cid: i for i, cid in enumerate(self.label_to_category_id)}
+
+    @property
+    def label_names(self) -> list[str]:
+        names = {c.id: c.name for c in self.categories}
+        return [names[cid] for cid in self.label_to_category_id]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "DatasetMeta":
+        try:
+            data = json.loads(text)
+            data["categories"] = [Category(**c) for c in data["categories"]]
+            meta = cls(**data)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ShardError(f"{where}: unreadable {META_FILE}: {e}") from e
+        if meta.schema_version != SCHEMA_VERSION:
+            raise ShardError(
+                f"{where}: shard schema version {meta.schema_version}, this code reads "
+                f"{SCHEMA_VERSION}; re-run scripts/prepare_coco.py"
+            )
+        return meta
+
+
+def read_meta(shards_uri: str) -> DatasetMeta:
+    """Reads `_meta.json` of a finished shard directory (local path or URI)."""
+    location = storage.join(shards_uri, META_FILE)
+    try:
+        text = storage.read_bytes(location).decode()
+    except FileNotFoundError as e:
+        raise ShardError(
+            f"{shards_uri}: no {META_FILE}; not a finished shard directory "
+            "(run scripts/prepare_coco.py to write one)"
+        ) from e
+    return DatasetMeta.from_json(text, location)
+
+
+def shard_files(shards_uri: str) -> list[str]:
+    """Locations of the Parquet files of a finished shard directory, in shard order."""
+    return [storage.join(shards_uri, s["file"]) for s in read_meta(shards_uri).shards]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class WriteReport:
+    """What `write_shards` did; `summary()` is the human-readable version."""
+
+    out: str
+    images_written: int = 0
+    annotations_written: int = 0
+    empty_images: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    clipped_boxes: int = 0
+    dropped_annotations: dict[str, int] = field(default_factory=dict)
+    skipped_images: list[dict[str, Any]] = field(default_factory=list)  # image_id, file_name, reason
+
+    def summary(self) -> str:
+        lines = [
+            f"output: {self.out}",
+            f"written: {self.images_written} images ({self.empty_images} without objects), "
+            f"{self.annotations_written} annotations, in {self.shards_written + self.shards_reused} "
+            f"shards ({self.shards_reused} already complete, reused)",
+            f"clipped to the image: {self.clipped_boxes} boxes",
+        ]
+        if self.dropped_annotations:
+            lines.append("dropped annotations:")
+            lines += [f"  {n:8d}  {reason}" for reason, n in sorted(self.dropped_annotations.items())]
+        else:
+            lines.append("dropped annotations: none")
+        if self.skipped_images:
+            reasons = Counter(s["reason"] for s in self.skipped_images)
+            lines.append("skipped images:")
+            lines += [f"  {n:8d}  {reason}" for reason, n in sorted(reasons.items())]
+            for s in self.skipped_images[:20]:
+                lines.append(f"    image_id={s['image_id']} {s['file_name']}: {s['reason']}")
+            if len(self.skipped_images) > 20:
+                lines.append(f"    ... and {len(self.skipped_images) - 20} more")
+        else:
+            lines.append("skipped images: none")
+        return "\n".join(lines)
+
+
+@dataclass
+class _ShardTask:
+    index: int
+    file: str
+    out_uri: str
+    images_dir: str
+    items: list[tuple[ImageRecord, list[Annotation]]]
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an encoded image; RuntimeError when it cannot be decoded."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def _load_image(images_dir: str, record: ImageRecord) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a good image file, (None, reason) for one to skip."""
+    location = storage.join(images_dir, record.file_name)
+    try:
+        data = storage.read_bytes(location)
+    except FileNotFoundError:
+        return None, SKIP_MISSING
+    except OSError as e:
+        return None, f"{SKIP_UNREADABLE} ({e})"
+    try:
+        height, width = _decoded_size(data)
+    except RuntimeError as e:
+        return None, f"{SKIP_UNDECODABLE} ({str(e).splitlines()[0][-120:]})"
+    if (height, width) != (record.height, record.width):
+        return None, f"{SKIP_SIZE} (file {width}x{height}, annotation {record.width}x{record.height})"
+    return data, None
+
+
+def _write_shard(task: _ShardTask) -> dict[str, Any]:
+    """Builds and writes one shard; returns its report (also stored in the file's metadata)."""
+    columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    skipped, lost_annotations = [], 0
+    for record, annotations in task.items:
+        data, reason = _load_image(task.images_dir, record)
+        if data is None:
+            skipped.append({"image_id": record.id, "file_name": record.file_name, "reason": reason})
+            lost_annotations += len(annotations)
+            continue
+        columns["image_id"].append(record.id)
+        columns["file_name"].append(record.file_name)
+        columns["width"].append(record.width)
+        columns["height"].append(record.height)
+        columns["image"].append(data)
+        columns["annotation_ids"].append([a.id for a in annotations])
+        columns["boxes"].append([list(a.bbox) for a in annotations])
+        columns["category_ids"].append([a.category_id for a in annotations])
+        columns["iscrowd"].append([a.iscrowd for a in annotations])
+        columns["area"].append([a.area for a in annotations])
+    report = {
+        "file": task.file,
+        "rows": len(columns["image_id"]),
+        "annotations": sum(len(b) for b in columns["boxes"]),
+        "empty_images": sum(1 for b in columns["boxes"] if not b),
+        "skipped_images": skipped,
+        "annotations_of_skipped_images": lost_annotations,
+    }
+    schema = SHARD_SCHEMA.with_metadata({_REPORT_KEY: json.dumps(report).encode()})
+    table = pa.Table.from_pydict(columns, schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_SIZE, compression="none")
+    storage.write_bytes_atomic(storage.join(task.out_uri, task.file), buffer.getvalue())
+    return report
+
+
+def _existing_report(location: str, file: str) -> dict[str, Any] | None:
+    """The report stored in a finished shard, or None when the file is absent or unreadable."""
+    fs, path = storage.resolve(location)
+    try:
+        metadata = pq.read_schema(path, filesystem=fs).metadata or {}
+        report = json.loads(metadata[_REPORT_KEY])
+    except (OSError, KeyError, ValueError, pa.ArrowInvalid):
+        return None
+    return report if report.get("file") == file else None
+
+
+def _plan(dataset: CocoDataset, shard_size: int) -> tuple[str, list[list[ImageRecord]]]:
+    plan_id = hashlib.sha256(f"{dataset.sha256}:{shard_size}:{SCHEMA_VERSION}".encode()).hexdigest()[:10]
+    chunks = [dataset.images[i : i + shard_size] for i in range(0, len(dataset.images), shard_size)]
+    return plan_id, chunks or [[]]
+
+
+def _check_missing_files(dataset: CocoDataset, images_dir: str) -> list[dict[str, Any]]:
+    fs, root = storage.resolve(images_dir)
+    paths = [f"{root}/{r.file_name}" for r in dataset.images]
+    infos = fs.get_file_info(paths)
+    return [
+        {"image_id": r.id, "file_name": r.file_name, "reason": SKIP_MISSING}
+        for r, info in zip(dataset.images, infos)
+        if info.type != pafs.FileType.File
+    ]
+
+
+def write_shards(
+    dataset: CocoDataset,
+    images_dir: str,
+    out_uri: str,
+    *,
+    shard_size: int = 1000,
+    strict: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> WriteReport:
+    """Writes `dataset` (validated by coco.load_coco) as Parquet shards plus `_meta.json`.
+
+    Image files are read from `images_dir` (local path or URI) and checked by decoding them;
+    missing, unreadable or undecodable ones are listed in the report and skipped, or, with
+    `strict`, make this raise `ShardError` (missing files before anything is written; decoding
+    failures after the shards, without writing `_meta.json`). `workers` processes (default: one
+    per core; 0 or 1: in this process) write shards in parallel. A rerun reuses finished shards.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    plan_id, chunks = _plan(dataset, shard_size)
+    n = len(chunks)
+    files = [f"part-{i:05d}-of-{n:05d}-{plan_id}.parquet" for i in range(n)]
+
+    foreign = sorted(set(storage.list_files(out_uri, ".parquet")) - set(files))
+    if foreign:
+        raise ShardError(
+            f"{out_uri}: holds Parquet files that are not part of this conversion "
+            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): shards of another "
+            "annotation file or shard size; choose another output or delete them"
+        )
+    if strict:
+        missing = _check_missing_files(dataset, images_dir)
+        if missing:
+            listed = ", ".join(m["file_name"] for m in missing[:10])
+            raise ShardError(f"{images_dir}: {len(missing)} image files are missing (--strict): {listed}")
+
+    reports: dict[int, dict[str, Any]] = {}
+    tasks = []
+    for i, (file, chunk) in enumerate(zip(files, chunks)):
+        existing = _existing_report(storage.join(out_uri, file), file)
+        if existing is not None:
+            reports[i] = existing
+        else:
+            items = [(r, dataset.annotations.get(r.id, [])) for r in chunk]
+            tasks.append(_ShardTask(i, file, out_uri, images_dir, items))
+    reused = len(reports)
+    if reused:
+        logger.info("%s: %d of %d shards already complete, reused", out_uri, reused, n)
+
+    if workers is None:
+        workers = os.cpu_count() or 1
+    total = sum(len(t.items) for t in tasks)
+    with tqdm(total=total, unit="img", desc=f"shards -> {out_uri}", disable=not progress) as bar:
+        if workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                reports[task.index] = _write_shard(task)
+                bar.update(len(task.items))
+        else:
+            context = multiprocessing.get_context("spawn")  # no fork after torch/ray threads
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context) as pool:
+                futures = {pool.submit(_write_shard, t): t for t in tasks}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    reports[task.index] = future.result()
+                    bar.update(len(task.items))
+
+    ordered = [reports[i] for i in range(n)]
+    report = WriteReport(out=out_uri, shards_written=len(tasks), shards_reused=reused)
+    report.clipped_boxes = dataset.clipped
+    dropped = Counter(dataset.dropped)
+    for r in ordered:
+        report.images_written += r["rows"]
+        report.annotations_written += r["annotations"]
+        report.empty_images += r["empty_images"]
+        report.skipped_images += r["skipped_images"]
+        if r["annotations_of_skipped_images"]:
+            dropped["of a skipped image"] += r["annotations_of_skipped_images"]
+    report.dropped_annotations = dict(dropped)
+    if strict and report.skipped_images:
+        listed = "; ".join(f"{s['file_name']}: {s['reason']}" for s in report.skipped_images[:10])
+        raise ShardError(
+            f"{images_dir}: {len(report.skipped_images)} images could not be used (--strict), "
+            f"{META_FILE} not written: {listed}"
+        )
+
+    per_category = Counter()
+    for annotations in dataset.annotations.values():
+        per_category.update(a.category_id for a in annotations)
+    skipped_ids = {s["image_id"] for s in report.skipped_images}
+    for image_id in skipped_ids:
+        for a in dataset.annotations.get(image_id, []):
+            per_category[a.category_id] -= 1
+    meta = DatasetMeta(
+        schema_version=SCHEMA_VERSION,
+        categories=list(dataset.categories),
+        label_to_category_id=dataset.label_to_category_id,
+        counts={
+            "images": report.images_written,
+            "annotations": report.annotations_written,
+            "empty_images": report.empty_images,
+            "per_category": {str(c.id): per_category[c.id] for c in dataset.categories},
+        },
+        source={"annotations": str(dataset.path), "sha256": dataset.sha256},
+        shard_size=shard_size,
+        shards=[{"file": r["file"], "rows": r["rows"]} for r in ordered],
+        validation={
+            "source_images": len(dataset.images),
+            "source_annotations": dataset.num_source_annotations,
+            "clipped_boxes": report.clipped_boxes,
+            "dropped_annotations": report.dropped_annotations,
+            "skipped_images": report.skipped_images,
+        },
+        extra=dict(extra_meta or {}),
+    )
+    storage.write_bytes_atomic(storage.join(out_uri, META_FILE), meta.to_json().encode())
+    logger.info("%s: %d images in %d shards", out_uri, report.images_written, n)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_shard_table(shards_uri: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """All rows of a finished shard directory as one Arrow table (for small splits such as
+    val; training streams the shards through Ray Data instead)."""
+    tables = []
+    for location in shard_files(shards_uri):
+        fs, path = storage.resolve(location)
+        tables.append(pq.read_table(path, columns=list(columns) if columns else None, filesystem=fs))
+    return pa.concat_tables(tables)
+
+
+def coco_ground_truth(shards_uri: str) -> dict[str, Any]:
+    """Rebuilds a pycocotools-ready COCO dict (images with width/height, annotations with
+    id/image_id/category_id/bbox/area/iscrowd, categories) from a shard directory and its meta.
+    Use it as `COCO()`'s dataset for evaluating the split."""
+    meta = read_meta(shards_uri)
+    columns = ["image_id", "file_name", "width", "height", "annotation_ids", "boxes", "category_ids", "iscrowd", "area"]
+    rows = read_shard_table(shards_uri, columns).to_pylist()
+    images, annotations = [], []
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        images.append(
+            {"id": row["image_id"], "file_name": row["file_name"], "width": row["width"], "height": row["height"]}
+        )
+        for aid, box, cid, crowd, area in zip(
+            row["annotation_ids"], row["boxes"], row["category_ids"], row["iscrowd"], row["area"]
+        ):
+            annotations.append(
+                {
+                    "id": aid,
+                    "image_id": row["image_id"],
+                    "category_id": cid,
+                    "bbox": [float(v) for v in box],
+                    "area": float(area),
+                    "iscrowd": int(crowd),
+                }
+            )
+    categories = [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in meta.categories]
+    return {"images": images, "annotations": annotations, "categories": categories}

@@ -1,0 +1,157 @@
+"""DETR's augmentation recipe on torchvision.transforms.v2, with boxes as tv_tensors.BoundingBoxes
+so that every flip, resize and crop moves the boxes with the pixels.
+
+train (Carion et al., 2020):
+    horizontal flip (p=flip_prob), then either
+      - resize the shortest side to a random one of `train_scales` (longest side <= max_size), or
+      - (p=crop_prob) resize the shortest side to one of `crop_resize_scales`, crop a random
+        region whose sides lie in [crop_min, crop_max], then resize as in the first branch,
+    then drop boxes that became degenerate (SanitizeBoundingBoxes).
+val: shortest side `val_scale`, longest side <= max_size.
+
+`DetectionTransform(cfg, train)(image, boxes_xywh, labels)` takes a uint8 [3,H,W] image, pixel
+[x, y, w, h] boxes and int64 labels, and returns the uint8 [3,h,w] augmented image (normalization
+happens on the training device), boxes normalized (cx, cy, w, h) relative to the augmented
+image's size, and the surviving labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from detr_ray.config import ConfigError
+
+
+@dataclass
+class TransformConfig:
+    """Augmentation scales in pixels. Defaults are DETR's COCO recipe; `demo()` is the small
+    recipe of the synthetic demo dataset."""
+
+    train_scales: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size: int = 1333
+    flip_prob: float = 0.5
+    crop_prob: float = 0.5
+    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
+    crop_min: int = 384
+    crop_max: int = 600
+    val_scale: int = 800
+
+    def validate(self, where: str = "augment") -> "TransformConfig":
+        for name in ("train_scales", "crop_resize_scales"):
+            scales = tuple(getattr(self, name))
+            if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in scales):
+                raise ConfigError(f"{where}.{name}: expected a non-empty list of positive integers, got {scales!r}")
+            setattr(self, name, scales)
+        for name in ("max_size", "crop_min", "crop_max", "val_scale"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.crop_min > self.crop_max:
+            raise ConfigError(f"{where}: crop_min {self.crop_min} > crop_max {self.crop_max}")
+        for name in ("flip_prob", "crop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{where}.{name}: must be in [0, 1], got {getattr(self, name)}")
+        return self
+
+    @classmethod
+    def coco(cls) -> "TransformConfig":
+        return cls()
+
+    @classmethod
+    def demo(cls) -> "TransformConfig":
+        """Scales for the synthetic demo dataset (images of 64-96 px)."""
+        return cls(
+            train_scales=(64, 72, 80, 88, 96),
+            max_size=128,
+            crop_prob=0.3,
+            crop_resize_scales=(80, 96),
+            crop_min=56,
+            crop_max=80,
+            val_scale=80,
+        )
+
+
+class RandomSizeCrop:
+    """Crops a random region whose height and width are drawn from [min_size, max_size]
+    (capped by the image's own size). A v2-compatible callable on a sample dict; crops every
+    image/box/mask entry (tensor or PIL image) and passes other entries (labels) through."""
+
+    def __init__(self, min_size: int, max_size: int):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, sample: dict) -> dict:
+        height, width = F.get_size(sample["image"])  # tensors and PIL images alike
+        crop_w = _randint(min(self.min_size, width), min(self.max_size, width))
+        crop_h = _randint(min(self.min_size, height), min(self.max_size, height))
+        top = _randint(0, height - crop_h)
+        left = _randint(0, width - crop_w)
+        return {
+            k: F.crop(v, top, left, crop_h, crop_w) if isinstance(v, (tv_tensors.TVTensor, PIL.Image.Image)) else v
+            for k, v in sample.items()
+        }
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high] from torch's generator (as torchvision's own transforms)."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def _drop_degenerate() -> list:
+    """Clamp first: a resize can leave an edge box a float epsilon outside the canvas, and
+    SanitizeBoundingBoxes drops boxes that reach outside it."""
+    return [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1.0)]
+
+
+def build_train_transform(cfg: TransformConfig) -> v2.Compose:
+    resize = v2.RandomShortestSize(list(cfg.train_scales), max_size=cfg.max_size)
+    if cfg.crop_prob > 0:
+        crop = v2.Compose(
+            [
+                v2.RandomShortestSize(list(cfg.crop_resize_scales)),
+                RandomSizeCrop(cfg.crop_min, cfg.crop_max),
+                v2.RandomShortestSize(list(cfg.train_scales), max_size=cfg.max_size),
+            ]
+        )
+        scale = v2.RandomChoice([resize, crop], p=[1.0 - cfg.crop_prob, cfg.crop_prob])
+    else:
+        scale = resize
+    return v2.Compose([v2.RandomHorizontalFlip(cfg.flip_prob), scale, *_drop_degenerate()])
+
+
+def build_val_transform(cfg: TransformConfig) -> v2.Compose:
+    return v2.Compose([v2.Resize(cfg.val_scale, max_size=cfg.max_size), *_drop_degenerate()])
+
+
+def normalized_cxcywh(boxes_xyxy: Tensor, height: int, width: int) -> Tensor:
+    """Pixel (x0, y0, x1, y1) -> (cx, cy, w, h) as fractions of the image size."""
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return box_convert(boxes_xyxy.float(), "xyxy", "cxcywh") / scale
+
+
+class DetectionTransform:
+    """The train or val recipe for one image (see the module docstring for in/out)."""
+
+    def __init__(self, cfg: TransformConfig, train: bool):
+        cfg.validate()
+        self.train = train
+        self.transform = build_train_transform(cfg) if train else build_val_transform(cfg)
+
+    def __call__(self, image: Tensor, boxes_xywh: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        height, width = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(
+            box_convert(boxes_xywh.reshape(-1, 4).float(), "xywh", "xyxy"),
+            format=tv_tensors.BoundingBoxFormat.XYXY,
+            canvas_size=(height, width),
+        )
+        sample = {"image": tv_tensors.Image(image), "boxes": boxes, "labels": labels.reshape(-1)}
+        out = self.transform(sample)
+        image_out = out["image"].as_subclass(Tensor)
+        h, w = image_out.shape[-2:]
+        return image_out, normalized_cxcywh(out["boxes"].as_subclass(Tensor), h, w), out["labels"]

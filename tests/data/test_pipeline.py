@@ -1,0 +1,214 @@
+"""The Ray Data pipeline on a local Ray: decode + augment, collate, skip counting, errors,
+and two Ray Train workers reading disjoint parts of every epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from detr_ray.data.pipeline import (
+    DECODED_SCHEMA,
+    READ_COLUMNS,
+    DataConfig,
+    DetectionBatches,
+    ShardRowError,
+    collate,
+    decode_augment,
+    train_dataset,
+    val_dataset,
+)
+from detr_ray.data.shards import META_FILE, read_shard_table
+from detr_ray.data.transforms import TransformConfig
+from tests.data.conftest import AUGMENT, AUGMENT_KW, CORRUPT_ID, make_shards
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, ray_local):
+    return make_shards(tmp_path_factory.mktemp("pipeline"))
+
+
+def source_boxes(coco: dict) -> dict[int, list]:
+    out: dict[int, list] = {i["id"]: [] for i in coco["images"]}
+    for a in coco["annotations"]:
+        out[a["image_id"]].append((a["category_id"], a["bbox"]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Without Ray
+
+
+def decoded_row(image_id: int, h: int, w: int, boxes=(), labels=(), skipped=False) -> dict:
+    image = torch.arange(3 * h * w, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(3, h, w)
+    return {
+        "image_id": image_id, "image": b"" if skipped else image.numpy().tobytes(), "height": 0 if skipped else h,
+        "width": 0 if skipped else w, "orig_height": 2 * h, "orig_width": 2 * w, "boxes": list(boxes),
+        "labels": list(labels), "skipped": skipped,
+    }
+
+
+def test_collate_pads_to_the_largest_image_and_masks_the_padding():
+    rows = [
+        decoded_row(1, 4, 6, boxes=[0.5, 0.5, 0.2, 0.4], labels=[2]),
+        decoded_row(2, 0, 0, skipped=True),
+        decoded_row(3, 5, 3, boxes=[0.1, 0.2, 0.1, 0.1, 0.7, 0.7, 0.2, 0.2], labels=[0, 1]),
+        decoded_row(4, 2, 2),
+    ]
+    table = pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+    images, mask, targets = collate(table)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 5, 6)
+    assert mask.dtype == torch.bool and mask.shape == (3, 5, 6)
+    for k, (h, w) in enumerate([(4, 6), (5, 3), (2, 2)]):
+        assert not mask[k, :h, :w].any() and mask[k].sum() == 30 - h * w
+        assert (images[k][:, mask[k]] == 0).all()
+    assert torch.equal(images[0, :, :4, :6], torch.frombuffer(bytearray(rows[0]["image"]), dtype=torch.uint8).reshape(3, 4, 6))
+    assert [t["image_id"] for t in targets] == [1, 3, 4]
+    assert targets[1]["boxes"].dtype == torch.float32 and targets[1]["boxes"].shape == (2, 4)
+    assert torch.equal(targets[1]["labels"], torch.tensor([0, 1]))
+    assert targets[2]["boxes"].shape == (0, 4) and targets[2]["labels"].dtype == torch.int64
+    assert torch.equal(targets[0]["orig_size"], torch.tensor([8, 12])) and torch.equal(targets[0]["size"], torch.tensor([4, 6]))
+
+    sliced_images, _, sliced_targets = collate(pa.concat_tables([table.slice(2, 2), table.slice(0, 1)]))
+    assert [t["image_id"] for t in sliced_targets] == [3, 4, 1]
+    assert torch.equal(sliced_images[2, :, :4, :6], images[0, :, :4, :6])
+    assert torch.equal(sliced_images[0, :, :5, :3], images[1, :, :5, :3])
+
+    numpy_batch = {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
+    images2, mask2, targets2 = collate(numpy_batch)
+    assert torch.equal(images, images2) and torch.equal(mask, mask2)
+
+
+def test_decode_augment_skips_corrupt_images_and_names_shard_and_row_on_other_errors(tmp_path):
+    out, coco = make_shards(tmp_path)
+    table = read_shard_table(str(out), READ_COLUMNS).append_column("path", pa.array(["shard-x.parquet"] * 6))
+    decoded = decode_augment(table, train=False, augment=AUGMENT_KW, category_to_label={3: 0, 7: 1})
+    by_id = {r["image_id"]: r for r in decoded.to_pylist()}
+    assert [i for i, r in by_id.items() if r["skipped"]] == [CORRUPT_ID]
+    assert by_id[102]["labels"] == [1, 0] and (by_id[102]["height"], by_id[102]["width"]) == (48, 64)
+
+    with pytest.raises(ShardRowError, match=r"shard-x.parquet: row image_id=101 file_name='img_001.png': KeyError"):
+        decode_augment(table, train=False, augment=AUGMENT_KW, category_to_label={3: 0})
+
+
+def test_data_config_validation_and_presets():
+    from detr_ray.config import ConfigError, from_dict
+
+    assert from_dict(DataConfig, {}).transform_config() == TransformConfig.demo()
+    cfg = from_dict(DataConfig, {"train": "s3://b/train", "val": "s3://b/val", "batch_size": 2})
+    assert cfg.transform_config() == TransformConfig.coco()
+    with pytest.raises(ConfigError, match="data: unknown key"):
+        from_dict(DataConfig, {"shuffle": 1}, "data")
+    with pytest.raises(ConfigError, match="give both train and val"):
+        from_dict(DataConfig, {"train": "x"}, "data")
+    with pytest.raises(ConfigError, match="data.augment"):
+        from_dict(DataConfig, {"augment": "big"}, "data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Local Ray
+
+
+@pytest.mark.timeout(180)
+def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(shards):
+    out, coco = shards
+    ds = train_dataset(str(out), AUGMENT, decode_batch_size=2)
+    batches = DetectionBatches(ds.iterator(), batch_size=2, shuffle_buffer=4)
+    for _ in range(2):
+        seen = []
+        for images, mask, targets in batches:
+            assert images.dtype == torch.uint8 and images.shape[0] == len(targets) and images.shape[1] == 3
+            assert mask.shape == (images.shape[0], *images.shape[2:])
+            for k, t in enumerate(targets):
+                h, w = t["size"].tolist()
+                assert min(h, w) in AUGMENT.train_scales
+                assert not mask[k, :h, :w].any() and mask[k, h:, :].all() and mask[k, :, w:].all()
+                assert torch.equal(t["orig_size"], torch.tensor([48, 64]))
+                assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all() and t["boxes"].shape == (len(t["labels"]), 4)
+                seen.append(t["image_id"])
+        assert sorted(seen) == [100, 101, 102, 104, 105]
+        assert batches.skipped == 1 and batches.images == 5
+
+
+@pytest.mark.timeout(180)
+def test_val_targets_match_the_source_annotations(shards):
+    out, coco = shards
+    expected = source_boxes(coco)
+    ds = val_dataset(str(out), AUGMENT)
+    seen = set()
+    for images, mask, targets in ds.iterator().iter_torch_batches(batch_size=3, collate_fn=collate):
+        for t in targets:
+            seen.add(t["image_id"])
+            assert t["size"].tolist() == [48, 64]
+            want = expected[t["image_id"]]
+            labels = [{3: 0, 7: 1}[c] for c, _ in want]
+            assert t["labels"].tolist() == labels
+            boxes = torch.tensor([[x + w / 2, y + h / 2, w, h] for _, (x, y, w, h) in want]).reshape(-1, 4)
+            assert torch.allclose(t["boxes"], boxes / torch.tensor([64, 48, 64, 48]), atol=1e-5)
+    assert seen == {100, 101, 102, 104, 105}
+    # iter_batches (numpy batches) + collate gives the same
+    n = sum(len(collate(b)[2]) for b in ds.iter_batches(batch_size=4))
+    assert n == 5
+
+
+@pytest.mark.timeout(180)
+def test_other_errors_fail_the_epoch_naming_shard_and_row(shards, tmp_path):
+    out, _ = shards
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((broken / META_FILE).read_text())
+    meta["label_to_category_id"] = [3]  # category 7 now unknown to the mapping
+    (broken / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(Exception) as e:
+        for _ in DetectionBatches(val_dataset(str(broken), AUGMENT).iterator(), batch_size=2):
+            pass
+    message = str(e.value)
+    assert "ShardRowError" in message and "part-0000" in message and "row image_id=10" in message
+
+
+@pytest.mark.timeout(300)
+def test_two_train_workers_read_disjoint_parts_that_cover_each_epoch(shards, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out, _ = shards
+    record = tmp_path / "seen"
+    record.mkdir()
+
+    def loop(config):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        batches = DetectionBatches(ray.train.get_dataset_shard("train"), batch_size=2, shuffle_buffer=2)
+        for epoch in range(2):
+            ids = [t["image_id"] for _, _, ts in batches for t in ts]
+            path = Path(config["record"]) / f"rank{ctx.get_world_rank()}-epoch{epoch}.json"
+            path.write_text(json.dumps({"ids": ids, "skipped": batches.skipped}))
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"record": str(record)},
+        datasets={"train": train_dataset(str(out), AUGMENT, decode_batch_size=2)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="split"),
+    )
+    trainer.fit()
+    for epoch in range(2):
+        parts = [json.loads((record / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2)]
+        a, b = parts[0]["ids"], parts[1]["ids"]
+        assert not set(a) & set(b)
+        assert sorted(a + b) == [100, 101, 102, 104, 105]
+        assert parts[0]["skipped"] + parts[1]["skipped"] == 1

@@ -1,0 +1,153 @@
+import contextlib
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detr_ray.data.coco import load_coco
+from detr_ray.data.shards import (
+    META_FILE,
+    SCHEMA_VERSION,
+    SKIP_MISSING,
+    SKIP_SIZE,
+    SKIP_UNDECODABLE,
+    ShardError,
+    coco_ground_truth,
+    read_meta,
+    read_shard_table,
+    write_shards,
+)
+
+
+def test_round_trip_keeps_bytes_boxes_and_meta(coco_dir, tmp_path):
+    out = tmp_path / "shards"
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    report = write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=4, workers=0, progress=False)
+    assert report.images_written == 6 and report.annotations_written == 6 and report.empty_images == 2
+    assert report.shards_written == 2 and not report.skipped_images
+
+    meta = read_meta(str(out))
+    assert meta.schema_version == SCHEMA_VERSION
+    assert meta.label_to_category_id == [3, 7] and meta.label_names == ["dog", "cat"]
+    assert meta.categories[0].supercategory == "animal"
+    assert meta.source["sha256"] == dataset.sha256
+    assert meta.counts["images"] == 6 and meta.counts["per_category"] == {"3": 2, "7": 4}
+    assert [s["rows"] for s in meta.shards] == [4, 2]
+
+    rows = {r["image_id"]: r for r in read_shard_table(str(out)).to_pylist()}
+    assert sorted(rows) == [100 + i for i in range(6)]
+    assert rows[101]["image"] == (coco_dir / "images" / "img_001.png").read_bytes()  # not re-encoded
+    assert rows[102]["boxes"] == [[4.0, 6.0, 12.0, 10.0], [24.0, 9.0, 12.0, 12.0]]
+    assert rows[102]["category_ids"] == [7, 3] and rows[102]["iscrowd"] == [False, False]
+    assert rows[100]["boxes"] == []
+
+
+def test_bad_image_files_are_listed_and_skipped_and_nothing_good_is_lost(coco_dir, tmp_path):
+    images = coco_dir / "images"
+    (images / "img_002.jpg").unlink()  # 2 objects
+    (images / "img_004.jpg").write_bytes((images / "img_004.jpg").read_bytes()[:200])  # truncated, 1 object
+    coco = json.loads((coco_dir / "instances.json").read_text())
+    coco["images"][5]["width"] = 65  # the file is 64 wide
+    (coco_dir / "instances.json").write_text(json.dumps(coco))
+
+    out = tmp_path / "shards"
+    report = write_shards(load_coco(str(coco_dir / "instances.json")), str(images), str(out), workers=0, progress=False)
+    reasons = {s["image_id"]: s["reason"] for s in report.skipped_images}
+    assert reasons[102] == SKIP_MISSING
+    assert reasons[104].startswith(SKIP_UNDECODABLE)
+    assert reasons[105].startswith(SKIP_SIZE)
+    assert report.images_written == 3 and report.dropped_annotations == {"of a skipped image": 5}
+    assert sorted(read_shard_table(str(out)).column("image_id").to_pylist()) == [100, 101, 103]
+    summary = report.summary()
+    assert "img_002.jpg: missing file" in summary and "3 images" in summary
+    assert read_meta(str(out)).validation["skipped_images"] == report.skipped_images
+
+
+def test_strict_mode_raises(coco_dir, tmp_path):
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    (coco_dir / "images" / "img_003.jpg").write_bytes(b"not an image")
+    with pytest.raises(ShardError, match=r"could not be used \(--strict\).*img_003.jpg: undecodable"):
+        write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), strict=True, workers=0, progress=False)
+    assert not (tmp_path / "a" / META_FILE).exists()
+    (coco_dir / "images" / "img_000.jpg").unlink()
+    with pytest.raises(ShardError, match=r"1 image files are missing \(--strict\): img_000.jpg"):
+        write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "b"), strict=True, workers=0, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_rerun_reuses_finished_shards_and_completes_partial_output(coco_dir, tmp_path):
+    out = tmp_path / "shards"
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    args = (dataset, str(coco_dir / "images"), str(out))
+    first = write_shards(*args, shard_size=2, workers=0, progress=False)
+    files = sorted(p.name for p in out.iterdir())
+    again = write_shards(*args, shard_size=2, workers=0, progress=False)
+    assert again.shards_reused == 3 and again.shards_written == 0
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert again.images_written == first.images_written == 6
+
+    # An interrupted run: no meta, one shard missing, one truncated.
+    (out / META_FILE).unlink()
+    shards = sorted(out.glob("*.parquet"))
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:50])
+    resumed = write_shards(*args, shard_size=2, workers=0, progress=False)
+    assert resumed.shards_reused == 1 and resumed.shards_written == 2
+    assert sorted(read_shard_table(str(out)).column("image_id").to_pylist()) == [100 + i for i in range(6)]
+
+    with pytest.raises(ShardError, match="not part of this conversion"):
+        write_shards(*args, shard_size=4, workers=0, progress=False)
+
+
+def test_parallel_writer_matches_serial(coco_dir, tmp_path):
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "serial"), shard_size=3, workers=0, progress=False)
+    report = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "par"), shard_size=3, workers=2, progress=False)
+    assert report.shards_written == 2
+    for a, b in zip(sorted((tmp_path / "serial").glob("*.parquet")), sorted((tmp_path / "par").glob("*.parquet"))):
+        assert a.name == b.name
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+
+def test_ground_truth_rebuilt_from_shards_evaluates_to_perfect_ap(coco_dir, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out), workers=0, progress=False)
+    gt_dict = coco_ground_truth(str(out))
+    source = json.loads((coco_dir / "instances.json").read_text())
+    assert {i["id"]: (i["width"], i["height"]) for i in gt_dict["images"]} == {
+        i["id"]: (i["width"], i["height"]) for i in source["images"]
+    }
+    assert sorted(a["id"] for a in gt_dict["annotations"]) == sorted(a["id"] for a in source["annotations"])
+    assert gt_dict["categories"] == sorted(source["categories"], key=lambda c: c["id"])
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                for a in gt_dict["annotations"]]
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[1] == pytest.approx(1.0)
+
+
+def test_read_meta_of_an_unfinished_directory_says_so(tmp_path):
+    with pytest.raises(ShardError, match="no _meta.json; not a finished shard directory"):
+        read_meta(str(tmp_path))
+
+
+def test_uri_locations_work_like_local_paths(coco_dir, tmp_path):
+    """A pyarrow filesystem URI (file:// here; s3:// and gs:// take the same path) for the
+    annotation file, the images and the output."""
+    out = f"file://{tmp_path}/uri-shards"
+    dataset = load_coco(f"file://{coco_dir}/instances.json")
+    report = write_shards(dataset, f"file://{coco_dir}/images", out, shard_size=4, workers=0, progress=False)
+    assert report.images_written == 6
+    assert read_meta(out).counts["images"] == 6
+    assert len(coco_ground_truth(out)["annotations"]) == 6
+    assert write_shards(dataset, f"file://{coco_dir}/images", out, shard_size=4, workers=0, progress=False).shards_reused == 2
