@@ -33,3 +33,17 @@ def test_load_yaml_errors_name_the_file(tmp_path):
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="list.yaml: top level must be a mapping"):
         load_yaml(lst)
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    from detr_ray.config import TrainConfig, apply_overrides, experiment_from_dict
+
+    f = tmp_path / "exp.yaml"
+    f.write_text("train:\n  lr: 1e-4\n  weight_decay: 1e-2\n")
+    exp = experiment_from_dict(apply_overrides(load_yaml(f), ["train.lr_backbone=1e-5"]))
+    assert exp.train.lr == 1e-4 and exp.train.weight_decay == 1e-2 and exp.train.lr_backbone == 1e-5
+    with pytest.raises(ConfigError, match="config.train.lr: expected a number, got 'fast'"):
+        experiment_from_dict({"train": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="config: unknown section"):
+        experiment_from_dict({"trian": {}})
+    assert isinstance(from_dict(TrainConfig, {"epochs": 3}), TrainConfig)

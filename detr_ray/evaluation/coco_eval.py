@@ -13,6 +13,7 @@ unknown images or categories and malformed entries are a clear error.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -42,10 +43,20 @@ class Evaluation:
 
 
 def _quiet(fn, *args):
-    """pycocotools prints; keep its chatter in the debug log instead."""
+    """pycocotools prints; keep its chatter in the debug log instead. (Ray workers replace
+    builtins.print, so redirecting sys.stdout alone is not enough.)"""
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        out = fn(*args)
+    original = builtins.print
+
+    def to_buffer(*args, sep=" ", end="\n", file=None, flush=False):
+        buf.write(sep.join(str(a) for a in args) + end)
+
+    builtins.print = to_buffer
+    try:
+        with contextlib.redirect_stdout(buf):
+            out = fn(*args)
+    finally:
+        builtins.print = original
     if buf.getvalue().strip():
         log.debug("%s", buf.getvalue().strip())
     return out

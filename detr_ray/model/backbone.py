@@ -25,15 +25,17 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 class Backbone(nn.Module):
     """torchvision ResNet up to layer4, FrozenBatchNorm2d everywhere, stride 32 (16 with DC5)."""
 
-    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False):
+    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False, frozen_bn: bool = True):
         super().__init__()
         resnet = getattr(torchvision.models, name)(
             weights=None,
             replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d,
         )
         for pname, p in resnet.named_parameters():
-            if not train_backbone or not any(s in pname for s in TRAINABLE_STAGES):
+            # With trainable BatchNorm (training from scratch) every stage learns.
+            frozen_stage = frozen_bn and not any(s in pname for s in TRAINABLE_STAGES)
+            if not train_backbone or frozen_stage:
                 p.requires_grad_(False)
         self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
         self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
@@ -59,9 +61,9 @@ class Joiner(nn.Sequential):
         return features, small_mask, pos
 
 
-def build_backbone(name: str, hidden_dim: int, train_backbone: bool, dilation: bool) -> Joiner:
+def build_backbone(name: str, hidden_dim: int, train_backbone: bool, dilation: bool, frozen_bn: bool = True) -> Joiner:
     return Joiner(
-        Backbone(name, train_backbone=train_backbone, dilation=dilation),
+        Backbone(name, train_backbone=train_backbone, dilation=dilation, frozen_bn=frozen_bn),
         PositionEmbeddingSine(hidden_dim // 2, normalize=True),
     )
 

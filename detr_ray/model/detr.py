@@ -58,7 +58,7 @@ class DETR(nn.Module):
 def build_model(cfg: DETRConfig) -> DETR:
     """Builds DETR from `cfg` with freshly initialised weights (see weights.load_pretrained)."""
     cfg.validate()
-    backbone = build_backbone(cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation)
+    backbone = build_backbone(cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation, cfg.frozen_bn)
     transformer = Transformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.nheads,

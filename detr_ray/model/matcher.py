@@ -52,6 +52,8 @@ class HungarianMatcher(nn.Module):
         device->host transfer. Returns, per layer and per image, (query indices, target indices)
         as int64 numpy arrays sorted by query index."""
         cost = self.cost_matrices(layers, targets)
+        if not np.isfinite(cost).all():
+            raise FloatingPointError("non-finite predictions reached the Hungarian matcher (the model diverged)")
         sizes = [len(t["labels"]) for t in targets]
         bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         result = []

@@ -151,7 +151,7 @@ def _load_backbone(model, sd, target, source) -> LoadReport:
     for k, v in sd.items():
         if k.startswith("fc."):
             report.skipped[k] = "ImageNet classifier; DETR has no use for it"
-        elif k.endswith("num_batches_tracked"):
+        elif k.endswith("num_batches_tracked") and BACKBONE_PREFIX + k not in target:
             report.skipped[k] = "BatchNorm step counter; FrozenBatchNorm2d keeps none"
         else:
             picked[BACKBONE_PREFIX + k] = v

@@ -98,3 +98,14 @@ def test_frozen_batchnorm_calibration_keeps_a_random_resnet101_finite():
     assert raw.abs().max() > 1e4  # identity statistics: activations explode through 101 layers
     assert calibrated.abs().max() < 1e3 and torch.isfinite(calibrated).all()
     assert not any(p.requires_grad for n_, p in model.backbone.named_parameters() if "bn" in n_)
+
+
+def test_trainable_batchnorm_backbone_for_training_from_scratch():
+    model = build_model(tiny_config(frozen_bn=False)).train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 20  # resnet18: bn1 + 2 per block (8) + 3 downsample
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    images, mask, _ = random_batch()
+    before = bns[0].running_mean.clone()
+    model(normalize(images), mask)
+    assert not torch.equal(before, bns[0].running_mean)  # statistics are learned in train mode

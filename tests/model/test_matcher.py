@@ -85,3 +85,13 @@ def test_obvious_assignment():
     tgt = {"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])}
     rows, cols = HungarianMatcher()({"pred_logits": logits, "pred_boxes": pred}, [tgt])[0]
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 2: 0}
+
+
+def test_non_finite_predictions_are_an_error():
+    import pytest
+
+    out = {"pred_logits": torch.randn(1, 4, 3), "pred_boxes": torch.rand(1, 4, 4)}
+    out["pred_boxes"][0, 2, 0] = float("nan")
+    tgt = {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        HungarianMatcher()(out, [tgt])

@@ -1,0 +1,371 @@
+"""`train_loop_per_worker`: what each Ray Train worker runs.
+
+Per epoch: stream this worker's part of the train split, take TrainSteps, report the epoch's
+losses, lr, images/s, data-wait fraction and skipped images; every `eval_every` epochs (and the
+last) each worker infers its part of the val split, detections are gathered on rank 0 and scored
+with pycocotools. Every epoch rank 0 writes a checkpoint and all ranks call ray.train.report.
+A restarted worker group, or a relaunch under the same run name, resumes from the newest valid
+checkpoint at the next epoch.
+
+Workers agree on every step over a CPU (gloo) group, so a worker whose data ends early (skipped
+images) stops the epoch for all instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from detr_ray.config import ExperimentConfig, experiment_from_dict
+from detr_ray.data.pipeline import DetectionBatches
+from detr_ray.data.shards import coco_ground_truth, read_meta
+from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
+from detr_ray.model import build_criterion, build_model, load_pretrained, postprocess
+from detr_ray.model.backbone import calibrate_frozen_batchnorm
+from detr_ray.train import checkpoint as ckpt
+from detr_ray.train.step import StepOptions, TrainStep, build_optimizer, normalize
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names epoch and step."""
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch. step: x0.1 at lr_drop (DETR); cosine: linear warmup, then cosine
+    decay to zero at the last epoch."""
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)
+    warm, total = cfg.warmup_epochs, cfg.epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < warm:
+            return (epoch + 1) / (warm + 1)
+        progress = (epoch - warm) / max(total - warm, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Agreement:
+    """Per-step vote over a CPU group: does every worker have another batch?"""
+
+    def __init__(self):
+        _, world = _world()
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+
+    def all_have(self, have: bool) -> bool:
+        if self.group is None:
+            return have
+        flag = torch.tensor([1 if have else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def sum(self, value: float) -> float:
+        if self.group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t.item())
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+
+
+def _checkpoint_candidates(latest) -> list:
+    """The reported checkpoints of this run, oldest first, ending with `latest`."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent = os.path.dirname(latest.path.rstrip("/"))
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return [latest]
+    names = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_"))
+    others = [Checkpoint(p, filesystem=latest.filesystem) for p in names if p.rstrip("/") != latest.path.rstrip("/")]
+    return others + [latest]
+
+
+def load_resume_state(latest) -> ckpt.Loaded | None:
+    """The newest checkpoint of the run that verifies; corrupt or unfinished ones are skipped
+    with a warning (the previous one is used)."""
+    for candidate in reversed(_checkpoint_candidates(latest)):
+        with candidate.as_directory() as d:
+            try:
+                return ckpt.load(d)
+            except ckpt.CheckpointError as e:
+                log.warning("not resuming from %s: %s", candidate.path, e)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    exp: ExperimentConfig = experiment_from_dict(config["experiment"])
+    tcfg = exp.train
+    train_uri, val_uri = config["train_uri"], config["val_uri"]
+    fault = config.get("fault_injection") or {}
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    meta = read_meta(train_uri)
+    model_cfg = replace(exp.model, num_classes=meta.num_classes)
+    torch.manual_seed(tcfg.seed)
+    model = build_model(model_cfg)
+    pretrained_backbone = False
+    for source in (tcfg.pretrained, tcfg.pretrained_backbone):
+        if source:
+            report = load_pretrained(model, source)
+            pretrained_backbone |= any(k.startswith("backbone.") for k in report.loaded)
+    calibrate = tcfg.calibrate_frozen_bn and model_cfg.frozen_bn and not pretrained_backbone
+
+    precision = resolve_precision(tcfg.precision, device)
+    model = ray.train.torch.prepare_model(model)
+    criterion = build_criterion(model_cfg, tcfg.cost_class, tcfg.cost_bbox, tcfg.cost_giou, tcfg.eos_coef).to(device)
+    optimizer = build_optimizer(model, tcfg.lr, tcfg.lr_backbone, tcfg.weight_decay)
+    scheduler = build_scheduler(optimizer, tcfg)
+    step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
+
+    start_epoch, global_step, last_val = 0, 0, {}
+    latest = ray.train.get_checkpoint()
+    if latest is not None:
+        loaded = load_resume_state(latest)
+        if loaded is not None:
+            _inner(model).load_state_dict(loaded.model)
+            optimizer.load_state_dict(loaded.optimizer)
+            scheduler.load_state_dict(loaded.scheduler)
+            if loaded.scaler:
+                step.scaler.load_state_dict(loaded.scaler)
+            start_epoch, global_step = loaded.state.epoch, loaded.state.global_step
+            last_val = {k: v for k, v in loaded.state.metrics.items() if k.startswith("val/")}
+            calibrate = False  # the checkpoint carries the calibrated statistics
+            log.info("rank %d: resuming from %s at epoch %d", rank, loaded.path, start_epoch)
+
+    agree = _Agreement()
+    writer = _tensorboard(config, rank, tcfg)
+    gt = coco_ground_truth(val_uri) if rank == 0 else None
+    categories = {"label_to_category_id": meta.label_to_category_id, "names": meta.label_names}
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, tcfg.epochs):
+        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device)
+        metrics, global_step, calibrate, seen = _train_epoch(
+            step, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank
+        )
+        if config.get("audit_dir"):
+            _audit(config["audit_dir"], rank, epoch + 1, seen, model)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        metrics["lr_backbone"] = optimizer.param_groups[-1]["lr"]
+        scheduler.step()
+        done = epoch + 1
+        if done % tcfg.eval_every == 0 or done == tcfg.epochs:
+            last_val = _validate(_inner(model), val_shard, exp, device, gt, meta, writer, done)
+            last_val["val/epoch"] = done
+            metrics["checkpoint_score"] = last_val.get("val/AP", -1.0)  # rank 0 holds the metrics
+        else:
+            metrics["checkpoint_score"] = -1.0  # ranks below every evaluated checkpoint
+        metrics.update(last_val)
+        metrics["epoch"] = done
+        metrics["global_step"] = global_step
+        metrics["train/start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
+        if rank == 0:
+            log.info(
+                "epoch %d/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s, data wait %.0f%%",
+                done, tcfg.epochs, metrics["train/loss"], metrics.get("val/AP", float("nan")),
+                metrics.get("val/AP50", float("nan")), metrics["train/images_per_s"], 100 * metrics["train/data_wait_fraction"],
+            )
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, done)
+            writer.flush()
+        _report(model, optimizer, scheduler, step.scaler, exp, categories, metrics, done, global_step, rank)
+    if writer is not None:
+        writer.close()
+
+
+def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank):
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    n_steps = n_images = 0
+    seen: list[int] = []
+    wait = 0.0
+    t_start = t_last = time.perf_counter()
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if not agree.all_have(batch is not None):
+            break
+        if tcfg.max_steps_per_epoch and n_steps >= tcfg.max_steps_per_epoch:
+            break
+        images, mask, targets = batch
+        wait += time.perf_counter() - t_last
+        if fault and fault.get("rank") == rank and global_step == fault.get("step") and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(f"crashed at step {global_step}")
+            os._exit(1)  # test hook: simulate a worker dying mid-epoch, once
+        if calibrate:
+            calibrate_frozen_batchnorm(_inner(step.model).backbone, normalize(images.to(device)))
+            calibrate = False
+        try:
+            out = step(images, mask, targets)
+        except FloatingPointError as e:
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {global_step}: {e}") from e
+        for k, v in out.items():
+            sums[k] += v
+        bad = ~torch.isfinite(out["loss"])
+        if device.type == "cpu":
+            if bad:
+                raise NonFiniteLossError(f"non-finite loss {out['loss'].item()} at epoch {epoch + 1}, step {global_step}")
+        else:
+            first_bad = torch.where(bad & (first_bad < 0), global_step, first_bad)
+            if (n_steps + 1) % tcfg.check_finite_every == 0:
+                _check_finite(first_bad, epoch)
+        global_step += 1
+        n_steps += 1
+        n_images += len(targets)
+        seen += [t["image_id"] for t in targets]
+        t_last = time.perf_counter()
+    for _ in it:  # drain this epoch's stream if another worker stopped first
+        pass
+    _check_finite(first_bad, epoch)
+    elapsed = time.perf_counter() - t_start
+    metrics = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}
+    metrics["train/epoch_time_s"] = elapsed
+    metrics["train/images_per_s"] = agree.sum(n_images / elapsed if elapsed > 0 else 0.0)
+    metrics["train/data_wait_fraction"] = wait / elapsed if elapsed > 0 else 0.0
+    metrics["train/skipped_images"] = agree.sum(float(batches.skipped))
+    metrics["train/steps"] = n_steps
+    metrics = {k if k.startswith("train/") else f"train/{k}": v for k, v in metrics.items()}
+    return metrics, global_step, calibrate, seen
+
+
+def _audit(directory: str, rank: int, epoch: int, image_ids: list[int], model: nn.Module) -> None:
+    """Debugging aid: which images this rank trained on, and a hash of its parameters."""
+    import hashlib
+    import json
+
+    import ray
+
+    h = hashlib.sha256()
+    for p in _inner(model).parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    record = {"rank": rank, "epoch": epoch, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": image_ids, "params_sha256": h.hexdigest()}
+    os.makedirs(directory, exist_ok=True)
+    Path(directory, f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(record))
+
+
+def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
+    bad_step = int(first_bad.item())
+    if bad_step >= 0:
+        raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {bad_step}")
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch: int) -> dict:
+    """Each worker infers its part of the val split (no collectives inside, so uneven parts are
+    fine); rank 0 gathers the detections and runs COCOeval."""
+    was_training = model.training
+    model.eval()
+    results, shown = [], []
+    batches = DetectionBatches.from_config(val_shard, exp.data, train=False, device=device)
+    for images, mask, targets in batches:
+        outputs = model(normalize(images), mask)
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        dets = postprocess(outputs, sizes)
+        results += detections_to_results([t["image_id"] for t in targets], dets, meta.label_to_category_id)
+        if writer is not None and len(shown) < exp.train.tensorboard_images:
+            shown += [(images[i], targets[i], dets[i]) for i in range(min(len(targets), exp.train.tensorboard_images - len(shown)))]
+    model.train(was_training)
+    rank, world = _world()
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank == 0:
+            results = [r for part in gathered for r in part]
+    if rank != 0:
+        return {}
+    if writer is not None:
+        _draw_predictions(writer, shown, meta, epoch)
+    return evaluate(gt, results).metrics
+
+
+def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch, global_step, rank) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = ckpt.TrainingState(epoch=epoch, global_step=global_step, config=exp.to_dict(), categories=categories, metrics=metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt.save(tmp, model, optimizer, scheduler, scaler, state)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard (rank 0)
+
+
+def _tensorboard(config: dict, rank: int, tcfg):
+    if rank != 0 or not tcfg.tensorboard or not config.get("tensorboard_dir"):
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(config["tensorboard_dir"])
+
+
+def _draw_predictions(writer, shown, meta, epoch: int, threshold: float = 0.5) -> None:
+    from torchvision.utils import draw_bounding_boxes
+
+    names = meta.label_names
+    for i, (image, target, det) in enumerate(shown):
+        h, w = (int(v) for v in target["size"])
+        oh, ow = (int(v) for v in target["orig_size"])
+        img = image[:, :h, :w].cpu()
+        keep = det["scores"] > threshold
+        boxes = det["boxes"][keep].cpu() * torch.tensor([w / ow, h / oh, w / ow, h / oh])
+        labels = [f"{names[l]} {s:.2f}" for l, s in zip(det["labels"][keep].tolist(), det["scores"][keep].tolist())]
+        drawn = draw_bounding_boxes(img, boxes, labels=labels, colors="yellow", width=1)
+        writer.add_image(f"val/predictions/{i}", drawn, epoch)

@@ -1,0 +1,100 @@
+"""End-to-end runs of the Ray Train trainer on the demo data, on one local Ray instance."""
+
+import copy
+import json
+
+import pytest
+import ray
+import torch
+from ray.train import Checkpoint
+
+from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.train import checkpoint as ckpt
+from detr_ray.train.loop import load_resume_state
+from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    ensure_demo_shards(root, num_train=48, num_val=16)
+    return str(root)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # 4 logical CPUs on 2 cores: 2 Train workers plus Ray Data's decode tasks.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _experiment(demo_root, **train):
+    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
+    exp["data"].update(demo_root=demo_root, batch_size=4, shuffle_buffer=8)
+    exp["train"].update(epochs=2, max_steps_per_epoch=2, max_failures=0, cpus_per_worker=1.0)
+    exp["train"].update(train)
+    return exp
+
+
+def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path):
+    result = build_trainer(_experiment(demo_root, eval_every=2, epochs=3), name="short", storage_path=str(tmp_path)).fit()
+    m = result.metrics
+    assert m["epoch"] == 3 and m["global_step"] == 6 and m["train/start_epoch"] == 0
+    for key in ("train/loss", "train/loss_ce", "train/loss_bbox_0", "lr", "train/images_per_s", "train/data_wait_fraction", "train/skipped_images", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
+        assert key in m, key
+    assert m["val/epoch"] == 3  # the last epoch always validates
+    manifest = ckpt.verify(result.checkpoint.path)
+    loaded = ckpt.load(result.checkpoint.path)
+    assert loaded.state.epoch == 3 and loaded.state.metrics["val/AP"] == m["val/AP"]
+    assert loaded.state.categories["label_to_category_id"] == [1, 2, 3]
+    assert set(manifest["files"]) >= {"model.pt", "optimizer.pt"}
+    # Epoch 1 did not validate: it reports the previous (absent) val metrics and ranks last.
+    epochs = {c.path.rsplit("_epoch", 1)[1]: mm for c, mm in result.best_checkpoints}
+    assert "0003" in epochs and epochs["0003"]["checkpoint_score"] == m["val/AP"]
+    assert all(mm["checkpoint_score"] == -1.0 for k, mm in epochs.items() if k == "0001")
+    events = list((tmp_path / "short" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_worker_killed_mid_run_resumes_from_its_checkpoint(demo_root, tmp_path):
+    marker = tmp_path / "crashed"
+    exp = _experiment(demo_root, epochs=3, num_workers=2, max_failures=1)
+    # Rank 1 dies at global step 3 (second step of epoch 2), once.
+    result = build_trainer(exp, name="crash", storage_path=str(tmp_path / "runs"), fault_injection={"rank": 1, "step": 3, "marker": str(marker)}).fit()
+    assert marker.exists()
+    m = result.metrics
+    assert m["epoch"] == 3 and m["train/start_epoch"] == 1 and m["global_step"] == 6
+
+
+def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
+    first = build_trainer(_experiment(demo_root, epochs=1), name="again", storage_path=str(tmp_path)).fit()
+    assert first.metrics["epoch"] == 1
+    second = build_trainer(_experiment(demo_root, epochs=2), name="again", storage_path=str(tmp_path)).fit()
+    assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1
+    assert second.metrics["global_step"] == 4
+
+
+def test_non_finite_loss_stops_the_run_naming_epoch_and_step(demo_root, tmp_path):
+    exp = _experiment(demo_root, lr=1e12, lr_backbone=1e12, clip_max_norm=0.0, max_steps_per_epoch=4)
+    with pytest.raises(Exception, match=r"non-finite loss .*at epoch 1, step \d"):
+        build_trainer(exp, name="nan", storage_path=str(tmp_path)).fit()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    from detr_ray.model import build_model
+
+    model = build_model(tiny_config())
+    for epoch in (1, 2):
+        ckpt.save(tmp_path / f"checkpoint_epoch{epoch:04d}", model, None, None, None, ckpt.TrainingState(epoch, epoch * 5, {}))
+    blob = bytearray((tmp_path / "checkpoint_epoch0002" / "model.pt").read_bytes())
+    blob[-100] ^= 0x01
+    (tmp_path / "checkpoint_epoch0002" / "model.pt").write_bytes(bytes(blob))
+    loaded = load_resume_state(Checkpoint.from_directory(str(tmp_path / "checkpoint_epoch0002")))
+    assert loaded is not None and loaded.state.epoch == 1
+    (tmp_path / "checkpoint_epoch0001" / ckpt.MANIFEST).unlink()
+    assert load_resume_state(Checkpoint.from_directory(str(tmp_path / "checkpoint_epoch0002"))) is None
