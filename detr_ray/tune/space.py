@@ -1,0 +1,185 @@
+"""Search spaces: a small YAML schema, validated before Ray starts, turned into Ray Tune domains.
+
+    experiment:                 # fixed settings, the layout of a training experiment YAML
+      model: {backbone: resnet18, hidden_dim: 64}
+      data: {batch_size: 8}
+      train: {epochs: 8}
+    search:                     # tuned parameters, "section.key: {distribution: args}"
+      train.lr: {loguniform: [1.0e-5, 1.0e-3]}
+      train.lr_backbone_ratio: {loguniform: [0.05, 1.0]}   # lr_backbone = lr * ratio
+      train.weight_decay: {loguniform: [1.0e-5, 1.0e-2]}
+      model.backbone: {choice: [resnet50, resnet101]}
+      model.dropout: {uniform: [0.0, 0.2]}
+      train.lr_drop: {int: [20, 40]}                        # inclusive bounds
+      model.num_queries: {fixed: 100}
+    scheduler:                  # ASHA and the sweep
+      metric: val/AP
+      mode: max
+      grace_period: 2
+      reduction_factor: 3
+      num_samples: 8
+      seed: 0
+
+Distributions: loguniform (0 < lower < upper), uniform (lower < upper), int (integers, lower <
+upper, both included), choice (a non-empty list), fixed (one value). Every tuned key must name a
+field of the experiment's model/data/train sections (or train.lr_backbone_ratio), and every value
+a distribution can produce at its bounds must pass the experiment's own validation: an unknown
+backbone or a dropout of 1.5 is caught here, naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from detr_ray.config import ConfigError, DataConfig, DETRConfig, TrainConfig, experiment_from_dict, load_yaml
+
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed")
+RATIO_KEY = "train.lr_backbone_ratio"
+SECTIONS = {"model": DETRConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class SchedulerSpec:
+    metric: str = "val/AP"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 3
+    num_samples: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Param:
+    key: str  # "section.name"
+    kind: str  # one of DISTRIBUTIONS
+    args: Any  # [lower, upper] | list of choices | the fixed value
+
+
+@dataclass
+class SearchSpace:
+    source: str
+    experiment: dict  # the fixed experiment (model/data/train sections)
+    params: list[Param] = field(default_factory=list)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+    def tune_domains(self) -> dict[str, Any]:
+        """{"section.key": a Ray Tune domain (or the fixed value)}: the Tuner's param_space."""
+        from ray import tune
+
+        out = {}
+        for p in self.params:
+            if p.kind == "loguniform":
+                out[p.key] = tune.loguniform(*p.args)
+            elif p.kind == "uniform":
+                out[p.key] = tune.uniform(*p.args)
+            elif p.kind == "int":
+                out[p.key] = tune.randint(p.args[0], p.args[1] + 1)  # randint's upper is exclusive
+            elif p.kind == "choice":
+                out[p.key] = tune.choice(list(p.args))
+            else:
+                out[p.key] = p.args
+        return out
+
+    def experiment_for(self, sample: dict[str, Any]) -> dict:
+        """The experiment dict of one trial: the fixed experiment with `sample` applied."""
+        return apply_sample(self.experiment, sample)
+
+
+def apply_sample(experiment: dict, sample: dict[str, Any]) -> dict:
+    exp = {section: dict(experiment.get(section) or {}) for section in SECTIONS}
+    ratio = None
+    for key, value in sample.items():
+        if key == RATIO_KEY:
+            ratio = value
+            continue
+        section, _, name = key.partition(".")
+        exp[section][name] = value
+    if ratio is not None:
+        lr = exp["train"].get("lr", TrainConfig.lr)
+        exp["train"]["lr_backbone"] = float(lr) * float(ratio)
+    return exp
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return value
+
+
+def _parse_param(key: str, spec: Any, where: str) -> Param:
+    section, dot, name = key.partition(".")
+    if key != RATIO_KEY:
+        if not dot or section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown key {key!r}; use section.name with section in {sorted(SECTIONS)}")
+        known = {f.name for f in fields(SECTIONS[section])}
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; {section} has {', '.join(sorted(known))}")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: expected one distribution, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}, got {spec!r}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unknown distribution {kind!r}; choose one of {', '.join(DISTRIBUTIONS)}")
+    if kind == "fixed":
+        return Param(key, kind, args)
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}.choice: expected a non-empty list, got {args!r}")
+        return Param(key, kind, args)
+    if not isinstance(args, list) or len(args) != 2:
+        raise ConfigError(f"{where}.{kind}: expected [lower, upper], got {args!r}")
+    lower, upper = (_number(v, f"{where}.{kind}") for v in args)
+    if kind == "int":
+        if not all(isinstance(v, int) for v in (lower, upper)):
+            raise ConfigError(f"{where}.int: bounds must be integers, got {args!r}")
+    if lower >= upper:
+        raise ConfigError(f"{where}.{kind}: lower bound {lower} must be below the upper bound {upper}")
+    if kind == "loguniform" and lower <= 0:
+        raise ConfigError(f"{where}.loguniform: bounds must be positive, got {args!r}")
+    return Param(key, kind, [lower, upper])
+
+
+def _extremes(p: Param) -> list[Any]:
+    return [p.args] if p.kind == "fixed" else list(p.args)
+
+
+def parse_space(data: dict, source: str = "search space") -> SearchSpace:
+    unknown = sorted(set(data) - {"experiment", "search", "scheduler"})
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: experiment, search, scheduler")
+    experiment = copy.deepcopy(data.get("experiment") or {})
+    experiment_from_dict(experiment, f"{source}: experiment")  # the fixed part alone must be valid
+    search = data.get("search") or {}
+    if not isinstance(search, dict):
+        raise ConfigError(f"{source}: search: expected a mapping of section.key to a distribution")
+    params = [_parse_param(str(k), v, f"{source}: search.{k}") for k, v in search.items()]
+    # Each bound or choice, alone, must make a valid experiment (names the key on failure).
+    for p in params:
+        for value in _extremes(p):
+            try:
+                experiment_from_dict(apply_sample(experiment, {p.key: value}), "experiment")
+            except ConfigError as e:
+                raise ConfigError(f"{source}: search.{p.key}: value {value!r} is invalid: {e}") from e
+    from detr_ray.config import from_dict
+
+    scheduler = from_dict(SchedulerSpec, data.get("scheduler"), f"{source}: scheduler")
+    if scheduler.mode not in ("max", "min"):
+        raise ConfigError(f"{source}: scheduler.mode: choose max or min, got {scheduler.mode!r}")
+    for name in ("grace_period", "num_samples"):
+        if getattr(scheduler, name) < 1:
+            raise ConfigError(f"{source}: scheduler.{name}: must be >= 1, got {getattr(scheduler, name)}")
+    if scheduler.reduction_factor < 2:
+        raise ConfigError(f"{source}: scheduler.reduction_factor: must be >= 2, got {scheduler.reduction_factor}")
+    return SearchSpace(source, experiment, params, scheduler)
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Reads and validates a search-space YAML; errors name the file and the key."""
+    return parse_space(load_yaml(path), str(path))
