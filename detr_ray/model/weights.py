@@ -157,7 +157,7 @@ def _load_backbone(model, sd, target, source) -> LoadReport:
             picked[BACKBONE_PREFIX + k] = v
     own = {k for k in target if k.startswith(BACKBONE_PREFIX)}
     unexpected = sorted(set(picked) - own)
-    missing = sorted(own - set(picked))
+    missing = sorted(k for k in own - set(picked) if not k.endswith("num_batches_tracked"))
     if unexpected or missing:
         raise WeightsError(
             f"{source}: ResNet weights do not fit the model's {model.cfg.backbone} backbone: "
@@ -179,7 +179,7 @@ def _load_detr(model, sd, target, source, include_backbone) -> LoadReport:
     report = LoadReport(source, "detr")
     sd = dict(sd)
     not_loaded = set()  # model keys that keep the model's own values
-    own_bb = {k for k in target if k.startswith("backbone.")}
+    own_bb = {k for k in target if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
     src_bb = {k for k in sd if k.startswith("backbone.")}
     backbone_fits = src_bb == own_bb and all(sd[k].shape == target[k].shape for k in own_bb)
     if not include_backbone or not backbone_fits:
@@ -211,7 +211,8 @@ def _load_detr(model, sd, target, source, include_backbone) -> LoadReport:
             del sd[k]
         not_loaded |= {k for k in target if k.startswith(prefix)}
     unexpected = sorted(set(sd) - set(target))
-    missing = sorted(set(target) - not_loaded - set(sd))
+    # A trainable-BatchNorm model (frozen_bn=False) has step counters no checkpoint needs to carry.
+    missing = sorted(k for k in set(target) - not_loaded - set(sd) if not k.endswith("num_batches_tracked"))
     if unexpected or missing:
         raise WeightsError(
             f"{source}: DETR checkpoint does not fit the model: {len(unexpected)} unexpected keys "

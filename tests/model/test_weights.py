@@ -123,3 +123,14 @@ def test_architecture_mismatch_is_an_error_naming_keys(tmp_path):
         load_pretrained(build_model(tiny_config(hidden_dim=32)), path2)
     with pytest.raises(WeightsError, match="no such file"):
         load_pretrained(build_model(tiny_config()), tmp_path / "missing.pth")
+
+
+def test_published_weights_load_into_a_trainable_batchnorm_model(tmp_path):
+    path = tmp_path / "frozen.pth"
+    src = build_model(tiny_config())
+    _save_reference(src, path)
+    dst = build_model(tiny_config(frozen_bn=False))
+    report = load_pretrained(dst, path)
+    assert not report.skipped and not report.reinitialized
+    bn = dst.backbone[0].body.bn1
+    torch.testing.assert_close(bn.running_var, src.backbone[0].body.bn1.running_var)
