@@ -58,7 +58,27 @@ def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path)
     assert "0003" in epochs and epochs["0003"]["checkpoint_score"] == m["val/AP"]
     assert all(mm["checkpoint_score"] == -1.0 for k, mm in epochs.items() if k == "0001")
     events = list((tmp_path / "short" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and events[0].stat().st_size > 0
+    tags = _event_tags(events[0])
+    assert {"train/loss", "val/AP", "lr"} <= tags["scalar"]
+    assert "val/predictions/0" in tags["image"]  # predictions drawn on val images
+
+
+def _event_tags(path):
+    """Scalar and image tags of a TensorBoard event file (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = {"scalar": set(), "image": set()}
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            tags["image" if value.HasField("image") else "scalar"].add(value.tag)
+    return tags
 
 
 def test_worker_killed_mid_run_resumes_from_its_checkpoint(demo_root, tmp_path):
