@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ConfigError, DataConfig, DETRConfig, TrainConfig, experiment_from_dict, load_yaml
+from detr_ray.config import ConfigError, _check_type, DataConfig, DETRConfig, TrainConfig, experiment_from_dict, load_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed")
 RATIO_KEY = "train.lr_backbone_ratio"
@@ -103,15 +103,11 @@ def apply_sample(experiment: dict, sample: dict[str, Any]) -> dict:
     return exp
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return value
+def _number(value: Any, where: str) -> float | int:
+    """A bound: ints stay ints (for `int`), everything else through the config's float check."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return _check_type(value, float, where)
 
 
 def _parse_param(key: str, spec: Any, where: str) -> Param:
