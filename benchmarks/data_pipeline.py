@@ -158,7 +158,7 @@ def measure_epoch(make_iter, include_ray: bool) -> dict[str, float]:
 # The two pipelines
 
 
-def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int):
+def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int, decode_num_cpus: float = 1.0):
     """Shards the images (untimed, a one-off cost), starts Ray; returns a pass factory."""
     import ray
     import ray.data
@@ -171,7 +171,7 @@ def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int):
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    iterator = train_dataset(str(shards), cfg, decode_batch_size=16).iterator()
+    iterator = train_dataset(str(shards), cfg, decode_batch_size=16, decode_num_cpus=decode_num_cpus).iterator()
     batches = DetectionBatches(iterator, batch_size=batch_size, shuffle_buffer=2 * batch_size)
     return lambda: iter(batches)
 
@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="timed passes of each, interleaved, after a warm-up")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--decode-num-cpus", type=float, default=1.0, help="CPU reservation of one decode task")
     args = p.parse_args(argv)
     cpus = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
         print(f"{args.images} JPEGs, {cpus} CPUs, batch {args.batch_size}, {args.rounds} rounds")
         # DataLoader first, so that its workers are forks of this process and not of Ray's.
         passes = {"b": dataloader_pipeline(root, cfg, args.batch_size, cpus)}
-        passes["a"] = ray_pipeline(root, cfg, args.batch_size, cpus)
+        passes["a"] = ray_pipeline(root, cfg, args.batch_size, cpus, args.decode_num_cpus)
         for name in ("b", "a"):  # warm-up: worker start-up, imports
             for _ in passes[name]():
                 pass
