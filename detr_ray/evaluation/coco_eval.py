@@ -19,7 +19,7 @@ import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from pycocotools.coco import COCO

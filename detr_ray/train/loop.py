@@ -147,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_uri, val_uri = config["train_uri"], config["val_uri"]
     fault = config.get("fault_injection") or {}
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
     meta = read_meta(train_uri)

@@ -1,7 +1,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from detr_ray.model import HungarianMatcher, SetCriterion, build_criterion, build_model
 from detr_ray.train.step import normalize

@@ -1,11 +1,9 @@
 """End-to-end runs of the Ray Train trainer on the demo data, on one local Ray instance."""
 
 import copy
-import json
 
 import pytest
 import ray
-import torch
 from ray.train import Checkpoint
 
 from detr_ray.data.demo import ensure_demo_shards
