@@ -163,7 +163,9 @@ class DataConfig:
     `augment`: "auto" (the demo's small scales for the demo dataset, DETR's COCO scales
     otherwise), "coco" or "demo" (see transforms.TransformConfig).
     `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
-    (0: no local shuffle). `decode_num_cpus` is the CPU reservation of one decode task."""
+    (0: no local shuffle). `decode_num_cpus` is the CPU reservation of one decode task; `cpus`
+    caps the CPUs this run's Ray Data tasks hold at once (0: `decode_num_cpus` per Train worker),
+    so that runs sharing a cluster never starve each other's decoding."""
 
     train: str = ""
     val: str = ""
@@ -173,6 +175,7 @@ class DataConfig:
     shuffle_buffer: int = 64
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
+    cpus: float = 0.0
     prefetch_batches: int = 2
 
     def validate(self, where: str = "data") -> "DataConfig":
@@ -185,6 +188,13 @@ class DataConfig:
             raise ConfigError(f"{where}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.decode_num_cpus <= 0:
             raise ConfigError(f"{where}.decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
+        if self.cpus < 0:
+            raise ConfigError(f"{where}.cpus: must be >= 0, got {self.cpus}")
+        if self.cpus and self.cpus < self.decode_num_cpus:
+            raise ConfigError(
+                f"{where}.cpus: {self.cpus} is below one decode task's decode_num_cpus ({self.decode_num_cpus}); "
+                "no decode task could ever run"
+            )
         if bool(self.train) != bool(self.val):
             raise ConfigError(f"{where}: give both train and val shard locations, or neither (demo)")
         return self

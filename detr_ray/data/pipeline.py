@@ -238,7 +238,11 @@ def build_datasets(cfg: DataConfig, seed: int | None = None) -> dict[str, Any]:
     """{"train": Dataset, "val": Dataset} for TorchTrainer(datasets=...)."""
     train_uri, val_uri = resolve_shards(cfg)
     augment = cfg.transform_config()
-    common = dict(decode_batch_size=cfg.decode_batch_size, decode_num_cpus=cfg.decode_num_cpus)
+    common = dict(
+        decode_batch_size=cfg.decode_batch_size,
+        decode_num_cpus=cfg.decode_num_cpus,
+        read_num_cpus=min(0.25, cfg.decode_num_cpus),  # a read task must fit wherever a decode task does
+    )
     return {
         "train": train_dataset(train_uri, augment, seed=seed, **common),
         "val": val_dataset(val_uri, augment, **common),

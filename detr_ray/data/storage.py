@@ -58,6 +58,15 @@ def list_files(location: str, suffix: str = "") -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
 
 
+def list_dirs(location: str) -> list[str]:
+    """Names of the directories directly inside a directory, sorted; [] if it is missing."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 def write_bytes_atomic(location: str, data: bytes) -> None:
     """Writes a file so that readers see either nothing or all of it: local files go through a
     temporary name and a rename; object stores publish an object only when it is complete."""

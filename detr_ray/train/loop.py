@@ -149,6 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many threads as CPUs reserved (Ray's default is 1 below 2 CPUs)
+        torch.set_num_threads(max(1, math.ceil(tcfg.cpus_per_worker)))
 
     meta = read_meta(train_uri)
     model_cfg = replace(exp.model, num_classes=meta.num_classes)
@@ -168,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, tcfg)
     step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
 
-    start_epoch, global_step, last_val = 0, 0, {}
+    start_epoch, global_step, last_val, resumed_metrics = 0, 0, {}, {}
     latest = ray.train.get_checkpoint()
     if latest is not None:
         loaded = load_resume_state(latest)
@@ -180,8 +182,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 step.scaler.load_state_dict(loaded.scaler)
             start_epoch, global_step = loaded.state.epoch, loaded.state.global_step
             last_val = {k: v for k, v in loaded.state.metrics.items() if k.startswith("val/")}
+            resumed_metrics = loaded.state.metrics
             calibrate = False  # the checkpoint carries the calibrated statistics
             log.info("rank %d: resuming from %s at epoch %d", rank, loaded.path, start_epoch)
+
+    if start_epoch >= tcfg.epochs:
+        # The run had finished when it was interrupted (e.g. before a sweep recorded its last
+        # result): report its final metrics again so that whoever watches sees it complete.
+        ray.train.report({**resumed_metrics, "train/start_epoch": start_epoch}, checkpoint=None)
+        return
 
     agree = _Agreement()
     writer = _tensorboard(config, rank, tcfg)
@@ -221,6 +230,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, done)
             writer.flush()
+        if rank == 0:  # where this run's workers live, so a sweep can check they were released
+            runtime = ray.get_runtime_context()
+            metrics["run/placement_group"] = runtime.get_placement_group_id() or ""
+            metrics["run/node_id"] = runtime.get_node_id()
         _report(model, optimizer, scheduler, step.scaler, exp, categories, metrics, done, global_step, rank)
     if writer is not None:
         writer.close()

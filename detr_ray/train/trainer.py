@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from detr_ray.config import ExperimentConfig, experiment_from_dict
@@ -42,6 +43,31 @@ def tensorboard_dir(storage_path: str, name: str) -> str | None:
     return os.path.join(storage_path, name, "tensorboard")
 
 
+@dataclass(frozen=True)
+class RunResources:
+    """What one training run holds at once: its Train workers' bundles and its Ray Data CPUs."""
+
+    num_workers: int
+    worker: dict[str, float]  # one Train worker's bundle, e.g. {"CPU": 1.0, "GPU": 0.5}
+    data_cpus: float  # the cap on this run's Ray Data tasks (DataConfig.cpus)
+
+    @property
+    def cpus(self) -> float:
+        return self.num_workers * self.worker.get("CPU", 0.0) + self.data_cpus
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.worker.get("GPU", 0.0)
+
+
+def run_resources(exp: ExperimentConfig) -> RunResources:
+    t = exp.train
+    worker = {"CPU": t.cpus_per_worker}
+    if t.gpus_per_worker:
+        worker["GPU"] = t.gpus_per_worker
+    return RunResources(t.num_workers, worker, exp.data.cpus or t.num_workers * exp.data.decode_num_cpus)
+
+
 def build_trainer(
     exp: ExperimentConfig | dict,
     *,
@@ -56,6 +82,7 @@ def build_trainer(
     checkpointing (best `keep_checkpoints` by val/AP, plus the latest) and failure handling.
     Re-running with the same name and storage resumes the run from its latest checkpoint."""
     import ray.train
+    from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
     from detr_ray.train.loop import train_loop_per_worker
@@ -67,14 +94,16 @@ def build_trainer(
     if not is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)
     train_uri, val_uri = resolve_shards(exp.data)
-    resources = {"CPU": t.cpus_per_worker}
-    if t.gpus_per_worker:
-        resources["GPU"] = t.gpus_per_worker
+    needs = run_resources(exp)
     scaling = ray.train.ScalingConfig(
         num_workers=t.num_workers,
         use_gpu=t.gpus_per_worker > 0,
-        resources_per_worker=resources,
+        resources_per_worker=needs.worker,
         placement_strategy=placement_strategy,
+    )
+    # Ray Data's own CPUs, capped so that runs sharing a cluster (a sweep) cannot starve each other.
+    data_config = ray.train.DataConfig(
+        execution_options=ExecutionOptions(resource_limits=ExecutionResources(cpu=needs.data_cpus))
     )
     run_config = ray.train.RunConfig(
         name=name,
@@ -101,4 +130,5 @@ def build_trainer(
         scaling_config=scaling,
         run_config=run_config,
         datasets=build_datasets(exp.data, seed=t.seed),
+        dataset_config=data_config,
     )

@@ -1,0 +1,469 @@
+"""The sweep: Ray Tune over DETR training runs, Optuna (TPE) proposing, ASHA stopping.
+
+Ray 2.60 (Train V2) pattern: a trial is `trial_driver`, a function that builds the trial's
+TorchTrainer with `TuneReportCallback` and calls fit. The driver holds a tiny CPU fraction (and
+the head's `sweep_driver` resource when the cluster has one, so drivers never live on spot
+workers); the Train workers and Ray Data ask for their own resources, and Ray Data is capped per
+run (DataConfig.cpus), so `max_concurrent_trials` runs always fit the cluster at once: a sweep
+cannot deadlock on its own decode tasks.
+
+Layout of an experiment, `<storage>/<name>/`:
+    <Tune's experiment state and trial directories (progress.csv, result.json, TensorBoard)>
+    runs/<trial_id>/     the trial's Train run: checkpoint_epochNNNN/, tensorboard/
+    trials.json          every trial: config, best metric, epochs, why it stopped, history
+    best.json            the best trial, its config and its best verified checkpoint
+
+A trial's Train run is named after the trial id, which survives a restore, so an unfinished trial
+resumes from its own checkpoints. After every trial the placement groups of its Train workers
+are checked: one Ray failed to release is reported loudly and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from optuna.samplers import TPESampler
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from detr_ray.config import ConfigError, experiment_from_dict
+from detr_ray.data import storage
+from detr_ray.train import checkpoint as ckpt
+from detr_ray.train.trainer import run_resources
+from detr_ray.tune.space import SearchSpace, apply_sample
+
+log = logging.getLogger(__name__)
+
+DRIVER_CPUS = 0.01  # a trial's driver only waits on its TorchTrainer
+DRIVER_RESOURCE = "sweep_driver"  # custom resource of the nodes that may host drivers (cluster.yaml: the head)
+EXPERIMENT_KEY = "_experiment"  # fixed entries of a trial's config that are not hyperparameters
+RUNS_KEY = "_runs_storage"
+RELEASE_GRACE_S = 20.0  # how long Ray may take to remove a finished trial's placement groups
+FORCE_STOP_S = "10"  # Tune kills a trial's actor this long after asking it to stop (Ray's default: 600)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run as configured (resources, metric, storage)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The trial
+
+
+def trial_driver(config: dict[str, Any]) -> None:
+    """Tune trainable: one trial is one TorchTrainer run of the sampled experiment."""
+    import ray.tune
+    from ray.data import DataContext
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from detr_ray.train.trainer import build_trainer
+
+    experiment = apply_sample(config[EXPERIMENT_KEY], sample_of(config))
+    trial_id = ray.tune.get_context().get_trial_id()
+    DataContext.get_current().enable_progress_bars = False  # many trials' bars would bury Tune's table
+    trainer = build_trainer(experiment, name=trial_id, storage_path=config[RUNS_KEY], callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def sample_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The sampled hyperparameters of a trial's config (without the fixed entries)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+# --------------------------------------------------------------------------------------------
+# Resources
+
+
+@dataclass(frozen=True)
+class TrialNeeds:
+    cpus: float  # driver + Train workers + Ray Data cap
+    gpus: float
+    worker: dict[str, float]  # one Train worker's bundle
+    driver: dict[str, float]  # the trial driver's bundle
+
+
+def trial_needs(experiment: dict, cluster: dict[str, float]) -> TrialNeeds:
+    run = run_resources(experiment_from_dict(experiment))
+    driver = {"CPU": DRIVER_CPUS}
+    if cluster.get(DRIVER_RESOURCE):
+        driver[DRIVER_RESOURCE] = 0.01
+    return TrialNeeds(cpus=run.cpus + DRIVER_CPUS, gpus=run.gpus, worker=run.worker, driver=driver)
+
+
+def max_concurrent_trials(cluster: dict[str, float], needs: TrialNeeds) -> int:
+    """How many trials the cluster holds at once (0: not even one)."""
+    fits = [math.floor(cluster.get("CPU", 0.0) / needs.cpus + 1e-9)]
+    if needs.gpus:
+        fits.append(math.floor(cluster.get("GPU", 0.0) / needs.gpus + 1e-9))
+    return max(0, min(fits))
+
+
+def plan_concurrency(cluster: dict[str, float], needs: TrialNeeds, requested: int | None = None) -> int:
+    """Trials at once: `requested` (an autoscaling cluster may grow into it), else as many as
+    the cluster holds now. Refuses a sweep in which not one trial fits, before anything starts."""
+    if requested is not None:
+        if requested < 1:
+            raise SweepError(f"max concurrent trials must be >= 1, got {requested}")
+        return requested
+    fits = max_concurrent_trials(cluster, needs)
+    if fits < 1:
+        have = f"{cluster.get('CPU', 0.0):g} CPUs and {cluster.get('GPU', 0.0):g} GPUs"
+        raise SweepError(
+            f"one trial needs {needs.cpus:g} CPUs and {needs.gpus:g} GPUs (workers {needs.worker}, "
+            f"plus Ray Data and the driver) but the cluster has {have}: lower train.num_workers, "
+            "train.cpus_per_worker, data.cpus or the GPUs per trial, or pass --max-concurrent for a "
+            "cluster that autoscales"
+        )
+    return fits
+
+
+# --------------------------------------------------------------------------------------------
+# Tune plug-ins
+
+
+class PruningOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna a trial ASHA stopped early was PRUNED (its intermediate
+    values kept), not COMPLETE with a truncated score, and reports intermediate values by epoch,
+    which stays monotonic when a trial resumes after a restore."""
+
+    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int):
+        super().__init__(metric=metric, mode=mode, sampler=TPESampler(seed=seed))
+        self.max_epochs = max_epochs
+        self.reported: dict[str, set[int]] = {}  # trial id -> epochs already told to Optuna
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or self.metric not in result or trial_id not in self._ot_trials:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        seen = self.reported.setdefault(trial_id, set())
+        if step not in seen:  # a resumed trial may repeat an epoch's result
+            self._ot_trials[trial_id].report(result[self.metric], step)
+            seen.add(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ran = int((result or {}).get("epoch", 0))
+        if error or trial_id in self._completed_trials or not result or self.metric not in result or ran >= self.max_epochs:
+            return super().on_trial_complete(trial_id, result, error)
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+class PlacementGroupWatch(tune.Callback):
+    """Makes sure each finished trial's Train placement groups are removed.
+
+    A Train worker group's placement group lives until its controller removes it or the job
+    ends; when a trial is stopped (ASHA) or killed, only Ray Train's PlacementGroupCleaner
+    removes it, and that cleaner depends on the state API (it can be missing, or slow on a busy
+    machine). A placement group left behind holds its GPUs, and later trials wait for them
+    forever. So: rank 0 reports its placement group id with every result (a worker group
+    restarted after a failure has a new one, so all are remembered); RELEASE_GRACE_S after a
+    trial ends (Tune has killed its actor, and with it the Train controller, by then), every one
+    still there is logged as an error, removed, and recorded in
+    `<experiment>/leaked_placement_groups.json`."""
+
+    def __init__(self, experiment_dir: str) -> None:
+        self.record = storage.join(experiment_dir, "leaked_placement_groups.json")
+        self.groups: dict[str, set[str]] = {}
+        self.pending: list[tuple[float, str, str]] = []  # (deadline, trial id, group id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        pg = result.get("run/placement_group")
+        if pg:
+            self.groups.setdefault(trial.trial_id, set()).add(pg)
+
+    def finished(self, trial_id: str, groups: set[str] | None = None) -> None:
+        deadline = time.time() + RELEASE_GRACE_S
+        groups = set(groups or ()) | self.groups.pop(trial_id, set())
+        self.pending += [(deadline, trial_id, pg) for pg in sorted(groups)]
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.finished(trial.trial_id)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.check()
+
+    def check(self, wait: bool = False) -> list[dict]:
+        """Removes the overdue placement groups (with `wait`: waits for every pending one's
+        deadline first); returns the ones it had to remove."""
+        still, leaked = [], []
+        for deadline, trial_id, pg in sorted(self.pending):
+            while wait and _placement_group_alive(pg) and time.time() < deadline:
+                time.sleep(0.5)
+            if not _placement_group_alive(pg):
+                continue
+            if time.time() < deadline:
+                still.append((deadline, trial_id, pg))
+                continue
+            log.error(
+                "LEAK: trial %s ended %.0f s ago and Ray still holds its Train placement group %s; "
+                "removing it so that later trials get its resources", trial_id, RELEASE_GRACE_S, pg,
+            )
+            _remove_placement_group(pg)
+            leaked.append({"trial": trial_id, "placement_group": pg})
+        self.pending = still
+        if leaked:
+            storage.write_bytes_atomic(self.record, json.dumps(read_leaks(self.record) + leaked, indent=2).encode())
+        return leaked
+
+
+def read_leaks(record: str) -> list[dict]:
+    try:
+        return json.loads(storage.read_bytes(record))
+    except FileNotFoundError:
+        return []
+
+
+def _placement_group_alive(pg_id: str) -> bool:
+    from ray.util import placement_group_table
+
+    info = placement_group_table().get(pg_id)
+    return bool(info) and info.get("state") not in ("REMOVED", None)
+
+
+def _remove_placement_group(pg_id: str) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    except Exception as e:  # noqa: BLE001 - report and carry on; the summary records the leak
+        log.error("could not remove placement group %s: %s", pg_id, e)
+
+
+def live_placement_groups() -> list[dict]:
+    """Placement groups that still hold (or wait for) resources on the cluster."""
+    from ray.util import placement_group_table
+
+    return [
+        {"id": pid, "state": info.get("state"), "bundles": info.get("bundles")}
+        for pid, info in placement_group_table().items()
+        if info.get("state") not in ("REMOVED",)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The Tuner
+
+
+@dataclass
+class Sweep:
+    """A ready-to-fit sweep: the Tuner, where it lives, and what it watches."""
+
+    tuner: Any
+    space: SearchSpace
+    experiment_dir: str
+    restored: bool
+    concurrency: int
+    watch: Any
+
+    def fit(self):
+        """Runs the sweep; afterwards checks that no trial's Train placement group remains."""
+        results = self.tuner.fit()
+        for result in results:  # also covers a restored sweep, whose watch is a stored copy
+            df = result.metrics_dataframe
+            if df is not None and "run/placement_group" in df and "trial_id" in df and not df.empty:
+                groups = {g for g in df["run/placement_group"].dropna() if g}
+                self.watch.finished(str(df["trial_id"].iloc[-1]), groups)
+        self.watch.check(wait=True)
+        return results
+
+
+def experiment_dir(storage_path: str, name: str) -> str:
+    if not storage.is_uri(storage_path):
+        storage_path = os.path.abspath(storage_path)
+    return storage.join(storage_path, name)
+
+
+def check_space(space: SearchSpace) -> None:
+    """What a sweep needs beyond a valid experiment: ASHA sees the metric every epoch."""
+    exp = experiment_from_dict(space.experiment)
+    if exp.train.eval_every != 1:
+        raise ConfigError(
+            f"{space.source}: experiment.train.eval_every must be 1 in a sweep (ASHA compares "
+            f"{space.scheduler.metric} at every epoch), got {exp.train.eval_every}"
+        )
+    if not space.scheduler.metric.startswith("val/"):
+        raise ConfigError(f"{space.source}: scheduler.metric must be a validation metric (val/...), got {space.scheduler.metric!r}")
+
+
+def build_sweep(
+    space: SearchSpace,
+    *,
+    name: str,
+    storage_path: str,
+    resume: bool = True,
+    max_concurrent: int | None = None,
+) -> Sweep:
+    """The sweep `name` under `storage_path`. When it already exists and `resume` is set, it is
+    restored: unfinished trials continue from their checkpoints, finished ones are kept, and the
+    searcher's state (the Optuna study) carries on; an existing experiment is never overwritten."""
+    import ray
+    from ray.tune.schedulers import ASHAScheduler
+
+    check_space(space)
+    # A stopped trial's driver is blocked in fit() and never stops by itself: have Tune kill it.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", FORCE_STOP_S)
+    exp_dir = experiment_dir(storage_path, name)
+    root = exp_dir.rsplit("/", 1)[0] if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)
+    cluster = ray.cluster_resources()
+    needs = trial_needs(space.experiment, cluster)
+    concurrency = plan_concurrency(cluster, needs, max_concurrent)
+    trainable = tune.with_resources(trial_driver, needs.driver)
+    watch = PlacementGroupWatch(exp_dir)
+    run_config = tune.RunConfig(name=name, storage_path=root, callbacks=[watch])
+
+    if tune.Tuner.can_restore(exp_dir):
+        if not resume:
+            raise SweepError(f"{exp_dir} already holds a sweep; resume it or choose another --name")
+        log.info("restoring the sweep at %s", exp_dir)
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+        )
+        return Sweep(tuner, space, exp_dir, True, concurrency, watch)
+    if storage.exists(exp_dir):
+        raise SweepError(f"{exp_dir} exists but is not a restorable sweep; choose another --name")
+
+    sched = space.scheduler
+    epochs = experiment_from_dict(space.experiment).train.epochs
+    param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
+    tune_config = tune.TuneConfig(
+        search_alg=PruningOptunaSearch(metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs),
+        scheduler=ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(sched.grace_period, epochs),
+            reduction_factor=sched.reduction_factor,
+            metric=sched.metric,
+            mode=sched.mode,
+        ),
+        num_samples=sched.num_samples,
+        max_concurrent_trials=concurrency,
+        # A function trainable's actor would be cached for reuse with its trial's training thread
+        # (the TorchTrainer) still running and holding its workers: a stopped trial must end.
+        reuse_actors=False,
+    )
+    log.info("sweep %s: %d trials, up to %d at once, each holding %s", name, sched.num_samples, concurrency, needs)
+    tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return Sweep(tuner, space, exp_dir, False, concurrency, watch)
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+HISTORY_PREFIXES = ("train/", "val/")
+HISTORY_KEYS = ("epoch", "lr", "lr_backbone")
+
+
+def _verified(path: Any) -> bool:
+    if not isinstance(path, str) or not path:
+        return False
+    if storage.is_uri(path):
+        return storage.exists(storage.join(path, ckpt.MANIFEST))
+    try:
+        ckpt.verify(path)
+        return True
+    except (ckpt.CheckpointError, OSError):
+        return False
+
+
+def _status(result, ran: int, epochs: int) -> str:
+    if result.error is not None:
+        return "error"
+    return "completed" if ran >= epochs else "stopped early (ASHA)"
+
+
+def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, float | None]:
+    """A Train run's best checkpoint that verifies, by the metric its own state.json recorded
+    (the run directory is the record: Tune may have missed a run's last report)."""
+    scored = []
+    for name in storage.list_dirs(run_dir):
+        path = storage.join(run_dir, name)
+        if not name.startswith("checkpoint_") or not _verified(path):
+            continue
+        value = json.loads(storage.read_bytes(storage.join(path, ckpt.STATE))).get("metrics", {}).get(metric)
+        if isinstance(value, (int, float)) and value == value:
+            scored.append((float(value), path))
+    if not scored:
+        return None, None
+    value, path = max(scored) if mode == "max" else min(scored)
+    return path, value
+
+
+def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
+    """Per trial: id, sampled config, best metric, epochs run, why it stopped, its best verified
+    checkpoint, the nodes of its rank 0 and its per-epoch history; and the best trial (None
+    when no trial has a verified checkpoint)."""
+    metric, mode = space.scheduler.metric, space.scheduler.mode
+    epochs = experiment_from_dict(space.experiment).train.epochs
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+    rows, best = [], None
+    for result in results:
+        config = result.config or {}
+        df = result.metrics_dataframe
+        row = {
+            "trial": None,
+            "config": sample_of(config),
+            "best": None,
+            "epochs": 0,
+            "status": "error" if result.error is not None else "no result",
+            "checkpoint": None,
+            "nodes": [],
+            "history": [],
+        }
+        if df is not None and not df.empty and "trial_id" in df:
+            row["trial"] = str(df["trial_id"].iloc[-1])
+        if df is not None and not df.empty and "epoch" in df and metric in df:
+            df = df.sort_values("epoch").drop_duplicates("epoch", keep="last")
+            row["epochs"] = int(df["epoch"].max())
+            row["status"] = _status(result, row["epochs"], epochs)
+            if "run/node_id" in df:
+                row["nodes"] = sorted({str(n) for n in df["run/node_id"].dropna() if n})
+            columns = [c for c in df.columns if c in HISTORY_KEYS or c.startswith(HISTORY_PREFIXES)]
+            row["history"] = json.loads(df[columns].to_json(orient="records"))
+        if row["trial"] and RUNS_KEY in config:
+            row["checkpoint"], row["best"] = best_checkpoint(storage.join(config[RUNS_KEY], row["trial"]), metric, mode)
+        if row["best"] is None and row["history"]:  # no checkpoint left: the best reported value
+            values = [h[metric] for h in row["history"] if isinstance(h.get(metric), (int, float))]
+            row["best"] = (max if mode == "max" else min)(values) if values else None
+        rows.append(row)
+        if row["checkpoint"] and (best is None or better(row["best"], best["best"])):
+            best = row
+    return rows, best
+
+
+def write_summary(sweep: Sweep, rows: list[dict], best: dict | None, data: dict[str, str]) -> dict[str, str]:
+    """Writes trials.json (and best.json when a best trial exists); returns their locations."""
+    space = sweep.space
+    common = {"metric": space.scheduler.metric, "mode": space.scheduler.mode}
+    trials = {
+        **common,
+        "search": {p.key: {p.kind: p.args} for p in space.params},
+        "leaked_placement_groups": read_leaks(sweep.watch.record),
+        "trials": rows,
+    }
+    out = {"trials": storage.join(sweep.experiment_dir, "trials.json")}
+    storage.write_bytes_atomic(out["trials"], json.dumps(trials, indent=2, default=str).encode())
+    if best is not None:
+        payload = {
+            **common,
+            "trial": best["trial"],
+            "value": best["best"],
+            "config": best["config"],
+            "experiment": apply_sample(space.experiment, best["config"]),
+            "checkpoint": best["checkpoint"],
+            "data": data,
+        }
+        out["best"] = storage.join(sweep.experiment_dir, "best.json")
+        storage.write_bytes_atomic(out["best"], json.dumps(payload, indent=2, default=str).encode())
+    return out

@@ -1,0 +1,152 @@
+"""Tune DETR's hyperparameters: Ray Tune runs Optuna (TPE) proposals, ASHA stops poor trials.
+
+  python scripts/tune.py                      # the demo sweep on the demo data, local Ray
+  python scripts/tune.py --space search_spaces/coco_r50_r101.yaml --data s3://bucket/coco-shards \
+      --storage s3://bucket/sweeps --name coco-r50-r101 --workers-per-trial 4 --gpus-per-trial 4
+
+--data is a directory or URI holding train/ and val/ shard directories (default: the demo data,
+generated if missing). The sweep lives in <storage>/<name>; running the same command again (or
+with --resume) restores it: unfinished trials continue from their checkpoints, finished ones are
+kept. On a cluster set RAY_ADDRESS (ray job submit does) or pass --address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
+from detr_ray.data.pipeline import resolve_shards
+from detr_ray.data.storage import join
+from detr_ray.tune.space import parse_space
+from detr_ray.tune.tuner import SweepError, build_sweep, summarize, write_summary
+
+DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", "demo.yaml")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: search_spaces/demo.yaml)")
+    p.add_argument("--data", help="directory or URI with train/ and val/ shard directories; default: demo data")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the YAML's scheduler.num_samples)")
+    p.add_argument("--storage", default=os.environ.get("DETR_RAY_STORAGE", "runs"), help="local directory or s3://, gs:// URI")
+    p.add_argument("--name", help="experiment name (default: the space file's name); stable, so rerunning resumes")
+    p.add_argument("--resume", action="store_true", help="require an existing sweep to resume (error if none)")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers (fractions allowed)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved by each Train worker")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds now)")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
+    p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/factor of the trials at each rung")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fixed experiment value")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    return p.parse_args(argv)
+
+
+def load(args):
+    """The validated search space with the command line applied (nothing of Ray started)."""
+    raw = load_yaml(args.space)
+    exp = {k: dict(v or {}) for k, v in (raw.get("experiment") or {}).items()}
+    if args.data:
+        exp.setdefault("data", {}).update(train=join(args.data, "train"), val=join(args.data, "val"))
+    train = exp.setdefault("train", {})
+    if args.workers_per_trial is not None:
+        train["num_workers"] = args.workers_per_trial
+    if args.gpus_per_trial is not None:
+        train["gpus_per_worker"] = args.gpus_per_trial / train.get("num_workers", 1)
+    if args.cpus_per_worker is not None:
+        train["cpus_per_worker"] = args.cpus_per_worker
+    raw["experiment"] = apply_overrides(exp, args.set)
+    scheduler = dict(raw.get("scheduler") or {})
+    for key in ("num_samples", "grace_period", "reduction_factor"):
+        if getattr(args, key) is not None:
+            scheduler[key] = getattr(args, key)
+    raw["scheduler"] = scheduler
+    space = parse_space(raw, args.space)  # every sampled configuration is checked with the overrides applied
+    data = experiment_from_dict(space.experiment, args.space).data
+    if data.uses_demo:  # generate the demo data once, before trials start, and pin its location
+        train_uri, _ = resolve_shards(data)
+        space.experiment.setdefault("data", {})["demo_root"] = os.path.dirname(train_uri)
+    return space
+
+
+def print_summary(rows: list[dict], metric: str) -> None:
+    keys = sorted({k for r in rows for k in r["config"]})
+    header = ["trial", *keys, f"best {metric}", "epochs", "stopped"]
+    table = [header]
+    for r in sorted(rows, key=lambda r: -(r["best"] if r["best"] is not None else -1)):
+        cells = [r["trial"]]
+        for k in keys:
+            v = r["config"].get(k)
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        cells += ["-" if r["best"] is None else f"{r['best']:.4f}", str(r["epochs"]), r["status"]]
+        table.append(cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = args.name or os.path.splitext(os.path.basename(args.space))[0]
+    try:
+        space = load(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    if args.address:
+        context = ray.init(address=args.address)
+    else:
+        context = ray.init(num_cpus=args.num_cpus, include_dashboard=True)
+    url = context.dashboard_url
+    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
+
+    start = time.time()
+    try:
+        sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent)
+        if args.resume and not sweep.restored:
+            print(f"error: --resume but there is no sweep at {sweep.experiment_dir}", file=sys.stderr)
+            return 2
+    except (SweepError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: {space.scheduler.num_samples} trials, "
+        f"up to {sweep.concurrency} at once\nTensorBoard: tensorboard --logdir {sweep.experiment_dir}",
+        flush=True,
+    )
+    results = sweep.fit()
+    rows, best = summarize(results, space)
+    exp = experiment_from_dict(space.experiment)
+    train_uri, val_uri = resolve_shards(exp.data)
+    written = write_summary(sweep, rows, best, {"train": train_uri, "val": val_uri})
+
+    print(f"\nsweep finished in {time.time() - start:.0f} s ({len(rows)} trials)\n")
+    print_summary(rows, space.scheduler.metric)
+    leaks = json.loads(open(written["trials"]).read())["leaked_placement_groups"] if "://" not in written["trials"] else []
+    if leaks:
+        print(f"\nWARNING: Ray left {len(leaks)} finished trials' placement groups behind; they were removed: {leaks}")
+    print(f"\ntrials: {written['trials']}")
+    if best is None:
+        print("no trial produced a verified checkpoint", file=sys.stderr)
+        return 1
+    ap50 = next((h.get("val/AP50") for h in best["history"] if h.get(space.scheduler.metric) == best["best"]), None)
+    print(f"best trial {best['trial']}: {space.scheduler.metric} {best['best']:.4f}"
+          + (f", val/AP50 {ap50:.4f}" if ap50 is not None else "") + f"\nbest: {written['best']}")
+    print(f"evaluate it: python scripts/evaluate.py --experiment {sweep.experiment_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""scripts/tune.py end to end: killed with SIGKILL mid-sweep and run again, the sweep finishes
+with exactly num_samples trials, none duplicated, the interrupted trial resumed from its
+checkpoint; and an invalid search space is refused before Ray starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[2]
+SPACE = {
+    "experiment": {
+        "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
+                  "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False},
+        "data": {"batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25, "augment": "demo"},
+        "train": {"epochs": 3, "max_steps_per_epoch": 2, "max_failures": 0, "tensorboard": False, "cpus_per_worker": 0.5},
+    },
+    "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}, "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]}},
+    "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 4, "seed": 0},
+}
+
+
+def _command(space, data, storage):
+    return [sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--data", str(data),
+            "--storage", str(storage), "--name", "kill-test", "--num-cpus", "2"]
+
+
+def _reported_epochs(exp_dir: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in exp_dir.glob("trial_driver_*/result.json"))
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(tmp_path):
+    data = tmp_path / "demo"
+    ensure_demo_shards(data, num_train=32, num_val=16)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    storage = tmp_path / "sweeps"
+    exp_dir = storage / "kill-test"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_command(space, data, storage), cwd=tmp_path, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while _reported_epochs(exp_dir) < 1 and first.poll() is None and time.time() < deadline:
+            time.sleep(1)
+        assert first.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
+        assert _reported_epochs(exp_dir) >= 1, "no trial reported an epoch in time"
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        try:  # the local Ray it started goes down with it, as on a crashed machine
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    second = subprocess.run(_command(space, data, storage), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming sweep" in second.stdout
+
+    trials = json.loads((exp_dir / "trials.json").read_text())["trials"]
+    assert len(trials) == 4
+    assert len({t["trial"] for t in trials}) == 4
+    assert len({json.dumps(t["config"], sort_keys=True) for t in trials}) == 4
+    assert len(list(exp_dir.glob("trial_driver_*"))) == 4  # no trial was started twice
+    assert all(t["status"] in ("completed", "stopped early (ASHA)") for t in trials)
+    # The trial that was running when the sweep died continued from its checkpoint.
+    assert any(h.get("train/start_epoch", 0) > 0 for t in trials for h in t["history"])
+    best = json.loads((exp_dir / "best.json").read_text())
+    ckpt.verify(best["checkpoint"])
+    assert "evaluate it: python scripts/evaluate.py --experiment" in second.stdout
+
+
+@pytest.mark.timeout(120)
+def test_invalid_space_is_refused_before_ray_starts(tmp_path):
+    bad = {**SPACE, "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-5]}}}
+    space = tmp_path / "bad.yaml"
+    space.write_text(yaml.safe_dump(bad))
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--storage", str(tmp_path)],
+                       capture_output=True, text=True, timeout=100, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2
+    assert "bad.yaml" in r.stderr and "search.train.lr" in r.stderr
+    assert "Ray dashboard" not in r.stdout  # refused before Ray started

@@ -1,0 +1,149 @@
+"""The sweep on a local Ray: resources planned so nothing starves, Optuna proposes, ASHA stops,
+every trial's Train placement group is released, and best.json names a verified checkpoint."""
+
+import json
+import pickle
+
+import pytest
+import ray
+from optuna.trial import TrialState
+
+from detr_ray.config import ConfigError
+from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.train import checkpoint as ckpt
+from detr_ray.tune.space import parse_space
+from detr_ray.tune.tuner import (
+    DRIVER_RESOURCE,
+    SweepError,
+    TrialNeeds,
+    build_sweep,
+    live_placement_groups,
+    max_concurrent_trials,
+    plan_concurrency,
+    summarize,
+    trial_needs,
+    write_summary,
+)
+
+TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
+              "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
+
+
+def _space(root, **scheduler):
+    return parse_space(
+        {
+            "experiment": {
+                "model": TINY_MODEL,
+                "data": {"demo_root": str(root), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
+                "train": {"epochs": 3, "max_steps_per_epoch": 2, "max_failures": 0, "tensorboard": False,
+                          "cpus_per_worker": 0.5},
+            },
+            "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
+            "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 4, "seed": 0, **scheduler},
+        },
+        "test space",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Resource planning (no Ray needed)
+
+
+def test_trial_needs_count_workers_data_and_driver():
+    exp = {"train": {"num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5}, "data": {"decode_num_cpus": 0.5}}
+    needs = trial_needs(exp, {"CPU": 16.0})
+    assert needs.cpus == pytest.approx(2 * 1.5 + 2 * 0.5 + 0.01)
+    assert needs.gpus == pytest.approx(1.0)
+    assert needs.worker == {"CPU": 1.5, "GPU": 0.5}
+    assert DRIVER_RESOURCE not in needs.driver
+    # A cluster that marks its driver node (cluster.yaml's head) gets its drivers pinned there.
+    assert trial_needs(exp, {"CPU": 16.0, DRIVER_RESOURCE: 100.0}).driver[DRIVER_RESOURCE] > 0
+    # An explicit Ray Data cap replaces the per-worker default.
+    exp["data"]["cpus"] = 6.0
+    assert trial_needs(exp, {}).cpus == pytest.approx(3.0 + 6.0 + 0.01)
+
+
+def test_concurrency_from_cluster_resources():
+    needs = TrialNeeds(cpus=1.01, gpus=0.0, worker={"CPU": 0.5}, driver={"CPU": 0.01})
+    assert max_concurrent_trials({"CPU": 2.0}, needs) == 1
+    assert max_concurrent_trials({"CPU": 16.0}, needs) == 15
+    gpu = TrialNeeds(cpus=2.01, gpus=0.25, worker={"CPU": 2.0, "GPU": 0.25}, driver={"CPU": 0.01})
+    assert max_concurrent_trials({"CPU": 16.0, "GPU": 1.0}, gpu) == 4  # fractional GPUs: 4 trials share one
+    assert max_concurrent_trials({"CPU": 4.0, "GPU": 8.0}, gpu) == 1  # CPUs are the limit
+    assert plan_concurrency({"CPU": 2.0}, needs, requested=6) == 6  # an autoscaling cluster grows into it
+
+
+def test_a_trial_that_cannot_fit_is_refused_before_anything_starts():
+    needs = TrialNeeds(cpus=2.01, gpus=1.0, worker={"CPU": 1.0, "GPU": 1.0}, driver={"CPU": 0.01})
+    with pytest.raises(SweepError, match=r"needs 2.01 CPUs and 1 GPUs .* cluster has 16 CPUs and 0 GPUs"):
+        plan_concurrency({"CPU": 16.0}, needs)
+    with pytest.raises(SweepError, match=">= 1"):
+        plan_concurrency({"CPU": 16.0}, needs, requested=0)
+
+
+def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
+    space = _space(tmp_path)
+    space.experiment["train"]["eval_every"] = 2
+    with pytest.raises(ConfigError, match="eval_every must be 1"):
+        build_sweep(space, name="x", storage_path=str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# A real sweep
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Two trials at once on 2 CPUs: each holds a 0.5-CPU worker, 0.25 CPU of Ray Data, its driver.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.timeout(600)
+def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ray, tmp_path):
+    root = tmp_path / "demo"
+    ensure_demo_shards(root, num_train=32, num_val=16)
+    space = _space(root)
+    sweep = build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps"))
+    assert sweep.concurrency == 2  # 2 CPUs / (0.5 worker + 0.25 Ray Data + 0.01 driver)
+    results = sweep.fit()
+    assert len(results) == 4 and not results.errors
+
+    # Every trial's Train placement group is gone (Ray's own cleanup or the sweep's watch).
+    assert live_placement_groups() == []
+
+    rows, best = summarize(results, space)
+    assert len(rows) == 4
+    assert len({r["trial"] for r in rows}) == 4
+    assert len({r["config"]["train.lr"] for r in rows}) == 4  # Optuna proposed 4 configurations
+    stopped = [r for r in rows if r["status"] == "stopped early (ASHA)"]
+    assert stopped and all(r["epochs"] < 3 for r in stopped)
+    assert any(r["status"] == "completed" and r["epochs"] == 3 for r in rows)
+    for r in rows:
+        assert [h["epoch"] for h in r["history"]] == list(range(1, r["epochs"] + 1))
+        assert r["nodes"]  # where rank 0 ran
+
+    written = write_summary(sweep, rows, best, {"train": str(root / "train"), "val": str(root / "val")})
+    data = json.loads(open(written["best"]).read())
+    assert data["value"] == max(r["best"] for r in rows)
+    assert data["trial"] == best["trial"] and data["config"] == best["config"]
+    assert data["experiment"]["train"]["lr"] == best["config"]["train.lr"]
+    ckpt.verify(data["checkpoint"])
+    state = json.loads(open(f"{data['checkpoint']}/state.json").read())
+    assert state["metrics"]["val/AP"] == pytest.approx(data["value"])  # the checkpoint of the best epoch
+    trials = json.loads(open(written["trials"]).read())
+    assert len(trials["trials"]) == 4 and trials["search"] == {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}}
+
+    # Optuna saw ASHA's stops as pruned trials, not as finished ones with truncated scores.
+    searcher_state = next((tmp_path / "sweeps" / "fast").glob("searcher-state-*.pkl"))
+    study = pickle.loads(searcher_state.read_bytes())["_ot_study"]
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.PRUNED) == len(stopped)
+    assert states.count(TrialState.COMPLETE) == 4 - len(stopped)
+
+    # The same name again restores the finished sweep instead of starting over; resume=False refuses.
+    again = build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps"))
+    assert again.restored
+    with pytest.raises(SweepError, match="already holds a sweep"):
+        build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps"), resume=False)
