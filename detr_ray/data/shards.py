@@ -425,6 +425,22 @@ def read_shard_table(shards_uri: str, columns: Iterable[str] | None = None) -> p
     return pa.concat_tables(tables)
 
 
+def read_rows(shards_uri: str, image_ids: Iterable[int], columns: Iterable[str] = ("image_id", "image")) -> dict[int, dict[str, Any]]:
+    """image_id -> row (the given columns) for a few images, e.g. to draw them; only row groups
+    that may hold them are read. Ids not in the split are absent from the result."""
+    wanted = sorted({int(i) for i in image_ids})
+    columns = list(dict.fromkeys(["image_id", *columns]))
+    rows: dict[int, dict[str, Any]] = {}
+    if not wanted:
+        return rows
+    for location in shard_files(shards_uri):
+        fs, path = storage.resolve(location)
+        table = pq.read_table(path, columns=columns, filesystem=fs, filters=[("image_id", "in", wanted)])
+        for row in table.to_pylist():
+            rows[row["image_id"]] = row
+    return rows
+
+
 def coco_ground_truth(shards_uri: str) -> dict[str, Any]:
     """Rebuilds a pycocotools-ready COCO dict (images with width/height, annotations with
     id/image_id/category_id/bbox/area/iscrowd, categories) from a shard directory and its meta.

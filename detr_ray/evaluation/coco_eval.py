@@ -9,6 +9,11 @@ range". The numbers are exactly pycocotools' own on the same inputs.
 
 Result sets pycocotools would crash on are checked first: an empty set scores 0, detections for
 unknown images or categories and malformed entries are a clear error.
+
+For the final evaluation report, `per_category(ev)` gives AP/AP50/AP75/AR100 and counts per
+category and `ap_per_iou(ev)` the AP at each IoU threshold 0.50..0.95, both read from the same
+COCOeval arrays that produced the 12 numbers. `write_results` / `load_results` store a result set
+as the COCO results JSON that pycocotools' `COCO.loadRes` reads.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import io
+import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -40,6 +48,7 @@ class Evaluation:
     metrics: dict[str, float]
     coco_eval: COCOeval | None  # None for an empty result set
     tp_ious: np.ndarray  # IoU of every true positive at IoU 0.5 (all areas, maxDet 100)
+    gt: COCO | None = None  # the ground truth it was scored against
 
 
 def _quiet(fn, *args):
@@ -143,7 +152,7 @@ def evaluate(gt: COCO | dict, results: Sequence[dict], prefix: str = "val/", sou
     if not results:
         metrics = {prefix + name: 0.0 for name in METRIC_NAMES}
         metrics[prefix + "mean_iou"] = 0.0
-        return Evaluation(metrics, None, np.zeros(0))
+        return Evaluation(metrics, None, np.zeros(0), gt)
     dt = _quiet(gt.loadRes, [dict(r) for r in results])  # loadRes adds keys: hand it copies
     E = COCOeval(gt, dt, iouType="bbox")
     _quiet(E.evaluate)
@@ -152,4 +161,91 @@ def evaluate(gt: COCO | dict, results: Sequence[dict], prefix: str = "val/", sou
     metrics = {prefix + name: float(v) for name, v in zip(METRIC_NAMES, E.stats)}
     tp = _tp_ious(E, gt, dt)
     metrics[prefix + "mean_iou"] = float(tp.mean()) if len(tp) else 0.0
-    return Evaluation(metrics, E, tp)
+    return Evaluation(metrics, E, tp, gt)
+
+
+# --------------------------------------------------------------------------------------------
+# Breakdowns of one evaluation (for the report)
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    """pycocotools' summary rule: the mean over entries > -1, or -1 when there are none."""
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def ap_per_iou(ev: Evaluation) -> dict[str, float]:
+    """{"0.50": AP at IoU 0.50, ..., "0.95": ...} (all areas, 100 detections per image): the
+    ten numbers whose mean is AP. An empty result set scores 0 at every threshold."""
+    thresholds = np.linspace(0.5, 0.95, 10)
+    if ev.coco_eval is None:
+        return {f"{t:.2f}": 0.0 for t in thresholds}
+    E = ev.coco_eval
+    precision = E.eval["precision"][:, :, :, 0, -1]  # [T, R, K]
+    return {f"{t:.2f}": _mean_valid(precision[i]) for i, t in enumerate(E.params.iouThrs)}
+
+
+def per_category(ev: Evaluation) -> list[dict]:
+    """One row per ground-truth category (ascending id): id, name, supercategory, AP, AP50,
+    AP75, AR100 (all areas; -1: no ground truth of that category), ground-truth boxes
+    (non-crowd) and detections. The mean of the AP column over rows with AP > -1 is AP."""
+    gt = ev.gt
+    rows = []
+    cat_ids = sorted(gt.getCatIds())
+    n_gt = Counter(a["category_id"] for a in gt.anns.values() if not a.get("iscrowd", 0))
+    n_dt = Counter()
+    if ev.coco_eval is not None:
+        n_dt.update(a["category_id"] for a in ev.coco_eval.cocoDt.anns.values())
+    for cid in cat_ids:
+        cat = gt.cats[cid]
+        row = {
+            "id": cid,
+            "name": cat.get("name", str(cid)),
+            "supercategory": cat.get("supercategory", ""),
+            "gt": n_gt[cid],
+            "detections": n_dt[cid],
+        }
+        if ev.coco_eval is None:
+            none = 0.0 if n_gt[cid] else -1.0
+            row.update(AP=none, AP50=none, AP75=none, AR100=none)
+        else:
+            E = ev.coco_eval
+            k_index = list(E.params.catIds).index(cid)
+            precision = E.eval["precision"][:, :, k_index, 0, -1]  # [T, R]
+            row["AP"] = _mean_valid(precision)
+            row["AP50"] = _mean_valid(precision[0])
+            row["AP75"] = _mean_valid(precision[5])
+            row["AR100"] = _mean_valid(E.eval["recall"][:, k_index, 0, -1])
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Result files
+
+
+def write_results(path: str | Path, results: Sequence[dict]) -> Path:
+    """Writes a COCO results JSON (a list of {image_id, category_id, bbox, score}). Floats are
+    written with Python's shortest round-trip repr, so reading the file back gives the very
+    numbers that were evaluated."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(list(results)))
+    tmp.replace(path)
+    return path
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Reads a COCO results JSON; a file that is not a JSON list is a ResultsError naming it.
+    (Entries are checked against the ground truth by `evaluate`.)"""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read: {e}") from e
+    except ValueError as e:
+        raise ResultsError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise ResultsError(f"{path}: expected a JSON list of detections, got {type(data).__name__}")
+    return data

@@ -17,6 +17,7 @@ from detr_ray.data.shards import (
     ShardError,
     coco_ground_truth,
     read_meta,
+    read_rows,
     read_shard_table,
     write_shards,
 )
@@ -151,3 +152,13 @@ def test_uri_locations_work_like_local_paths(coco_dir, tmp_path):
     assert read_meta(out).counts["images"] == 6
     assert len(coco_ground_truth(out)["annotations"]) == 6
     assert write_shards(dataset, f"file://{coco_dir}/images", out, shard_size=4, workers=0, progress=False).shards_reused == 2
+
+
+def test_read_rows_fetches_only_the_asked_images(coco_dir, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out), shard_size=4, workers=0, progress=False)
+    rows = read_rows(str(out), [101, 105, 999], columns=("image", "width"))
+    assert sorted(rows) == [101, 105]  # 999 is not in the split; 101 and 105 are in different shards
+    assert rows[101]["image"] == (coco_dir / "images" / "img_001.png").read_bytes() and rows[105]["width"] == 64
+    assert set(rows[105]) == {"image_id", "image", "width"}
+    assert read_rows(str(out), []) == {}

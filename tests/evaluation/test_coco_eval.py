@@ -83,3 +83,48 @@ def test_detections_to_results_maps_labels_and_boxes():
     results = detections_to_results([2], [det], label_to_category_id=[3, 7])
     assert results[0] == {"image_id": 2, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0], "score": pytest.approx(0.9)}
     assert results[1]["category_id"] == 3
+
+
+def test_per_category_and_per_iou_are_pycocotools_arrays():
+    from detr_ray.evaluation.coco_eval import ap_per_iou, per_category
+
+    gt = _gt()
+    results = _noisy_results(gt, seed=1)
+    ev = evaluate(gt, results)
+    rows = per_category(ev)
+    assert [r["id"] for r in rows] == [3, 7] and [r["gt"] for r in rows] == [2, 2]
+    assert [r["detections"] for r in rows] == [6, 2]
+    E = ev.coco_eval
+    for k, row in enumerate(rows):
+        p = E.eval["precision"][:, :, k, 0, -1]
+        assert row["AP"] == pytest.approx(p.mean()) and row["AP50"] == pytest.approx(p[0].mean())
+    assert np.mean([r["AP"] for r in rows]) == pytest.approx(ev.metrics["val/AP"])
+    per_iou = ap_per_iou(ev)
+    assert list(per_iou) == [f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10)]
+    assert per_iou["0.50"] == pytest.approx(ev.metrics["val/AP50"]) and per_iou["0.75"] == pytest.approx(ev.metrics["val/AP75"])
+    assert np.mean(list(per_iou.values())) == pytest.approx(ev.metrics["val/AP"])
+    empty = evaluate(gt, [])
+    assert [r["AP"] for r in per_category(empty)] == [0.0, 0.0] and set(ap_per_iou(empty).values()) == {0.0}
+
+
+def test_results_file_round_trip_and_errors(tmp_path):
+    from detr_ray.evaluation.coco_eval import load_results, write_results
+
+    results = _noisy_results(_gt(), seed=2)
+    path = write_results(tmp_path / "r.json", results)
+    assert load_results(path) == results  # floats survive exactly
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ResultsError, match=r"bad.json: not valid JSON"):
+        load_results(tmp_path / "bad.json")
+    (tmp_path / "dict.json").write_text('{"annotations": []}')
+    with pytest.raises(ResultsError, match=r"dict.json: expected a JSON list"):
+        load_results(tmp_path / "dict.json")
+    with pytest.raises(ResultsError, match=r"missing.json: cannot read"):
+        load_results(tmp_path / "missing.json")
+
+
+def test_labels_instead_of_category_ids_are_a_clear_error():
+    gt = _gt()  # category ids 3 and 7; a model's contiguous labels would be 0 and 1
+    results = [{"image_id": 1, "category_id": 0, "bbox": [10, 10, 30, 20], "score": 0.9}]
+    with pytest.raises(ResultsError, match=r"results\[0\].category_id: 0 is not a category .*mapped to the dataset's category ids"):
+        evaluate(gt, results)

@@ -1,0 +1,372 @@
+"""What gets evaluated: a checkpoint, the best checkpoint of a tuning experiment, or a COCO
+results file of another detector; with what is known about how it was trained.
+
+An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/tuner.py:
+
+    best.json    {"metric": "val/AP", "mode": "max", "trial": id, "value": float,
+                  "config": {sampled hyperparameters, "train.lr": ...},
+                  "experiment": {the full experiment dict}, "checkpoint": dir or URI,
+                  "data": {"train": shards, "val": shards}}
+    trials.json  {"metric", "mode", "search": {the search space's 'search' section},
+                  "trials": [{"trial", "config", "best", "epochs", "status", "checkpoint",
+                              "history": [{"epoch": 1, "train/loss": ..., "val/AP": ...}, ...]}]}
+
+best.json names the checkpoint; without it the best trial of trials.json whose checkpoint
+verifies is taken. A checkpoint is always verified against its manifest before use.
+
+Training history of a lone checkpoint: its run's TensorBoard scalars (<run>/tensorboard, every
+epoch) if present, else the metrics stored in the run's kept checkpoints.
+
+`parameter_importances` rebuilds an Optuna study from trials.json and asks Optuna which
+hyperparameters mattered (its default evaluator, PED-ANOVA in Optuna 5; fANOVA would need
+scikit-learn).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detr_ray.config import ConfigError, experiment_from_dict
+from detr_ray.data import storage
+from detr_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+BEST = "best.json"
+TRIALS = "trials.json"
+
+
+class SubjectError(ValueError):
+    """What was asked to evaluate cannot be used. The message names the file and field."""
+
+
+@dataclass
+class Subject:
+    name: str  # a short label (report title, --compare column)
+    kind: str  # "checkpoint" | "experiment" | "results"
+    source: str  # what the user gave
+    checkpoint: Path | None = None  # local, verified checkpoint directory
+    results_file: Path | None = None  # kind "results"
+    val: str | None = None  # the val shards it was trained with (default data)
+    experiment: dict | None = None  # the full experiment config
+    trial: str | None = None
+    metric: str = "val/AP"
+    mode: str = "max"
+    best_value: float | None = None
+    hyperparameters: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # per epoch
+    trials: list[dict] = field(default_factory=list)
+    search: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """JSON-able summary for the report."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "results_file": str(self.results_file) if self.results_file else None,
+            "val": self.val,
+            "trial": self.trial,
+            "metric": self.metric,
+            "mode": self.mode,
+            "best_value": self.best_value,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_json(location: str) -> Any:
+    try:
+        return json.loads(storage.read_bytes(location).decode())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise SubjectError(f"{location}: cannot read: {e}") from e
+    except ValueError as e:
+        raise SubjectError(f"{location}: not valid JSON: {e}") from e
+
+
+def _field(doc: dict, key: str, types, where: str, required: bool = True):
+    if key not in doc or doc[key] is None:
+        if required:
+            raise SubjectError(f"{where}: missing field {key!r}")
+        return None
+    value = doc[key]
+    if not isinstance(value, types):
+        raise SubjectError(f"{where}.{key}: expected {getattr(types, '__name__', types)}, got {value!r}")
+    return value
+
+
+def fetch_checkpoint(location: str, workdir: str | Path) -> Path:
+    """A verified local checkpoint directory: `location` itself, or a copy of a URI's files
+    under `workdir`. CheckpointError when it is unfinished or corrupt."""
+    if storage.is_uri(location):
+        import pyarrow.fs as pafs
+
+        fs, path = storage.resolve(location)
+        local = Path(workdir) / "checkpoints" / Path(path.rstrip("/")).name
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        directory = local
+    else:
+        directory = Path(location)
+    ckpt.verify(directory)
+    return directory
+
+
+def _checkpoint_state(directory: Path) -> dict:
+    return json.loads((directory / ckpt.STATE).read_text())
+
+
+def _val_from_config(config: dict, where: str) -> str:
+    """The val shards a run's config points at (the demo's, generated if missing)."""
+    from detr_ray.data.pipeline import resolve_shards
+
+    try:
+        exp = experiment_from_dict(config, where)
+    except ConfigError as e:
+        raise SubjectError(str(e)) from e
+    return resolve_shards(exp.data)[1]
+
+
+def from_checkpoint(location: str, workdir: str | Path, name: str | None = None) -> Subject:
+    try:
+        directory = fetch_checkpoint(location, workdir)
+    except ckpt.CheckpointError as e:
+        raise SubjectError(str(e)) from e
+    state = _checkpoint_state(directory)
+    config = state.get("config") or {}
+    return Subject(
+        name=name or directory.name,
+        kind="checkpoint",
+        source=str(location),
+        checkpoint=directory,
+        val=_val_from_config(config, f"{directory / ckpt.STATE}: config"),
+        experiment=config,
+        best_value=state.get("metrics", {}).get("val/AP"),
+        history=run_history(directory),
+    )
+
+
+def from_results(path: str | Path, name: str | None = None) -> Subject:
+    """A COCO results JSON of any detector (checked against the ground truth when scored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubjectError(f"{path}: no such results file")
+    return Subject(name=name or path.stem, kind="results", source=str(path), results_file=path)
+
+
+def from_experiment(location: str, workdir: str | Path, name: str | None = None) -> Subject:
+    location = str(location)
+    best_loc, trials_loc = storage.join(location, BEST), storage.join(location, TRIALS)
+    best = trials_doc = None
+    try:
+        best = _read_json(best_loc)
+    except FileNotFoundError:
+        pass
+    try:
+        trials_doc = _read_json(trials_loc)
+    except FileNotFoundError:
+        pass
+    if best is None and trials_doc is None:
+        raise SubjectError(
+            f"{location}: neither {BEST} nor {TRIALS} found; not an experiment directory "
+            "(scripts/tune.py writes one; use --checkpoint for a single checkpoint)"
+        )
+    trials, search, metric, mode = [], {}, "val/AP", "max"
+    if trials_doc is not None:
+        if not isinstance(trials_doc, dict):
+            raise SubjectError(f"{trials_loc}: expected a JSON object, got {type(trials_doc).__name__}")
+        trials = _field(trials_doc, "trials", list, trials_loc)
+        for i, t in enumerate(trials):
+            if not isinstance(t, dict) or "trial" not in t:
+                raise SubjectError(f"{trials_loc}: trials[{i}]: expected an object with a 'trial' id")
+        search = _field(trials_doc, "search", dict, trials_loc, required=False) or {}
+        metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
+        mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
+
+    if best is not None:
+        if not isinstance(best, dict):
+            raise SubjectError(f"{best_loc}: expected a JSON object, got {type(best).__name__}")
+        ckpt_loc = _field(best, "checkpoint", str, best_loc)
+        try:
+            directory = fetch_checkpoint(ckpt_loc, workdir)
+        except ckpt.CheckpointError as e:
+            raise SubjectError(f"{best_loc}.checkpoint: {e}") from e
+        trial = str(_field(best, "trial", (str, int), best_loc))
+        value = _field(best, "value", (int, float), best_loc, required=False)
+        hyper = _field(best, "config", dict, best_loc, required=False) or {}
+        experiment = _field(best, "experiment", dict, best_loc, required=False)
+        data = _field(best, "data", dict, best_loc, required=False) or {}
+        metric = _field(best, "metric", str, best_loc, required=False) or metric
+        mode = _field(best, "mode", str, best_loc, required=False) or mode
+        val = data.get("val")
+        if val is not None and not isinstance(val, str):
+            raise SubjectError(f"{best_loc}.data.val: expected a shard directory or URI, got {val!r}")
+    else:
+        directory, trial, value, hyper = _best_trial_checkpoint(trials, metric, mode, trials_loc, workdir)
+        experiment, val = None, None
+    state = _checkpoint_state(directory)
+    experiment = experiment or state.get("config") or {}
+    if not val:
+        val = _val_from_config(experiment, f"{best_loc if best else directory / ckpt.STATE}: experiment")
+    record = next((t for t in trials if str(t["trial"]) == trial), None)
+    history = (record or {}).get("history") or run_history(directory)
+    return Subject(
+        name=name or f"{Path(location.rstrip('/')).name}:{trial}",
+        kind="experiment",
+        source=location,
+        checkpoint=directory,
+        val=val,
+        experiment=experiment,
+        trial=trial,
+        metric=metric,
+        mode=mode,
+        best_value=value,
+        hyperparameters=hyper or (record or {}).get("config") or {},
+        history=history,
+        trials=trials,
+        search=search,
+    )
+
+
+def _best_trial_checkpoint(trials: list[dict], metric: str, mode: str, where: str, workdir) -> tuple:
+    """(checkpoint dir, trial id, value, config) of the best trial whose checkpoint verifies."""
+    candidates = [t for t in trials if isinstance(t.get("best"), (int, float)) and math.isfinite(t["best"]) and t.get("checkpoint")]
+    candidates.sort(key=lambda t: t["best"], reverse=(mode == "max"))
+    for t in candidates:
+        try:
+            directory = fetch_checkpoint(str(t["checkpoint"]), workdir)
+        except (ckpt.CheckpointError, OSError) as e:
+            log.warning("%s: trial %s: checkpoint not usable, trying the next best: %s", where, t["trial"], e)
+            continue
+        log.info("%s: no %s; best trial by %s with a verified checkpoint: %s (%s)", where, BEST, metric, t["trial"], t["best"])
+        return directory, str(t["trial"]), float(t["best"]), t.get("config") or {}
+    raise SubjectError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
+
+
+def resolve(spec: str, workdir: str | Path) -> Subject:
+    """For --compare: a results .json file, an experiment directory or a checkpoint directory."""
+    if not storage.is_uri(spec) and Path(spec).is_file():
+        return from_results(spec)
+    if storage.exists(storage.join(spec, BEST)) or storage.exists(storage.join(spec, TRIALS)):
+        return from_experiment(spec, workdir)
+    if storage.exists(storage.join(spec, ckpt.MANIFEST)) or storage.exists(storage.join(spec, ckpt.STATE)):
+        return from_checkpoint(spec, workdir)
+    raise SubjectError(f"{spec}: not a COCO results file, an experiment directory ({BEST}/{TRIALS}) or a checkpoint directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Training history of a run
+
+
+def _tensorboard_scalars(path: Path) -> dict[int, dict[str, float]]:
+    """step -> {tag: value} from one TensorBoard event file (TFRecord framing of Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[int, dict[str, float]] = {}
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        record = data[pos + 12 : pos + 12 + length]
+        pos += 12 + length + 4
+        if len(record) < length:
+            break  # a file still being written
+        event = event_pb2.Event.FromString(record)
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                out.setdefault(int(event.step), {})[value.tag] = float(value.simple_value)
+    return out
+
+
+def run_history(checkpoint_dir: Path) -> list[dict]:
+    """Per-epoch metrics of the run a checkpoint belongs to (see the module docstring)."""
+    run_dir = Path(checkpoint_dir).parent
+    by_epoch: dict[int, dict] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        try:
+            for step, scalars in _tensorboard_scalars(events).items():
+                by_epoch.setdefault(step, {}).update(scalars)
+        except Exception as e:  # a damaged event file only loses the curves
+            log.warning("%s: cannot read TensorBoard scalars: %s", events, e)
+    if not by_epoch:
+        for state_file in sorted(run_dir.glob(f"checkpoint_*/{ckpt.STATE}")):
+            try:
+                state = json.loads(state_file.read_text())
+                by_epoch[int(state["epoch"])] = {k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))}
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("%s: unreadable: %s", state_file, e)
+    return [{"epoch": epoch, **{k: v for k, v in m.items() if k != "epoch"}} for epoch, m in sorted(by_epoch.items())]
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna parameter importances
+
+
+def _distribution(spec: Any, key: str):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SubjectError(f"{TRIALS}: search.{key}: expected {{distribution: args}}, got {spec!r}")
+    (kind, args), = spec.items()
+    if kind == "loguniform":
+        return FloatDistribution(float(args[0]), float(args[1]), log=True)
+    if kind == "uniform":
+        return FloatDistribution(float(args[0]), float(args[1]))
+    if kind == "int":
+        return IntDistribution(int(args[0]), int(args[1]))
+    if kind == "choice":
+        return CategoricalDistribution(list(args))
+    if kind == "fixed":
+        return None
+    raise SubjectError(f"{TRIALS}: search.{key}: unknown distribution {kind!r}")
+
+
+def parameter_importances(subject: Subject) -> dict[str, float] | str:
+    """{parameter: importance} (summing to 1), or a sentence saying why there are none."""
+    import warnings
+
+    import optuna
+    from optuna.importance import get_param_importances
+
+    if not subject.trials:
+        return "no trials.json: not a sweep"
+    try:
+        distributions = {k: d for k, spec in subject.search.items() if (d := _distribution(spec, k)) is not None}
+    except (SubjectError, TypeError, ValueError, IndexError) as e:
+        return f"search space unreadable: {e}"
+    if not distributions:
+        return "no tuned parameters in the search space"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    finished = []
+    for t in subject.trials:
+        value, config = t.get("best"), t.get("config") or {}
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not all(k in config for k in distributions):
+            continue
+        try:
+            finished.append(optuna.trial.create_trial(params={k: config[k] for k in distributions}, distributions=distributions, value=float(value)))
+        except (ValueError, TypeError) as e:
+            log.warning("trial %s left out of the importances: %s", t.get("trial"), e)
+    if len(finished) < 2:
+        return f"not enough trials ({len(finished)} finished with a value; 2 needed)"
+    try:
+        study = optuna.create_study(direction="maximize" if subject.mode == "max" else "minimize")
+        study.add_trials(finished)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            importances = get_param_importances(study)
+        for w in caught:
+            log.warning("parameter importances: %s", w.message)
+    except Exception as e:  # optuna refuses degenerate studies in several ways
+        return f"not enough trials to estimate importances ({type(e).__name__}: {e})"
+    return {k: float(v) for k, v in importances.items()}

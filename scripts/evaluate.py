@@ -1,0 +1,109 @@
+"""Final COCO evaluation of a checkpoint, or of the best checkpoint of a tuning experiment, with
+error analysis and a report (report.md, report.json, figures/).
+
+  python scripts/evaluate.py --experiment runs/demo-sweep            # best trial's best checkpoint
+  python scripts/evaluate.py --checkpoint runs/detr-demo/checkpoint_epoch0010 --out eval/demo
+  python scripts/evaluate.py --experiment s3://bucket/sweeps/r50 --data s3://bucket/coco/val \
+      --compare runs/r101-run/checkpoint_epoch0050 other_detector_results.json
+
+--data defaults to the val shards the run trained with. --compare takes checkpoint directories,
+experiment directories or COCO results JSON files of other detectors; each is scored on the same
+images and shown as a column next to the evaluated one. Runs on the local Ray, or on a cluster
+when RAY_ADDRESS is set (GPU actors when it has GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from detr_ray.config import ConfigError
+from detr_ray.data.shards import ShardError
+from detr_ray.evaluation.coco_eval import ResultsError
+from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+from detr_ray.evaluation.inference import InferenceConfig, InferenceError
+from detr_ray.evaluation.subject import SubjectError, from_checkpoint, from_experiment, resolve
+from detr_ray.train.checkpoint import CheckpointError
+
+ERRORS = (SubjectError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, FileNotFoundError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
+    what.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (checkpoint_epochNNNN)")
+    p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
+    p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory (default: ./evaluation)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments or COCO results files to compare")
+    p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
+    p.add_argument("--actors", type=int, default=0, help="inference actors (default: one per GPU, else one)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="inference device (auto: GPUs when the cluster has them)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="detections drawn on the worst images")
+    p.add_argument("--worst", type=int, default=6, help="how many worst images / categories to show")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _ray(num_cpus: int | None) -> None:
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False  # ours (tqdm) counts images instead
+
+
+def _print_summary(report, paths: dict) -> None:
+    m = report.metrics
+    others = report.comparison
+    names = [report.title] + [o["name"] for o in others]
+    width = max(12, *(len(n) for n in names))
+    print("\n" + "metric".ljust(10) + "".join(n.rjust(width + 2) for n in names))
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "mean_iou"):
+        values = [m[key]] + [o["metrics"][key] for o in others]
+        print(key.ljust(10) + "".join(f"{v:.3f}".rjust(width + 2) for v in values))
+    t = report.analysis.tide
+    print(f"\nTIDE (AP50 {t.base_ap50:.3f}): dAP50 per error type (count)")
+    for name, e in t.errors.items():
+        print(f"  {name:15s} {e['dAP']:+.3f} ({e['count']})")
+    if report.inference:
+        inf = report.inference
+        print(f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} {inf['device']} actor(s)")
+    print(f"\nreport: {paths['report.md']}\n        {paths['report.json']}  ({len(paths) - 2} figures)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = InferenceConfig(
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        use_gpu={"auto": None, "gpu": True, "cpu": False}[args.device],
+        progress=not args.no_progress,
+    )
+    options = EvaluationOptions(out=Path(args.out), data=args.data, inference=cfg, score_threshold=args.score_threshold, worst=args.worst)
+    with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
+        try:
+            subject = from_experiment(args.experiment, workdir) if args.experiment else from_checkpoint(args.checkpoint, workdir)
+            compare = [resolve(spec, workdir) for spec in args.compare]
+            print(f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}")
+            _ray(args.num_cpus)
+            report, paths = run_evaluation(subject, options, compare)
+        except ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    _print_summary(report, paths)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
