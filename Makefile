@@ -22,3 +22,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+tune: $(STAMP)
+	$(PY) scripts/tune.py

@@ -303,10 +303,15 @@ def build_sweep(
     storage_path: str,
     resume: bool = True,
     max_concurrent: int | None = None,
+    search: str = "optuna",
+    early_stopping: bool = True,
 ) -> Sweep:
     """The sweep `name` under `storage_path`. When it already exists and `resume` is set, it is
     restored: unfinished trials continue from their checkpoints, finished ones are kept, and the
-    searcher's state (the Optuna study) carries on; an existing experiment is never overwritten."""
+    searcher's state (the Optuna study) carries on; an existing experiment is never overwritten.
+
+    `search`: "optuna" (TPE) or "random" (Tune's random sampling, a baseline);
+    `early_stopping`: ASHA, or every trial runs all its epochs (a baseline)."""
     import ray
     from ray.tune.schedulers import ASHAScheduler
 
@@ -333,19 +338,33 @@ def build_sweep(
     if storage.exists(exp_dir):
         raise SweepError(f"{exp_dir} exists but is not a restorable sweep; choose another --name")
 
+    if search not in ("optuna", "random"):
+        raise SweepError(f"search: choose optuna or random, got {search!r}")
     sched = space.scheduler
     epochs = experiment_from_dict(space.experiment).train.epochs
-    param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
-    tune_config = tune.TuneConfig(
-        search_alg=PruningOptunaSearch(metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs),
-        scheduler=ASHAScheduler(
+    if search == "optuna":
+        search_alg = PruningOptunaSearch(metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=sched.seed, max_concurrent=concurrency)
+    if early_stopping:
+        scheduler = ASHAScheduler(
             time_attr="epoch",
             max_t=epochs,
             grace_period=min(sched.grace_period, epochs),
             reduction_factor=sched.reduction_factor,
             metric=sched.metric,
             mode=sched.mode,
-        ),
+        )
+    else:
+        from ray.tune.schedulers import FIFOScheduler
+
+        scheduler = FIFOScheduler()
+    param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
+    tune_config = tune.TuneConfig(
+        search_alg=search_alg,
+        scheduler=scheduler,
         num_samples=sched.num_samples,
         max_concurrent_trials=concurrency,
         # A function trainable's actor would be cached for reuse with its trial's training thread
