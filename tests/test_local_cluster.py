@@ -264,14 +264,15 @@ def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data)
 
 
 @pytest.mark.skipif(not (ROOT / "scripts" / "tune.py").exists(), reason="scripts/tune.py does not exist yet (the sweep entry point)")
-@pytest.mark.timeout(1200)  # two trials one after the other: about 4 minutes on an idle 2-core machine
+@pytest.mark.timeout(1200)
 def test_tiny_sweep_runs_trials_on_more_than_one_node(cluster, demo_data):
     """The README's rehearsal: a tiny sweep submitted with `ray job submit ... python scripts/tune.py`.
-    Each trial has two 2-CPU Train workers, so each trial spans both worker nodes; the trials'
-    drivers are on the head (they hold its `sweep_driver` resource)."""
+    The trial has two 2-CPU Train workers, so it spans both worker nodes; its drivers are on the
+    head (they hold its `sweep_driver` resource). One trial keeps the suite short; the sweep's
+    own tests cover several."""
     storage = os.path.join(cluster.dir, "sweeps")
     run = cluster.submit(
-        "python", "scripts/tune.py", "--data", demo_data, "--num-samples", "2", "--storage", storage,
+        "python", "scripts/tune.py", "--data", demo_data, "--num-samples", "1", "--storage", storage,
         "--name", "rehearsal", "--workers-per-trial", "2", "--cpus-per-worker", "2", "--gpus-per-trial", "0",
         "--grace-period", "1",
         "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "data.decode_num_cpus=0.5",
@@ -282,15 +283,15 @@ def test_tiny_sweep_runs_trials_on_more_than_one_node(cluster, demo_data):
     workers = {nodes["rehearsal_worker_1"], nodes["rehearsal_worker_2"]}
     assert (Path(storage) / "rehearsal" / "best.json").is_file()
     trials = json.loads((Path(storage) / "rehearsal" / "trials.json").read_text())["trials"]
-    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials), trials
+    assert len(trials) == 1 and all(t["status"] == "completed" for t in trials), trials
     rank0_nodes = {n for t in trials for n in t["nodes"]}  # where each trial's rank 0 reported from
     assert rank0_nodes and rank0_nodes <= workers
     job = _job_id(cluster, _submission_id(run))
     used = _actor_nodes(cluster, "RayTrainWorker", job)
-    assert len(used) == 4 and set(used) == workers, f"Train workers of the two trials ran on {used}"
+    assert len(used) == 2 and set(used) == workers, f"the trial's Train workers ran on {used}"
     for driver in ("ImplicitFunc", "TrainController"):  # trial drivers and the Train drivers they start
         where = _actor_nodes(cluster, driver, job)
-        assert len(where) == 2 and set(where) == {nodes["rehearsal_head"]}, f"{driver} ran on {where}, not only on the head"
+        assert where == [nodes["rehearsal_head"]], f"{driver} ran on {where}, not only on the head"
 
 
 def test_down_stops_everything_and_frees_the_ports(cluster):
