@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data.pipeline import resolve_shards  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
-from detr_ray.tune.tuner import build_sweep, summarize  # noqa: E402
+from detr_ray.tune.tuner import best_row_value, build_sweep, summarize  # noqa: E402
 
 STRATEGIES = {"optuna+asha": ("optuna", True), "random, no early stopping": ("random", False)}
 
@@ -40,7 +40,7 @@ def run(space, label: str, storage: str) -> dict:
     wall = time.time() - start
     ap50 = None
     if best is not None:
-        ap50 = next((h.get("val/AP50") for h in best["history"] if h.get("val/AP") == best["best"]), None)
+        ap50 = best_row_value(best, "val/AP", "val/AP50")
     return {
         "strategy": label,
         "trials": len(rows),

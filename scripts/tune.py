@@ -23,7 +23,7 @@ from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, 
 from detr_ray.data.pipeline import resolve_shards
 from detr_ray.data.storage import join
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import SweepError, build_sweep, summarize, write_summary
+from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", "demo.yaml")
 
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     if best is None:
         print("no trial produced a verified checkpoint", file=sys.stderr)
         return 1
-    ap50 = next((h.get("val/AP50") for h in best["history"] if h.get(space.scheduler.metric) == best["best"]), None)
+    ap50 = best_row_value(best, space.scheduler.metric, "val/AP50")
     print(f"best trial {best['trial']}: {space.scheduler.metric} {best['best']:.4f}"
           + (f", val/AP50 {ap50:.4f}" if ap50 is not None else "") + f"\nbest: {written['best']}")
     print(f"evaluate it: python scripts/evaluate.py --experiment {sweep.experiment_dir}")

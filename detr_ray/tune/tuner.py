@@ -461,6 +461,14 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
     return rows, best
 
 
+def best_row_value(row: dict, metric: str, key: str) -> float | None:
+    """`key` (e.g. val/AP50) at the epoch of the trial's history closest to its best `metric`."""
+    epochs = [h for h in row["history"] if isinstance(h.get(metric), (int, float)) and h.get(key) is not None]
+    if not epochs or row["best"] is None:
+        return None
+    return min(epochs, key=lambda h: abs(h[metric] - row["best"]))[key]
+
+
 def write_summary(sweep: Sweep, rows: list[dict], best: dict | None, data: dict[str, str]) -> dict[str, str]:
     """Writes trials.json (and best.json when a best trial exists); returns their locations."""
     space = sweep.space
