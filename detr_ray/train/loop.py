@@ -107,31 +107,49 @@ class _Agreement:
 # Resume
 
 
-def _checkpoint_candidates(latest) -> list:
-    """The reported checkpoints of this run, oldest first, ending with `latest`."""
+def run_checkpoints(filesystem, run_dir: str) -> list:
+    """Every checkpoint directory of the run at `run_dir`, oldest first.
+
+    Read from storage rather than taken from Ray's registry alone: Ray registers a reported
+    checkpoint only when its controller next polls the workers (every 2 s by default), so a
+    worker that dies just after a report loses the registration although rank 0 has already
+    written the checkpoint in full."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    parent = os.path.dirname(latest.path.rstrip("/"))
     try:
-        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    except OSError:
-        return [latest]
+        infos = filesystem.get_file_info(pafs.FileSelector(run_dir))
+    except (OSError, FileNotFoundError):
+        return []
     names = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_"))
-    others = [Checkpoint(p, filesystem=latest.filesystem) for p in names if p.rstrip("/") != latest.path.rstrip("/")]
-    return others + [latest]
+    return [Checkpoint(p, filesystem=filesystem) for p in names]
 
 
-def load_resume_state(latest) -> ckpt.Loaded | None:
-    """The newest checkpoint of the run that verifies; corrupt or unfinished ones are skipped
-    with a warning (the previous one is used)."""
-    for candidate in reversed(_checkpoint_candidates(latest)):
+def load_resume_state(candidates: list) -> ckpt.Loaded | None:
+    """The newest of `candidates` (oldest first) that verifies; corrupt or unfinished ones are
+    skipped with a warning (the previous one is used)."""
+    for candidate in reversed(candidates):
         with candidate.as_directory() as d:
             try:
                 return ckpt.load(d)
             except ckpt.CheckpointError as e:
                 log.warning("not resuming from %s: %s", candidate.path, e)
     return None
+
+
+def _resume_candidates(ctx) -> list:
+    import ray.train
+
+    storage = ctx.get_storage()
+    candidates = run_checkpoints(storage.storage_filesystem, storage.experiment_fs_path)
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        paths = {c.path.rstrip("/") for c in candidates}
+        if registered.path.rstrip("/") not in paths:  # not under the run directory: keep it last
+            candidates.append(registered)
+        elif candidates and candidates[-1].path.rstrip("/") != registered.path.rstrip("/"):
+            log.warning("Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first", registered.path, candidates[-1].path)
+    return candidates
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,9 +189,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
 
     start_epoch, global_step, last_val, resumed_metrics = 0, 0, {}, {}
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        loaded = load_resume_state(latest)
+    candidates = _resume_candidates(ctx)
+    if candidates:
+        loaded = load_resume_state(candidates)
         if loaded is not None:
             _inner(model).load_state_dict(loaded.model)
             optimizer.load_state_dict(loaded.optimizer)
