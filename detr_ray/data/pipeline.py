@@ -18,13 +18,16 @@ READ_BLOCK_BATCHES * decode_batch_size rows, so that decoding runs as parallel t
 CPU. Ray 2.60's default (V2) reader handed all small files of a split to one read task as one
 block, and so the whole epoch to a single decode task (measured: ~1 core busy of 2).
 
-Rows after `decode_augment` (`DECODED_SCHEMA`): image_id, image (raw uint8 CHW bytes), height and
+Rows after `decode_augment` (`DECODED_SCHEMA`): image_id, image (raw uint8 HWC bytes), height and
 width of the augmented image, orig_height/orig_width, boxes (flattened normalized cx, cy, w, h),
 labels (contiguous, int64), skipped (True for an undecodable image: counted, never trained on).
 Crowd annotations (iscrowd=1) are left out of the targets, as in DETR.
 
 A batch delivered to the trainer (`collate`):
-    images  uint8 [B, 3, H, W], zero-padded on the right and bottom to the batch's largest H, W
+    images  uint8 [B, 3, H, W] in channels-last memory layout (strides of [B, H, W, 3], which is
+            how the JPEG decoder and the resize produce pixels, so no transposing copy is made on
+            the CPU; `normalize` on the training device picks the layout the model wants),
+            zero-padded on the right and bottom to the batch's largest H, W
     mask    bool  [B, H, W], True on padding
     targets list of B dicts: boxes float32 [N, 4] normalized (cx, cy, w, h) relative to the
             unpadded augmented image; labels int64 [N] in 0..K-1; image_id int;
@@ -140,7 +143,7 @@ def decode_augment(
             image, boxes, labels = transform(image, boxes, labels)
             emit(
                 image_id,
-                image=image.contiguous().numpy().reshape(-1),
+                image=image.permute(1, 2, 0).contiguous().numpy().reshape(-1),  # HWC: usually a view
                 size=tuple(image.shape[-2:]),
                 orig=orig,
                 boxes=boxes.reshape(-1).tolist(),
@@ -286,13 +289,17 @@ def _collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
     all_boxes, all_labels = _column(batch, "boxes"), _column(batch, "labels")
 
     max_h, max_w = (max(heights), max(widths)) if keep else (0, 0)
-    images = torch.zeros(len(keep), 3, max_h, max_w, dtype=torch.uint8)
-    mask = torch.ones(len(keep), max_h, max_w, dtype=torch.bool)
+    # Every byte is written once: the image, then its padding (zero-filling the whole buffer
+    # first cost as much as the copy itself).
+    images = torch.empty(len(keep), max_h, max_w, 3, dtype=torch.uint8)
     pixels = images.numpy()  # shares memory with `images`
+    h_t, w_t = torch.tensor(heights, dtype=torch.int64), torch.tensor(widths, dtype=torch.int64)
+    mask = (torch.arange(max_h)[None, :, None] >= h_t[:, None, None]) | (torch.arange(max_w)[None, None, :] >= w_t[:, None, None])
     targets = []
     for out_i, (i, h, w) in enumerate(zip(keep, heights, widths)):
-        pixels[out_i, :, :h, :w] = raw[i].reshape(3, h, w)
-        mask[out_i, :h, :w] = False
+        pixels[out_i, :h, :w] = raw[i].reshape(h, w, 3)
+        pixels[out_i, :h, w:] = 0
+        pixels[out_i, h:] = 0
         targets.append(
             {
                 "boxes": torch.tensor(np.asarray(all_boxes[i], dtype=np.float32)).reshape(-1, 4),
@@ -302,7 +309,7 @@ def _collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
                 "size": torch.tensor([h, w], dtype=torch.int64),
             }
         )
-    return images, mask, targets, len(skipped) - len(keep)
+    return images.permute(0, 3, 1, 2), mask, targets, len(skipped) - len(keep)
 
 
 class DetectionCollate(_CollateBase):

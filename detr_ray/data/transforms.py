@@ -5,7 +5,8 @@ train (Carion et al., 2020):
     horizontal flip (p=flip_prob), then either
       - resize the shortest side to a random one of `train_scales` (longest side <= max_size), or
       - (p=crop_prob) resize the shortest side to one of `crop_resize_scales`, crop a random
-        region whose sides lie in [crop_min, crop_max], then resize as in the first branch,
+        region whose sides lie in [crop_min, crop_max], then resize as in the first branch
+        (ScaleCropScale: the same draws, one resampling of the original region),
     then drop boxes that became degenerate (SanitizeBoundingBoxes).
 val: shortest side `val_scale`, longest side <= max_size.
 
@@ -98,6 +99,56 @@ class RandomSizeCrop:
         }
 
 
+def _shortest_side_size(height: int, width: int, scales, max_size: int | None) -> tuple[int, int]:
+    """v2.RandomShortestSize's output size: a random one of `scales` for the shortest side,
+    the longest side capped at `max_size`."""
+    scale = scales[int(torch.randint(len(scales), ()))]
+    r = scale / min(height, width)
+    if max_size is not None:
+        r = min(r, max_size / max(height, width))
+    return int(height * r), int(width * r)
+
+
+class ScaleCropScale:
+    """DETR's crop branch (shortest side to one of `crop_scales`, crop a random region with sides
+    in [min_size, max_size], shortest side to one of `scales` with the longest <= `max_long`)
+    with one resampling instead of two.
+
+    Sizes and the crop are drawn exactly as the two-resize recipe draws them; the crop is then
+    mapped back to the original image (rounded to whole source pixels) and that region is
+    resized once to the final size. Cheaper (no intermediate full-image resize) and sharper (one
+    interpolation), and boxes follow the pixels exactly. The crop is made channels-last dense
+    before resizing, so that the resize takes its fast uint8 path and the output stays HWC in
+    memory (see pipeline.py)."""
+
+    def __init__(self, crop_scales, min_size: int, max_size: int, scales, max_long: int | None):
+        self.crop_scales, self.min_size, self.max_size = list(crop_scales), min_size, max_size
+        self.scales, self.max_long = list(scales), max_long
+
+    def __call__(self, sample: dict) -> dict:
+        height, width = F.get_size(sample["image"])
+        mid_h, mid_w = _shortest_side_size(height, width, self.crop_scales, None)
+        crop_w = _randint(min(self.min_size, mid_w), min(self.max_size, mid_w))
+        crop_h = _randint(min(self.min_size, mid_h), min(self.max_size, mid_h))
+        top = _randint(0, mid_h - crop_h)
+        left = _randint(0, mid_w - crop_w)
+        out_size = list(_shortest_side_size(crop_h, crop_w, self.scales, self.max_long))
+        sy, sx = height / mid_h, width / mid_w
+        y0, x0 = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
+        y1, x1 = max(y0 + 1, min(round((top + crop_h) * sy), height)), max(x0 + 1, min(round((left + crop_w) * sx), width))
+
+        def apply(value):
+            if isinstance(value, tv_tensors.Image):
+                region = F.crop(value, y0, x0, y1 - y0, x1 - x0).as_subclass(Tensor)
+                region = region.movedim(-3, -1).contiguous().movedim(-1, -3)  # dense HWC
+                return tv_tensors.wrap(F.resize(region, out_size, antialias=True), like=value)
+            if isinstance(value, (tv_tensors.TVTensor, PIL.Image.Image)):
+                return F.resize(F.crop(value, y0, x0, y1 - y0, x1 - x0), out_size, antialias=True)
+            return value
+
+        return {k: apply(v) for k, v in sample.items()}
+
+
 def _randint(low: int, high: int) -> int:
     """Uniform integer in [low, high] from torch's generator (as torchvision's own transforms)."""
     return int(torch.randint(low, high + 1, ()).item())
@@ -112,13 +163,7 @@ def _drop_degenerate() -> list:
 def build_train_transform(cfg: TransformConfig) -> v2.Compose:
     resize = v2.RandomShortestSize(list(cfg.train_scales), max_size=cfg.max_size)
     if cfg.crop_prob > 0:
-        crop = v2.Compose(
-            [
-                v2.RandomShortestSize(list(cfg.crop_resize_scales)),
-                RandomSizeCrop(cfg.crop_min, cfg.crop_max),
-                v2.RandomShortestSize(list(cfg.train_scales), max_size=cfg.max_size),
-            ]
-        )
+        crop = ScaleCropScale(cfg.crop_resize_scales, cfg.crop_min, cfg.crop_max, cfg.train_scales, cfg.max_size)
         scale = v2.RandomChoice([resize, crop], p=[1.0 - cfg.crop_prob, cfg.crop_prob])
     else:
         scale = resize

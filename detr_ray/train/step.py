@@ -33,11 +33,14 @@ class StepOptions:
 
 
 def normalize(images: Tensor, channels_last: bool = False) -> Tensor:
-    """uint8 [B,3,H,W] -> float32 normalized with ImageNet statistics, on the images' device."""
+    """uint8 [B,3,H,W] (any memory layout) -> float32 normalized with ImageNet statistics, on the
+    images' device, in channels-last layout if asked, else contiguous. The layout change rides on
+    the dtype conversion: no extra copy."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    x = (images.float() - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = images.to(torch.float32, memory_format=layout)
+    return x.sub_(mean).div_(std)
 
 
 def build_optimizer(

@@ -53,7 +53,7 @@ def source_boxes(coco: dict) -> dict[int, list]:
 def decoded_row(image_id: int, h: int, w: int, boxes=(), labels=(), skipped=False) -> dict:
     image = torch.arange(3 * h * w, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(3, h, w)
     return {
-        "image_id": image_id, "image": b"" if skipped else image.numpy().tobytes(), "height": 0 if skipped else h,
+        "image_id": image_id, "image": b"" if skipped else image.permute(1, 2, 0).numpy().tobytes(), "height": 0 if skipped else h,
         "width": 0 if skipped else w, "orig_height": 2 * h, "orig_width": 2 * w, "boxes": list(boxes),
         "labels": list(labels), "skipped": skipped,
     }
@@ -73,7 +73,8 @@ def test_collate_pads_to_the_largest_image_and_masks_the_padding():
     for k, (h, w) in enumerate([(4, 6), (5, 3), (2, 2)]):
         assert not mask[k, :h, :w].any() and mask[k].sum() == 30 - h * w
         assert (images[k][:, mask[k]] == 0).all()
-    assert torch.equal(images[0, :, :4, :6], torch.frombuffer(bytearray(rows[0]["image"]), dtype=torch.uint8).reshape(3, 4, 6))
+    assert torch.equal(images[0, :, :4, :6], torch.frombuffer(bytearray(rows[0]["image"]), dtype=torch.uint8).reshape(4, 6, 3).permute(2, 0, 1))
+    assert images.is_contiguous(memory_format=torch.channels_last)  # as decoded: no transposing copy
     assert [t["image_id"] for t in targets] == [1, 3, 4]
     assert targets[1]["boxes"].dtype == torch.float32 and targets[1]["boxes"].shape == (2, 4)
     assert torch.equal(targets[1]["labels"], torch.tensor([0, 1]))
