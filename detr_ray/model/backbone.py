@@ -23,9 +23,10 @@ TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
 
 
 class Backbone(nn.Module):
-    """torchvision ResNet up to layer4, FrozenBatchNorm2d everywhere, stride 32 (16 with DC5)."""
+    """torchvision ResNet up to layer4 (or layer3 with stages=3), FrozenBatchNorm2d everywhere,
+    stride 32 (16 with DC5 or stages=3)."""
 
-    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False, frozen_bn: bool = True):
+    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False, frozen_bn: bool = True, stages: int = 4):
         super().__init__()
         resnet = getattr(torchvision.models, name)(
             weights=None,
@@ -37,8 +38,10 @@ class Backbone(nn.Module):
             frozen_stage = frozen_bn and not any(s in pname for s in TRAINABLE_STAGES)
             if not train_backbone or frozen_stage:
                 p.requires_grad_(False)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        # The getter keeps the modules up to the returned layer only: with stages=3 there is no layer4.
+        self.body = IntermediateLayerGetter(resnet, return_layers={f"layer{stages}": "0"})
+        last_stage_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        self.num_channels = last_stage_channels >> (4 - stages)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B,3,H,W], mask [B,H,W] True on padding -> (features [B,C,h,w], mask [B,h,w])."""
@@ -61,9 +64,9 @@ class Joiner(nn.Sequential):
         return features, small_mask, pos
 
 
-def build_backbone(name: str, hidden_dim: int, train_backbone: bool, dilation: bool, frozen_bn: bool = True) -> Joiner:
+def build_backbone(name: str, hidden_dim: int, train_backbone: bool, dilation: bool, frozen_bn: bool = True, stages: int = 4) -> Joiner:
     return Joiner(
-        Backbone(name, train_backbone=train_backbone, dilation=dilation, frozen_bn=frozen_bn),
+        Backbone(name, train_backbone=train_backbone, dilation=dilation, frozen_bn=frozen_bn, stages=stages),
         PositionEmbeddingSine(hidden_dim // 2, normalize=True),
     )
 

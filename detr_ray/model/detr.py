@@ -57,7 +57,7 @@ class DETR(nn.Module):
 def build_model(cfg: DETRConfig) -> DETR:
     """Builds DETR from `cfg` with freshly initialised weights (see weights.load_pretrained)."""
     cfg.validate()
-    backbone = build_backbone(cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation, cfg.frozen_bn)
+    backbone = build_backbone(cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation, cfg.frozen_bn, cfg.backbone_stages)
     transformer = Transformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.nheads,

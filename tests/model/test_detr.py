@@ -8,11 +8,14 @@ from tests.conftest import random_batch, tiny_config
 
 
 @pytest.mark.parametrize(
-    "backbone,dilation,stride",
-    [("resnet18", False, 32), ("resnet34", False, 32), ("resnet50", False, 32), ("resnet50", True, 16), ("resnet101", False, 32)],
+    "backbone,dilation,stride,stages",
+    [
+        ("resnet18", False, 32, 4), ("resnet34", False, 32, 4), ("resnet50", False, 32, 4), ("resnet50", True, 16, 4),
+        ("resnet101", False, 32, 4), ("resnet18", False, 16, 3), ("resnet50", False, 16, 3),
+    ],
 )
-def test_shapes_and_masks_for_every_backbone(backbone, dilation, stride):
-    cfg = tiny_config(backbone=backbone, dilation=dilation, num_classes=5)
+def test_shapes_and_masks_for_every_backbone(backbone, dilation, stride, stages):
+    cfg = tiny_config(backbone=backbone, dilation=dilation, num_classes=5, backbone_stages=stages)
     model = build_model(cfg).eval()
     images, mask, _ = random_batch(batch=2, h=96, w=128)
     with torch.no_grad():
@@ -109,3 +112,15 @@ def test_trainable_batchnorm_backbone_for_training_from_scratch():
     before = bns[0].running_mean.clone()
     model(normalize(images), mask)
     assert not torch.equal(before, bns[0].running_mean)  # statistics are learned in train mode
+
+
+def test_three_stage_backbone_has_no_layer4():
+    model = build_model(tiny_config(backbone="resnet18", backbone_stages=3))
+    assert model.backbone.num_channels == 256
+    assert not any(".layer4." in k for k in model.state_dict())
+    full = build_model(tiny_config(backbone="resnet18"))
+    assert sum(p.numel() for p in model.parameters()) < 0.4 * sum(p.numel() for p in full.parameters())
+    with pytest.raises(ConfigError, match="model.backbone_stages: must be 3 or 4"):
+        DETRConfig(backbone_stages=2).validate()
+    with pytest.raises(ConfigError, match="model.dilation: DC5 dilates layer4"):
+        DETRConfig(backbone_stages=3, dilation=True).validate()
