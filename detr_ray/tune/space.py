@@ -19,6 +19,7 @@
       reduction_factor: 3
       num_samples: 8
       seed: 0
+      startup_trials: 10        # TPE samples at random until this many trials have finished
 
 Distributions: loguniform (0 < lower < upper), uniform (lower < upper), int (integers, lower <
 upper, both included), choice (a non-empty list), fixed (one value). Every tuned key must name a
@@ -49,6 +50,9 @@ class SchedulerSpec:
     reduction_factor: int = 3
     num_samples: int = 8
     seed: int = 0
+    # TPE proposes at random until this many trials have finished (Optuna's default, 10, means
+    # a sweep of 8 trials never uses TPE at all).
+    startup_trials: int = 10
 
 
 @dataclass
@@ -168,7 +172,7 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
     scheduler = from_dict(SchedulerSpec, data.get("scheduler"), f"{source}: scheduler")
     if scheduler.mode not in ("max", "min"):
         raise ConfigError(f"{source}: scheduler.mode: choose max or min, got {scheduler.mode!r}")
-    for name in ("grace_period", "num_samples"):
+    for name in ("grace_period", "num_samples", "startup_trials"):
         if getattr(scheduler, name) < 1:
             raise ConfigError(f"{source}: scheduler.{name}: must be >= 1, got {getattr(scheduler, name)}")
     if scheduler.reduction_factor < 2:

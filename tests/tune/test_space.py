@@ -60,6 +60,8 @@ def test_unknown_top_level_and_scheduler_keys(tmp_path):
         load_space(_write(tmp_path, {"serach": {}}))
     with pytest.raises(ConfigError, match="scheduler: unknown key.*patience"):
         load_space(_write(tmp_path, {"scheduler": {"patience": 3}}))
+    with pytest.raises(ConfigError, match="scheduler.startup_trials: must be >= 1"):
+        load_space(_write(tmp_path, {"scheduler": {"startup_trials": 0}}))
     with pytest.raises(ConfigError, match="experiment.model.backbone: unknown backbone"):
         parse_space({"experiment": {"model": {"backbone": "resnet152"}}})
 
