@@ -133,8 +133,8 @@ class PruningOptunaSearch(OptunaSearch):
     values kept), not COMPLETE with a truncated score, and reports intermediate values by epoch,
     which stays monotonic when a trial resumes after a restore."""
 
-    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int):
-        super().__init__(metric=metric, mode=mode, sampler=TPESampler(seed=seed))
+    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int, startup_trials: int = 10):
+        super().__init__(metric=metric, mode=mode, sampler=TPESampler(seed=seed, n_startup_trials=startup_trials))
         self.max_epochs = max_epochs
         self.reported: dict[str, set[int]] = {}  # trial id -> epochs already told to Optuna
 
@@ -343,7 +343,9 @@ def build_sweep(
     sched = space.scheduler
     epochs = experiment_from_dict(space.experiment).train.epochs
     if search == "optuna":
-        search_alg = PruningOptunaSearch(metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs)
+        search_alg = PruningOptunaSearch(
+            metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs, startup_trials=sched.startup_trials
+        )
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
