@@ -23,6 +23,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data.pipeline import resolve_shards  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> int:
     data = experiment_from_dict(space.experiment).data
     if data.uses_demo:
         space.experiment.setdefault("data", {})["demo_root"] = os.path.dirname(resolve_shards(data)[0])
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="tuning-efficiency-")
     try:
         results = [run(space, label, storage) for label in STRATEGIES]

@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     if args.address:
         context = ray.init(address=args.address)
     else:
-        context = ray.init(num_cpus=args.num_cpus)
+        from detr_ray import local_ray
+
+        context = local_ray.init(num_cpus=args.num_cpus)
     url = context.dashboard_url
     print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
 

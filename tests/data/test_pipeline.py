@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.data.pipeline import (
     DECODED_SCHEMA,
     READ_COLUMNS,
@@ -29,7 +30,7 @@ from tests.data.conftest import AUGMENT, AUGMENT_KW, CORRUPT_ID, make_shards
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_local_ray(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.train import checkpoint as ckpt
 
 
@@ -17,7 +18,7 @@ from detr_ray.train import checkpoint as ckpt
 def local_ray():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -11,6 +11,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
 
 pytestmark = pytest.mark.timeout(420)
@@ -46,7 +47,7 @@ def first_step_gradients(config):
 class TestOneNode:
     @pytest.fixture(scope="class", autouse=True)
     def local_ray(self):
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
         yield
         ray.shutdown()
 

@@ -8,6 +8,7 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
@@ -27,7 +28,7 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     # 4 logical CPUs on 2 cores: 2 Train workers plus Ray Data's decode tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

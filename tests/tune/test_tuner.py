@@ -8,12 +8,14 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.config import ConfigError
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.tuner import (
     DRIVER_RESOURCE,
+    PruningOptunaSearch,
     SweepError,
     TrialNeeds,
     build_sweep,
@@ -88,6 +90,11 @@ def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
         build_sweep(space, name="x", storage_path=str(tmp_path))
 
 
+def test_tpe_starts_after_the_configured_number_of_trials():
+    search = PruningOptunaSearch(metric="val/AP", mode="max", seed=0, max_epochs=3, startup_trials=3)
+    assert search._sampler._n_startup_trials == 3  # Optuna's default (10) would outnumber a small sweep
+
+
 # --------------------------------------------------------------------------------------------
 # A real sweep
 
@@ -95,7 +102,7 @@ def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
 @pytest.fixture(scope="module")
 def local_ray():
     # Two trials at once on 2 CPUs: each holds a 0.5-CPU worker, 0.25 CPU of Ray Data, its driver.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
