@@ -145,7 +145,7 @@ def _resume_candidates(ctx) -> list:
     registered = ray.train.get_checkpoint()
     if registered is not None:
         paths = {c.path.rstrip("/") for c in candidates}
-        if registered.path.rstrip("/") not in paths:  # not under the run directory: keep it last
+        if registered.path.rstrip("/") not in paths:  # not under the run directory: tried first
             candidates.append(registered)
         elif candidates and candidates[-1].path.rstrip("/") != registered.path.rstrip("/"):
             log.warning("Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first", registered.path, candidates[-1].path)
