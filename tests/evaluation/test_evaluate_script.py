@@ -4,6 +4,8 @@ against pycocotools run directly on the files it wrote."""
 
 import importlib.util
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from detr_ray.evaluation.coco_eval import METRIC_NAMES, ResultsError, as_coco
 from detr_ray.evaluation.final import score
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_results
+from detr_ray.train import checkpoint as ckpt
 from tests.evaluation.conftest import make_experiment
 from tests.evaluation.synthetic import coco_eval, coco_matches, random_dataset
 
@@ -98,6 +101,30 @@ def test_experiment_report_end_to_end(tiny_run, tmp_path, capsys):
     for rel in report["figures"].values():
         assert (out / rel).stat().st_size > 1000
     assert {"pr_overall", "coco_breakdown", "tide", "tp_iou", "training"} <= set(report["figures"])
+
+
+def test_checkpoint_with_other_data_and_a_progress_bar(tiny_run, tmp_path, capsys):
+    """--checkpoint alone (no sweep): --data replaces the run's own val shards, a progress bar
+    counts the images, the training curves come from the run's TensorBoard scalars."""
+    data = tmp_path / "other-val"
+    shutil.copytree(tiny_run["val"], data)
+    out = tmp_path / "report"
+    rc = _script().main(["--checkpoint", tiny_run["checkpoint"], "--data", str(data), "--out", str(out), "--batch-size", "4", "--worst", "2"])
+    assert rc == 0
+    assert re.search(r"inference: 100%\|.*\| 12/12 ", capsys.readouterr().err)
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["subject"]["kind"] == "checkpoint" and report["subject"]["checkpoint"] == tiny_run["checkpoint"]
+    assert report["data"]["val"] == str(data) and report["data"]["images"] == 12
+    E = coco_eval(json.loads((out / "ground_truth.json").read_text()), json.loads((out / "detections.json").read_text()))
+    assert [report["metrics"][n] for n in METRIC_NAMES] == list(E.stats)
+    state = json.loads((Path(tiny_run["checkpoint"]) / ckpt.STATE).read_text())
+    assert [h["epoch"] for h in report["history"]] == [1, 2]
+    assert report["history"][-1]["val/AP"] == pytest.approx(state["metrics"]["val/AP"], rel=1e-6)  # float32 in TensorBoard
+    assert report["trials"] == [] and report["importances"] is None and report["comparison"] == []
+    assert {"training", "worst_false_negatives", "pr_overall"} <= set(report["figures"])
+    md = (out / "report.md").read_text()
+    assert "## Training" in md and "## Trials" not in md
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
