@@ -37,8 +37,11 @@ A batch delivered to the trainer (`collate`):
 from __future__ import annotations
 
 import logging
+import queue
+import random
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -48,11 +51,6 @@ from torch import Tensor
 from detr_ray.config import DataConfig
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import DetectionTransform, TransformConfig
-
-try:  # ArrowBatchCollateFn lets iter_torch_batches hand `collate` an Arrow table directly.
-    from ray.data.collate_fn import ArrowBatchCollateFn as _CollateBase
-except ImportError:  # pragma: no cover - older Ray
-    _CollateBase = object
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +254,19 @@ def build_datasets(cfg: DataConfig, seed: int | None = None) -> dict[str, Any]:
 # Collate
 
 
+class _Row(NamedTuple):
+    """One decoded image, its pixels still a view into the Arrow block that holds them."""
+
+    image_id: int
+    pixels: np.ndarray  # uint8 [h * w * 3], HWC, read-only view
+    height: int
+    width: int
+    orig_height: int
+    orig_width: int
+    boxes: list
+    labels: list
+
+
 def _column(batch: Any, name: str) -> list:
     if isinstance(batch, pa.Table):
         return batch.column(name).to_pylist()
@@ -276,59 +287,95 @@ def _pixel_views(batch: Any) -> list[np.ndarray]:
     return views
 
 
-def _collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
-    """(images, mask, targets, number of skipped rows) from a DECODED_SCHEMA batch."""
-    skipped = [bool(s) for s in _column(batch, "skipped")]
-    keep = [i for i, s in enumerate(skipped) if not s]
-    all_heights, all_widths = _column(batch, "height"), _column(batch, "width")
-    heights = [int(all_heights[i]) for i in keep]
-    widths = [int(all_widths[i]) for i in keep]
-    raw = _pixel_views(batch)
-    image_ids = _column(batch, "image_id")
-    orig_h, orig_w = _column(batch, "orig_height"), _column(batch, "orig_width")
-    all_boxes, all_labels = _column(batch, "boxes"), _column(batch, "labels")
+def _rows(batch: Any) -> tuple[list[_Row], int]:
+    """(the rows that hold an image, the number of skipped rows) of a DECODED_SCHEMA batch (an
+    Arrow table or a dict of numpy arrays). Pixels are not copied."""
+    skipped = _column(batch, "skipped")
+    columns = zip(
+        _column(batch, "image_id"), _pixel_views(batch), _column(batch, "height"), _column(batch, "width"),
+        _column(batch, "orig_height"), _column(batch, "orig_width"), _column(batch, "boxes"), _column(batch, "labels"),
+    )
+    rows = [_Row(int(i), px, int(h), int(w), int(oh), int(ow), b, lab)
+            for (i, px, h, w, oh, ow, b, lab), s in zip(columns, skipped) if not s]
+    return rows, len(skipped) - len(rows)
 
-    max_h, max_w = (max(heights), max(widths)) if keep else (0, 0)
-    # Every byte is written once: the image, then its padding (zero-filling the whole buffer
-    # first cost as much as the copy itself).
-    images = torch.empty(len(keep), max_h, max_w, 3, dtype=torch.uint8)
+
+def _collate_rows(rows: list[_Row]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+    """Pads rows into (images, mask, targets): the one copy of each image's pixels."""
+    max_h = max((r.height for r in rows), default=0)
+    max_w = max((r.width for r in rows), default=0)
+    images = torch.empty(len(rows), max_h, max_w, 3, dtype=torch.uint8)
     pixels = images.numpy()  # shares memory with `images`
-    h_t, w_t = torch.tensor(heights, dtype=torch.int64), torch.tensor(widths, dtype=torch.int64)
-    mask = (torch.arange(max_h)[None, :, None] >= h_t[:, None, None]) | (torch.arange(max_w)[None, None, :] >= w_t[:, None, None])
+    mask = torch.ones(len(rows), max_h, max_w, dtype=torch.bool)
     targets = []
-    for out_i, (i, h, w) in enumerate(zip(keep, heights, widths)):
-        pixels[out_i, :h, :w] = raw[i].reshape(h, w, 3)
-        pixels[out_i, :h, w:] = 0
-        pixels[out_i, h:] = 0
+    for k, r in enumerate(rows):
+        h, w = r.height, r.width
+        # Every byte is written once: the image, then its padding (zero-filling the whole
+        # buffer first cost as much as the copy itself).
+        pixels[k, :h, :w] = r.pixels.reshape(h, w, 3)
+        pixels[k, :h, w:] = 0
+        pixels[k, h:] = 0
+        mask[k, :h, :w] = False  # (a broadcast comparison cost 6x more)
         targets.append(
             {
-                "boxes": torch.tensor(np.asarray(all_boxes[i], dtype=np.float32)).reshape(-1, 4),
-                "labels": torch.tensor(np.asarray(all_labels[i], dtype=np.int64)).reshape(-1),
-                "image_id": int(image_ids[i]),
-                "orig_size": torch.tensor([int(orig_h[i]), int(orig_w[i])], dtype=torch.int64),
+                "boxes": torch.tensor(np.asarray(r.boxes, dtype=np.float32)).reshape(-1, 4),
+                "labels": torch.tensor(np.asarray(r.labels, dtype=np.int64)).reshape(-1),
+                "image_id": r.image_id,
+                "orig_size": torch.tensor([r.orig_height, r.orig_width], dtype=torch.int64),
                 "size": torch.tensor([h, w], dtype=torch.int64),
             }
         )
-    return images.permute(0, 3, 1, 2), mask, targets, len(skipped) - len(keep)
+    return images.permute(0, 3, 1, 2), mask, targets
 
 
-class DetectionCollate(_CollateBase):
-    """Pads a batch of decoded rows into (images, mask, targets); skipped rows are left out.
-
-    Accepts an Arrow table (what `iter_torch_batches(collate_fn=collate)` passes) or a dict of
-    numpy arrays (what `iter_batches()` yields)."""
-
-    def __call__(self, batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
-        images, mask, targets, _ = _collate(batch)
-        return images, mask, targets
+def collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+    """Pads a batch of decoded rows (an Arrow table or a dict of numpy arrays, DECODED_SCHEMA)
+    into (images, mask, targets); skipped rows are left out."""
+    return _collate_rows(_rows(batch)[0])
 
 
-class _CountingCollate(_CollateBase):
-    def __call__(self, batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]], int]:
-        return _collate(batch)
+def _in_background(items: Iterator, depth: int) -> Iterator:
+    """Runs the iterator in a thread, `depth` items ahead of the consumer (the copies in collate
+    release the GIL, so they overlap with the training step). Errors reach the consumer; leaving
+    the loop early stops the thread and closes the iterator."""
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
 
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
-collate = DetectionCollate()
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((done, e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="detr-ray-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,10 +387,16 @@ class DetectionBatches:
     """Iterates a Ray Data DataIterator (`ray.train.get_dataset_shard(name)`) or Dataset as
     `(images, mask, targets)` batches (see the module docstring), one pass per `iter()`.
 
+    Blocks arrive as Arrow tables; rows wait in a local shuffle buffer of `shuffle_buffer` rows
+    (0: arrival order) that holds references, not copies, and each batch is drawn from it at
+    random and padded straight from the blocks' memory: one copy of the pixels per image. (Ray's
+    own `local_shuffle_buffer_size` copied them twice more, `take` then `combine_chunks`.) The
+    drawing and padding run in a background thread, `prefetch_batches` batches ahead.
+
     After (or during) a pass, `skipped` is the number of corrupt images skipped in that pass and
-    `images` the number delivered; batches whose rows were all skipped are not yielded. Both
-    count this worker's part only: sum them over the workers for the epoch's totals. Tensors
-    are moved to `device` (non_blocking; targets' tensors too).
+    `images` the number delivered. Both count this worker's part only: sum them over the workers
+    for the epoch's totals. Batches are full except the last of a pass (dropped with
+    `drop_last`). Tensors are moved to `device` (non_blocking; targets' tensors too).
 
         batches = DetectionBatches.from_config(ray.train.get_dataset_shard("train"), cfg, train=True)
         for epoch in range(epochs):
@@ -360,6 +413,7 @@ class DetectionBatches:
     device: str | torch.device = "cpu"
     skipped: int = field(default=0, init=False)
     images: int = field(default=0, init=False)
+    _passes: int = field(default=0, init=False, repr=False)
 
     @classmethod
     def from_config(cls, source: Any, cfg: DataConfig, train: bool, device: str | torch.device = "cpu"):
@@ -371,24 +425,48 @@ class DetectionBatches:
             device=device,
         )
 
+    def _batches(self, rng: random.Random | None) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
+        """Collated CPU batches of one pass; counts skipped and delivered images."""
+        fill = max(self.shuffle_buffer, self.batch_size)
+        buffer: list[_Row] = []
+
+        def draw(n: int) -> list[_Row]:
+            if rng is None:  # arrival order
+                batch = buffer[:n]
+                del buffer[:n]
+                return batch
+            batch = []
+            for _ in range(n):  # swap the drawn row with the last one, then pop it
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                batch.append(buffer.pop())
+            return batch
+
+        blocks = self.source.iter_batches(
+            batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_batches
+        )
+        for block in blocks:
+            rows, skipped = _rows(block)
+            self.skipped += skipped
+            buffer += rows
+            while len(buffer) >= fill:
+                yield self._deliver(draw(self.batch_size))
+        while len(buffer) >= self.batch_size or (buffer and not self.drop_last):
+            yield self._deliver(draw(min(self.batch_size, len(buffer))))
+
+    def _deliver(self, rows: list[_Row]):
+        self.images += len(rows)
+        return _collate_rows(rows)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
         self.skipped = 0
         self.images = 0
-        shuffle = max(self.shuffle_buffer, self.batch_size) if self.shuffle_buffer else None
-        batches = self.source.iter_torch_batches(
-            batch_size=self.batch_size,
-            collate_fn=_CountingCollate(),
-            drop_last=self.drop_last,
-            local_shuffle_buffer_size=shuffle,
-            local_shuffle_seed=self.shuffle_seed if shuffle else None,
-            prefetch_batches=self.prefetch_batches,
-        )
+        self._passes += 1
+        rng = None
+        if self.shuffle_buffer:
+            rng = random.Random(None if self.shuffle_seed is None else f"{self.shuffle_seed}:{self._passes}")
         device = torch.device(self.device)
-        for images, mask, targets, skipped in batches:
-            self.skipped += skipped
-            if not targets:
-                continue
-            self.images += len(targets)
+        for images, mask, targets in _in_background(self._batches(rng), self.prefetch_batches):
             if device.type != "cpu":
                 images = images.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True)

@@ -143,6 +143,67 @@ def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(sh
         assert batches.skipped == 1 and batches.images == 5
 
 
+def decoded_blocks(n_blocks: int = 5, rows_per_block: int = 8, skipped_id: int = 13) -> list[pa.Table]:
+    """In-memory DECODED_SCHEMA blocks of images of varied sizes; id `skipped_id` is a skipped row."""
+    rows = [
+        decoded_row(i, 0, 0, skipped=True) if i == skipped_id else decoded_row(i, 3 + i % 4, 5 + i % 3, boxes=[0.5] * 4, labels=[i % 2])
+        for i in range(n_blocks * rows_per_block)
+    ]
+    return [pa.Table.from_pylist(rows[k : k + rows_per_block], schema=DECODED_SCHEMA) for k in range(0, len(rows), rows_per_block)]
+
+
+@pytest.mark.timeout(180)
+def test_detection_batches_order_shuffle_batch_sizes_and_pixels(ray_local):
+    import threading
+
+    blocks = decoded_blocks()
+    expected = {r["image_id"]: r for b in blocks for r in b.to_pylist() if not r["skipped"]}
+    ds = ray.data.from_arrow(blocks)
+
+    def one_pass(batches):
+        ids, sizes = [], []
+        for images, mask, targets in batches:
+            sizes.append(len(targets))
+            for k, t in enumerate(targets):
+                row = expected[t["image_id"]]
+                h, w = row["height"], row["width"]
+                source = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8).reshape(h, w, 3).permute(2, 0, 1)
+                assert torch.equal(images[k, :, :h, :w], source) and not mask[k, :h, :w].any()
+                assert images[k, :, h:].eq(0).all() and images[k, :, :, w:].eq(0).all() and mask[k, h:].all()
+                assert t["labels"].tolist() == row["labels"]
+                ids.append(t["image_id"])
+        return ids, sizes
+
+    # no shuffle buffer: arrival order, full batches but the last, the skipped row counted
+    in_order = DetectionBatches(ds, batch_size=3)
+    ids, sizes = one_pass(in_order)
+    assert ids == sorted(expected) and sizes == [3] * 13 and in_order.skipped == 1 and in_order.images == 39
+    dropped = DetectionBatches(ds, batch_size=5, drop_last=True)
+    ids, sizes = one_pass(dropped)
+    assert ids == sorted(expected)[:35] and sizes == [5] * 7 and dropped.images == 35
+
+    # shuffle buffer: every image once per pass, a different order each pass, reproducible by seed
+    shuffled = DetectionBatches(ds, batch_size=4, shuffle_buffer=16, shuffle_seed=7)
+    first, sizes = one_pass(shuffled)
+    second, _ = one_pass(shuffled)
+    assert sorted(first) == sorted(second) == sorted(expected) and sizes == [4] * 9 + [3]
+    assert first != sorted(expected) and first != second
+    again, _ = one_pass(DetectionBatches(ds, batch_size=4, shuffle_buffer=16, shuffle_seed=7))
+    assert again == first
+    # a row comes out only after it arrived, and the buffer holds at most 16 + one block of rows
+    arrival = {image_id: k for k, image_id in enumerate(sorted(expected))}
+    assert all(position >= arrival[image_id] - (16 + 8) for position, image_id in enumerate(first))
+
+    # leaving a pass early stops its background thread
+    for _ in shuffled:
+        break
+    for _ in range(50):
+        if not any(t.name == "detr-ray-batches" for t in threading.enumerate()):
+            break
+        threading.Event().wait(0.1)
+    assert not any(t.name == "detr-ray-batches" for t in threading.enumerate())
+
+
 @pytest.mark.timeout(180)
 def test_val_targets_match_the_source_annotations(shards):
     out, coco = shards
