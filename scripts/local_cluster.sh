@@ -11,7 +11,7 @@
 # Settings (environment): DETR_RAY_CLUSTER_DIR (default /tmp/detr-ray-cluster: Ray's temp dir,
 # the token, the list of started sessions), DETR_RAY_CLUSTER_PORT_BASE (default 24000: GCS on it,
 # the dashboard on +1, the Ray client server on +2, node i's ports from +100*(i+1)),
-# DETR_RAY_CLUSTER_HEAD_CPUS (1), DETR_RAY_CLUSTER_WORKER_CPUS (2), RAY_BIN (default: the repo's
+# DETR_RAY_CLUSTER_HEAD_CPUS (1), DETR_RAY_CLUSTER_WORKER_CPUS (3), RAY_BIN (default: the repo's
 # .venv/bin/ray, else `ray` on PATH). Nothing here touches other Ray instances on the machine:
 # every port is explicit, the temp dir is private, and `down` does not use `ray stop` (which would
 # stop every Ray process of the machine).
@@ -21,7 +21,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="${DETR_RAY_CLUSTER_DIR:-/tmp/detr-ray-cluster}"
 BASE="${DETR_RAY_CLUSTER_PORT_BASE:-24000}"
 HEAD_CPUS="${DETR_RAY_CLUSTER_HEAD_CPUS:-1}"
-WORKER_CPUS="${DETR_RAY_CLUSTER_WORKER_CPUS:-2}"
+# Logical CPUs, not this machine's cores. 1 on the head: Train workers of >= 1 CPU cannot land
+# there (the drivers hold a sliver of it). 3 per worker: two trials of two 1-CPU Train workers
+# (README, "Rehearsal on one machine") run at once and need both worker nodes.
+WORKER_CPUS="${DETR_RAY_CLUSTER_WORKER_CPUS:-3}"
 NUM_WORKERS=2
 OBJECT_STORE_BYTES=$((1024 * 1024 * 1024))   # per node; Ray's default (30% of RAM each) is too greedy here
 

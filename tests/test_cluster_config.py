@@ -8,12 +8,15 @@ Nothing here contacts AWS: the config goes through the same prepare + schema val
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
+import click
 import jsonschema
 import pytest
 import yaml
@@ -203,6 +206,13 @@ def test_ray_starts_with_token_authentication_on_every_node(config):
         for command in starts:
             assert "RAY_AUTH_MODE=token" in command, f"{key}: {command!r} does not enforce token auth"
     assert not any("RAY_AUTH_MODE=disabled" in c for c in all_commands(config))
+    # Every command in the containers (`ray exec cluster.yaml 'ray status'`, a job's `ray` calls)
+    # runs in token mode: a Ray client without RAY_AUTH_MODE=token sends no token and is refused.
+    docker = config["docker"]
+    run_options = " ".join(docker.get("run_options", []))
+    assert re.search(r"(^|\s)(-e|--env)[ =]RAY_AUTH_MODE=token(\s|$)", run_options), run_options
+    for key in ("head_run_options", "worker_run_options"):
+        assert "RAY_AUTH_MODE" not in " ".join(docker.get(key, [])), f"docker.{key} overrides the auth mode"
 
 
 # --- Network exposure ---------------------------------------------------------------------------
@@ -268,3 +278,93 @@ def test_drivers_pinned_to_an_on_demand_head_and_gpu_workers_autoscale(config):
     assert {"g5.12xlarge", "p4d.24xlarge"} <= gpu_types
     assert sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
     assert config["idle_timeout_minutes"] > 0
+
+
+# --- README: "Running on a cluster" --------------------------------------------------------------
+
+
+def readme_cluster_commands() -> list[list[str]]:
+    """The shell commands of README's "Running on a cluster" section, as argv lists: every code
+    block but the JSON ones, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    assert "\n## Running on a cluster\n" in text
+    section = text.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for fence in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", section, flags=re.S | re.M):
+        lang, block = fence.group(2), fence.group(3)
+        if lang == "json":
+            continue
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _ray_cli_parse(args: list[str]) -> None:
+    """Parses `ray ARGS` as the `ray` command line would (sub-commands, options, arguments),
+    without running it: an unknown option or a missing argument fails."""
+    from ray.scripts.scripts import cli
+
+    command, name = cli, "ray"
+    while isinstance(command, click.Group):
+        assert args, f"ray {name}: no sub-command"
+        name, args = args[0], args[1:]
+        command = command.get_command(click.Context(command), name)
+        assert command is not None, f"README: `ray ... {name}` is not a ray sub-command"
+    command.make_context(name, list(args))
+
+
+def _script_parse(path: str, args: list[str]):
+    """The script's own argparse result for ARGS (README's `python scripts/X.py ARGS`)."""
+    spec = importlib.util.spec_from_file_location("readme_" + Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        return module, module.parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"README: python {path} {' '.join(args)}: refused by its argument parser ({e})")
+
+
+def test_readme_cluster_commands_match_the_real_command_lines(monkeypatch):
+    """Every `ray ...`, `python scripts/...` and `scripts/local_cluster.sh ...` command of the
+    section parses with the real CLIs, and the section walks through the whole procedure."""
+    monkeypatch.chdir(ROOT)  # the README's commands run from the repository root
+    seen = set()
+    for words in readme_cluster_commands():
+        if words[0] == "ray":
+            _ray_cli_parse(words[1:])
+            ray_args, entrypoint = words[1:], []
+            if "--" in ray_args:  # ray job submit ... -- ENTRYPOINT
+                i = ray_args.index("--")
+                ray_args, entrypoint = ray_args[:i], ray_args[i + 1:]
+            seen.add(" ".join(ray_args[:2]) if ray_args[0] == "job" else ray_args[0])
+            words = entrypoint
+        if words[:1] == ["python"] and words[1].startswith("scripts/"):
+            module, args = _script_parse(words[1], words[2:])
+            seen.add(words[1])
+            if words[1] == "scripts/tune.py" and args.data:
+                module.load(args)  # the search space and every --set override are valid
+        elif words and words[0] == "scripts/local_cluster.sh":
+            assert words[1:] and words[1] in ("up", "down", "env", "status"), words
+            seen.add(" ".join(words[:2]))
+    # ray up, shards to S3, the sweep as a job, the dashboard, the results, ray down; the rehearsal
+    assert {"get-auth-token", "up", "scripts/prepare_coco.py", "dashboard", "job submit", "scripts/tune.py",
+            "exec", "scripts/evaluate.py", "rsync-down", "down", "scripts/local_cluster.sh up",
+            "scripts/local_cluster.sh down"} <= seen, seen
+
+
+def test_readme_rehearsal_is_the_sweep_the_local_cluster_test_runs():
+    """tests/test_local_cluster.py submits README's rehearsal command; it must be a tiny sweep."""
+    submit = [w for w in readme_cluster_commands() if w[:3] == ["ray", "job", "submit"] and "/tmp/detr-ray-rehearsal" in w]
+    assert len(submit) == 1, submit
+    words = submit[0]
+    assert words[words.index("--") + 1:][:2] == ["python", "scripts/tune.py"]
+    assert words[3:5] == ["--working-dir", "."]
+    assert "--entrypoint-resources" in words  # the sweep's own driver on the head too
+
+
+def test_readme_cost_section():
+    text = (ROOT / "README.md").read_text()
+    cost = text.split("\n### Cost\n", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"GPU-h(ours)? per trial", cost) and "ASHA" in cost

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -69,13 +70,12 @@ class LocalCluster:
         env.update(
             DETR_RAY_CLUSTER_DIR=os.path.join(self.dir, "cluster"),
             DETR_RAY_CLUSTER_PORT_BASE=str(self.base),
-            # A 2-CPU Train worker fits on a worker node, not on the head, and one worker node
-            # holds only one: where a run's two workers land is then known (on the real cluster,
-            # GPUs do the same). The CPUs left over run Ray Data's decode tasks.
-            DETR_RAY_CLUSTER_HEAD_CPUS="1",
-            DETR_RAY_CLUSTER_WORKER_CPUS="3",
             RAY_BIN=RAY,
+            # The README's sweep uses the default demo data: generated here, not in ~/.cache.
+            # (The nodes, and so the jobs, inherit this environment.)
+            DETR_RAY_DEMO_DIR=os.path.join(self.dir, "demo-default"),
         )
+        # The CPUs are the script's defaults, as in the README: head 1, each worker 3.
         self.script_env = env
         self.env = dict(env)  # + the cluster's address and token, from `local_cluster.sh env`
         self.dashboard = f"http://127.0.0.1:{self.base + 1}"
@@ -246,7 +246,8 @@ def demo_data(cluster):
 
 def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data):
     """scripts/train.py submitted as a job: two Train workers of 2 CPUs each, one on each worker
-    node. The run finishes and writes its checkpoint to the shared (here: local) storage."""
+    node (3 CPUs each: one such worker per node; the head's 1 CPU holds none). The run finishes
+    and writes its checkpoint to the shared (here: local) storage."""
     storage = os.path.join(cluster.dir, "runs")
     run = cluster.submit(
         "python", "scripts/train.py", "--data", demo_data, "--storage", storage, "--name", "rehearsal-train",
@@ -263,35 +264,53 @@ def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data)
     assert list(Path(storage, "rehearsal-train").glob("checkpoint_*")), "no checkpoint in the run's storage"
 
 
-@pytest.mark.skipif(not (ROOT / "scripts" / "tune.py").exists(), reason="scripts/tune.py does not exist yet (the sweep entry point)")
+def _readme_rehearsal_command() -> list[str]:
+    """The `ray job submit ... python scripts/tune.py ...` command of README's "Rehearsal on one
+    machine", as argv."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n### Rehearsal on one machine\n", 1)[1].split("\n### ", 1)[0]
+    block = re.search(r"^```\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    submit = [c for c in commands if c[:3] == ["ray", "job", "submit"]]
+    assert len(submit) == 1, commands
+    return submit[0]
+
+
 @pytest.mark.timeout(1200)
-def test_tiny_sweep_runs_trials_on_more_than_one_node(cluster, demo_data):
-    """The README's rehearsal: a tiny sweep submitted with `ray job submit ... python scripts/tune.py`.
-    The trial has two 2-CPU Train workers, so it spans both worker nodes; its drivers are on the
-    head (they hold its `sweep_driver` resource). One trial keeps the suite short; the sweep's
-    own tests cover several."""
+def test_readme_sweep_runs_trials_on_more_than_one_node(cluster):
+    """The README's rehearsal, as written there (only --storage moved into the test's directory):
+    a tiny sweep of two trials submitted with `ray job submit --working-dir . -- python
+    scripts/tune.py ...`. Each trial has two 1-CPU Train workers; four do not fit on one 3-CPU
+    worker node nor on the 1-CPU head, so the trials use both worker nodes. Every driver (the
+    trials' and their Train runs') is on the head, and Tune's TensorBoard files are there too."""
+    command = _readme_rehearsal_command()
     storage = os.path.join(cluster.dir, "sweeps")
-    run = cluster.submit(
-        "python", "scripts/tune.py", "--data", demo_data, "--num-samples", "1", "--storage", storage,
-        "--name", "rehearsal", "--workers-per-trial", "2", "--cpus-per-worker", "2", "--gpus-per-trial", "0",
-        "--grace-period", "1",
-        "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "data.decode_num_cpus=0.5",
-        working_dir=ROOT, extra=["--entrypoint-resources", '{"sweep_driver": 1}'], timeout=1100,
-    )
+    i = command.index("--storage")
+    command[i + 1] = storage
+    name = command[command.index("--name") + 1]
+    num_samples = int(command[command.index("--num-samples") + 1])
+    workers_per_trial = int(command[command.index("--workers-per-trial") + 1])
+    assert command[3:5] == ["--working-dir", "."] and num_samples >= 2
+    run = subprocess.run([RAY, *command[1:]], env=cluster.env, capture_output=True, text=True, timeout=1100, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+
     nodes = cluster.nodes()
     workers = {nodes["rehearsal_worker_1"], nodes["rehearsal_worker_2"]}
-    assert (Path(storage) / "rehearsal" / "best.json").is_file()
-    trials = json.loads((Path(storage) / "rehearsal" / "trials.json").read_text())["trials"]
-    assert len(trials) == 1 and all(t["status"] == "completed" for t in trials), trials
+    assert (Path(storage) / name / "best.json").is_file()
+    trials = json.loads((Path(storage) / name / "trials.json").read_text())["trials"]
+    assert len(trials) == num_samples and all(t["status"] == "completed" for t in trials), trials
     rank0_nodes = {n for t in trials for n in t["nodes"]}  # where each trial's rank 0 reported from
     assert rank0_nodes and rank0_nodes <= workers
     job = _job_id(cluster, _submission_id(run))
     used = _actor_nodes(cluster, "RayTrainWorker", job)
-    assert len(used) == 2 and set(used) == workers, f"the trial's Train workers ran on {used}"
+    assert len(used) == workers_per_trial * num_samples and set(used) == workers, f"the trials' Train workers ran on {used}"
     for driver in ("ImplicitFunc", "TrainController"):  # trial drivers and the Train drivers they start
         where = _actor_nodes(cluster, driver, job)
-        assert where == [nodes["rehearsal_head"]], f"{driver} ran on {where}, not only on the head"
+        assert where == [nodes["rehearsal_head"]] * num_samples, f"{driver} ran on {where}, not only on the head"
+    # README: TensorBoard on the head reads Tune's files from the head's session artifacts
+    head_artifacts = Path(cluster.script_env["DETR_RAY_CLUSTER_DIR"], "ray-0", "session_latest", "artifacts")
+    event_dirs = {p.parent for p in head_artifacts.glob(f"*/{name}/driver_artifacts/*/events.out.tfevents*")}
+    assert len(event_dirs) == num_samples, f"Tune's TensorBoard files on the head: {sorted(event_dirs)}"
 
 
 def test_down_stops_everything_and_frees_the_ports(cluster):
