@@ -164,11 +164,14 @@ def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int, d
     import ray.data
 
     from detr_ray.data.pipeline import DetectionBatches, train_dataset
+    from detr_ray.local_ray import init as init_local_ray
 
     shards = root / "shards"
     write_shards(load_coco(str(root / "instances.json")), str(root / "images"), str(shards),
                  shard_size=64, workers=0, progress=False)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # As scripts/tune.py starts its local Ray: idle workers are kept (a plain ray.init keeps only as
+    # many as there are unreserved CPUs and restarted a torch-importing worker every few tasks).
+    init_local_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     iterator = train_dataset(str(shards), cfg, decode_batch_size=16, decode_num_cpus=decode_num_cpus).iterator()

