@@ -171,7 +171,9 @@ class DataConfig:
     `augment`: "auto" (the demo's small scales for the demo dataset, DETR's COCO scales
     otherwise), "coco" or "demo" (see transforms.TransformConfig).
     `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
-    (0: no local shuffle). `decode_num_cpus` is the CPU reservation of one decode task; `cpus`
+    (0: no local shuffle). `group_shapes`: a batch is made of images of one orientation and
+    similar size (see pipeline.shape_group), which cuts the padding the model computes on.
+    `decode_num_cpus` is the CPU reservation of one decode task; `cpus`
     caps the CPUs this run's Ray Data tasks hold at once (0: `decode_num_cpus` per Train worker),
     so that runs sharing a cluster never starve each other's decoding."""
 
@@ -181,6 +183,7 @@ class DataConfig:
     augment: str = "auto"
     batch_size: int = 4
     shuffle_buffer: int = 64
+    group_shapes: bool = True
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
     cpus: float = 0.0

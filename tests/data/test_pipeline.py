@@ -21,6 +21,7 @@ from detr_ray.data.pipeline import (
     ShardRowError,
     collate,
     decode_augment,
+    shape_group,
     train_dataset,
     val_dataset,
 )
@@ -202,6 +203,34 @@ def test_detection_batches_order_shuffle_batch_sizes_and_pixels(ray_local):
             break
         threading.Event().wait(0.1)
     assert not any(t.name == "detr-ray-batches" for t in threading.enumerate())
+
+
+@pytest.mark.timeout(180)
+def test_shape_groups_batch_one_orientation_and_size_together(ray_local):
+    assert shape_group(480, 640) == shape_group(500, 700) != shape_group(640, 480)
+    assert shape_group(800, 1066) != shape_group(480, 640)  # same orientation, another size band
+    # portrait (5x3) and landscape (3x5) images, interleaved; id 13 skipped
+    rows = [decoded_row(i, *((5, 3) if i % 3 else (3, 5)), boxes=[0.5] * 4, labels=[0]) for i in range(40)]
+    rows[13] = decoded_row(13, 0, 0, skipped=True)
+    blocks = [pa.Table.from_pylist(rows[k : k + 8], schema=DECODED_SCHEMA) for k in range(0, 40, 8)]
+    ds = ray.data.from_arrow(blocks)
+
+    def one_pass(group_shapes: bool):
+        batches = DetectionBatches(ds, batch_size=4, shuffle_buffer=8, shuffle_seed=1, group_shapes=group_shapes)
+        out = [(images.shape, [tuple(t["size"].tolist()) for t in targets], [t["image_id"] for t in targets])
+               for images, _, targets in batches]
+        assert batches.skipped == 1 and batches.images == 39
+        return out
+
+    grouped, mixed = one_pass(True), one_pass(False)
+    for out in (grouped, mixed):
+        assert sorted(i for _, _, ids in out for i in ids) == [i for i in range(40) if i != 13]
+    # all batches but the remainders at the end hold one shape; 39 = 26 portrait + 13 landscape
+    uniform = [len(set(sizes)) == 1 for _, sizes, _ in grouped]
+    assert all(uniform[:-1]) and [len(sizes) for _, sizes, _ in grouped] == [4] * 9 + [3]
+    padded = lambda out: sum(shape[0] * shape[2] * shape[3] for shape, _, _ in out)  # noqa: E731
+    assert padded(grouped) < padded(mixed)
+    assert not all(len(set(sizes)) == 1 for _, sizes, _ in mixed)
 
 
 @pytest.mark.timeout(180)
