@@ -332,9 +332,9 @@ def _collate_rows(rows: list[_Row]) -> tuple[Tensor, Tensor, list[dict[str, Any]
 
 def shape_group(height: int, width: int) -> tuple[bool, int]:
     """Images batched together under `group_shapes`: same orientation, longest side in the same
-    256-pixel band. On DETR's COCO recipe (every image its own random scale) this took the
-    padding from 43% to 21% of a batch's pixels (batch 8, simulated over COCO's three common
-    sizes; orientation alone: 35%)."""
+    256-pixel band. On DETR's COCO recipe (every image its own random scale), batch 8, it takes
+    the padding from 44% to 20% of a batch's pixels, 0.95 -> 0.67 Mpx per image for the model
+    (benchmarks/batch_padding.py; orientation alone: about 35%)."""
     return height >= width, max(height, width) // 256
 
 
