@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Images per second delivered to a training consumer, DETR's COCO train transforms, in one run:
 
-  (a) this project's pipeline: Parquet shards -> Ray Data (read_parquet -> map_batches decode with
-      torchvision.io + v2 transforms on tensors) -> DetectionBatches (local shuffle + collate);
-  (b) the common approach: torchvision CocoDetection (PIL decode) + the same v2 transforms (on PIL
-      images) + a torch DataLoader with one worker per core + the same padding collate.
+  (a) this project's pipeline: Parquet shards -> Ray Data (read_parquet fused with map_batches:
+      torchvision.io decode + DetectionTransform, which calls transforms.v2's kernels directly) ->
+      DetectionBatches (local shuffle + collate);
+  (b) the common approach: torchvision CocoDetection (PIL decode) + the same recipe as a
+      v2.Compose pipeline (on PIL images) + a torch DataLoader with one worker per core + the same
+      padding collate. (On tensors, DetectionTransform and the v2.Compose pipeline give identical
+      outputs for the same seed: tests/data/test_transforms.py.)
 
 Both read the same generated COCO-sized JPEGs (640x480, 480x640, 640x427). After an untimed
 warm-up pass each, timed passes of (b) and (a) alternate (so that other load on the machine hits

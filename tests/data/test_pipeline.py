@@ -142,6 +142,8 @@ def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(sh
                 seen.append(t["image_id"])
         assert sorted(seen) == [100, 101, 102, 104, 105]
         assert batches.skipped == 1 and batches.images == 5
+    # the read and the decode ran as one task per block (see the pipeline's docstring)
+    assert "ReadParquet->MapBatches(decode_blocks)" in ds.stats()
 
 
 def decoded_blocks(n_blocks: int = 5, rows_per_block: int = 8, skipped_id: int = 13) -> list[pa.Table]:

@@ -167,3 +167,43 @@ def test_coco_defaults_are_detrs_recipe():
 def test_invalid_config_is_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message):
         TransformConfig(**overrides).validate()
+
+
+@pytest.mark.parametrize("name", ["val", "train", "train_crop_always", "train_no_crop_no_flip"])
+def test_detection_transform_equals_the_v2_pipeline(name):
+    """DetectionTransform calls v2's kernels directly; with the same seed it must give exactly what
+    the v2.Compose recipe gives (same random draws in the same order): pixels, boxes, labels."""
+    cfg = {
+        "val": SMALL,
+        "train": SMALL,
+        "train_crop_always": TransformConfig(**{**SMALL.__dict__, "crop_prob": 1.0}),
+        "train_no_crop_no_flip": TransformConfig(**{**SMALL.__dict__, "crop_prob": 0.0, "flip_prob": 0.0}),
+    }[name]
+    train = name != "val"
+    direct = DetectionTransform(cfg, train=train)
+    pipeline = build_train_transform(cfg) if train else build_val_transform(cfg)
+    shapes = set()
+    for seed in range(30):
+        height, width = (120, 160) if seed % 2 else (160, 120)
+        boxes = [[x, y, w, h] for x, y, w, h in BOXES if x + w <= width and y + h <= height] + [[0, 0, 3, 2]]
+        # the pixels' memory is HWC, as the JPEG decoder leaves it
+        image = rectangles_image(height, width, BOXES).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        xywh = torch.tensor(boxes, dtype=torch.float32)
+        labels = torch.arange(len(boxes))
+        torch.manual_seed(seed)
+        got_image, got_boxes, got_labels = direct(image, xywh, labels)
+        torch.manual_seed(seed)
+        ref = pipeline({
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(box_convert(xywh, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width)),
+            "labels": labels,
+        })
+        ref_image = ref["image"].as_subclass(torch.Tensor)
+        assert torch.equal(got_image, ref_image), seed
+        assert got_image.stride() == ref_image.stride(), seed
+        h, w = ref_image.shape[-2:]
+        ref_boxes = box_convert(ref["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh") / torch.tensor([w, h, w, h])
+        assert torch.allclose(got_boxes, ref_boxes, atol=1e-6), seed
+        assert torch.equal(got_labels, ref["labels"]), seed
+        shapes.add(tuple(got_image.shape))
+    assert len(shapes) > (1 if name == "val" else 3)  # the draws varied
