@@ -144,7 +144,7 @@ def _decode(data: bytes) -> Tensor:
 def decode_augment(
     batch: pa.Table, *, train: bool, augment: dict[str, Any], category_to_label: dict[int, int]
 ) -> pa.Table:
-    """map_batches function: shard rows (READ_COLUMNS + path) -> DECODED_SCHEMA rows.
+    """Shard rows (READ_COLUMNS + path) -> DECODED_SCHEMA rows (called by `decode_blocks`).
 
     An image that fails to decode (or decodes to another size than its row says) becomes a
     `skipped` row and a warning; any other failure raises ShardRowError naming shard and row."""
