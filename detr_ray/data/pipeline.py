@@ -29,7 +29,8 @@ first batch of an epoch came after 0.9-1.5 s and only ~1.5 cores were busy):
 - decoded output blocks of OUTPUT_BLOCK_BYTES (16 MiB, not Ray's 128 MiB): a task hands its first
   rows over after one decode batch instead of after most of its block.
 - ray_data_fixes: an execution's resource limits arrive at its first scheduling steps instead of
-  after one second (until then Ray Data 2.60 runs one task at a time).
+  after one second (until then Ray Data 2.60 runs one task at a time), and a finished task's CPU
+  goes to the next task at once instead of at the scheduling loop's 0.1 s timeout.
 - no copy of the pixels in the decode task (one Arrow chunk per image), and glibc keeps freed
   buffers (`keep_freed_memory`) in decoding and batching processes instead of faulting in fresh
   zeroed pages for every image and batch.
