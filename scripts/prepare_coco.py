@@ -16,7 +16,8 @@ import sys
 
 from detr_ray.data.coco import CocoFormatError, load_coco
 from detr_ray.data.demo import make_demo_dataset
-from detr_ray.data.shards import ShardError, read_meta, write_shards
+from detr_ray.data.images import DEFAULT_MAX_PIXELS
+from detr_ray.data.shards import ReadRetry, ShardError, read_meta, write_shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,8 +26,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--annotations", help="COCO instances JSON of the split")
     p.add_argument("--out", required=True, help="output directory or pyarrow URI (s3://, gs://)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per Parquet file (default 1000)")
-    p.add_argument("--strict", action="store_true", help="missing/unreadable/undecodable images are errors")
+    p.add_argument("--strict", action="store_true", help="missing, undecodable, too large or mis-sized images are errors")
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"skip images whose header declares more pixels (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--read-attempts", type=int, default=ReadRetry.attempts,
+                   help=f"reads of an image file before an I/O error fails its shard (default {ReadRetry.attempts}, "
+                   f"waiting {ReadRetry.first_delay} s, then twice as long after each failure)")
     p.add_argument("--demo", action="store_true", help="generate the synthetic demo dataset into --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             workers=args.workers,
             progress=not args.no_progress,
+            max_pixels=args.max_pixels,
+            read_retry=ReadRetry(attempts=args.read_attempts),
         )
     except (CocoFormatError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

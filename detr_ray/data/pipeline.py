@@ -69,6 +69,7 @@ from torch import Tensor
 
 from detr_ray.config import DataConfig
 from detr_ray.data import ray_data_fixes
+from detr_ray.data.images import decode_rgb
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import DetectionTransform, TransformConfig
 
@@ -136,12 +137,6 @@ def _prepare_process() -> None:
     _process_ready = True
 
 
-def _decode(data: bytes) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
 def decode_augment(
     batch: pa.Table, *, train: bool, augment: dict[str, Any], category_to_label: dict[int, int]
 ) -> pa.Table:
@@ -172,7 +167,7 @@ def decode_augment(
         orig = (rows["height"][i], rows["width"][i])
         try:
             try:
-                image = _decode(rows["image"][i])
+                image = decode_rgb(rows["image"][i], *orig)  # oriented as at conversion
             except RuntimeError as e:
                 logger.warning("%s: skipping image_id=%s (%s): cannot decode: %s",
                                paths[i], image_id, file_name, str(e).splitlines()[0])

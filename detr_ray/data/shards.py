@@ -32,6 +32,8 @@ import json
 import logging
 import multiprocessing
 import os
+import random
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -44,6 +46,7 @@ from tqdm import tqdm
 
 from detr_ray.data import storage
 from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord
+from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 
 logger = logging.getLogger(__name__)
 
@@ -69,13 +72,35 @@ _REPORT_KEY = b"detr_ray.shard_report"
 
 # Reasons an image file is skipped.
 SKIP_MISSING = "missing file"
-SKIP_UNREADABLE = "unreadable file"
 SKIP_UNDECODABLE = "undecodable image"
+SKIP_TOO_LARGE = "too many pixels"
 SKIP_SIZE = "decoded size differs from the annotation's width/height"
+# Older versions skipped an image on any read error under this reason; their shards are redone.
+SKIP_UNREADABLE = "unreadable file"
 
 
 class ShardError(RuntimeError):
     """A shard directory is missing, incomplete, inconsistent or holds foreign files."""
+
+
+class ImageReadError(OSError):
+    """An image file could not be read, even after retrying (not a statement about its content)."""
+
+
+@dataclass(frozen=True)
+class ReadRetry:
+    """How reading an image file retries an I/O error (any OSError but a missing file: S3
+    throttling, an NFS hiccup): up to `attempts` reads, waiting `first_delay` seconds after the
+    first failure and twice as long after each further one (at most `max_delay`, with jitter so
+    that parallel writers do not retry in step). The defaults wait up to ~7.5 s per file."""
+
+    attempts: int = 5
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def __post_init__(self):
+        if self.attempts < 1 or self.first_delay < 0 or self.max_delay < 0:
+            raise ValueError(f"ReadRetry: need attempts >= 1 and delays >= 0, got {self}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,28 +222,44 @@ class _ShardTask:
     out_uri: str
     images_dir: str
     items: list[tuple[ImageRecord, list[Annotation]]]
+    options: dict[str, Any]  # conversion options that decide which images are kept
+    retry: ReadRetry
 
 
-def _decoded_size(data: bytes) -> tuple[int, int]:
-    """(height, width) of an encoded image; RuntimeError when it cannot be decoded."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
+def _read_with_retries(location: str, retry: ReadRetry) -> bytes:
+    """The file's bytes. FileNotFoundError when it does not exist, ImageReadError when an I/O
+    error persists over `retry.attempts` reads."""
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return storage.read_bytes(location)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if attempt == retry.attempts:
+                raise ImageReadError(f"{location}: {type(e).__name__}: {e} (failed {attempt} reads)") from e
+            delay = min(retry.max_delay, retry.first_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            logger.warning("%s: %s: %s; read attempt %d of %d failed, retrying in %.2f s",
+                           location, type(e).__name__, e, attempt, retry.attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return int(image.shape[-2]), int(image.shape[-1])
 
-
-def _load_image(images_dir: str, record: ImageRecord) -> tuple[bytes | None, str | None]:
-    """(bytes, None) for a good image file, (None, reason) for one to skip."""
-    location = storage.join(images_dir, record.file_name)
+def _load_image(task: _ShardTask, record: ImageRecord) -> tuple[bytes | None, str | None]:
+    """(bytes, None) for a good image file, (None, reason) for one to skip. ImageReadError when
+    the file cannot be read: that is no verdict on the image, so the shard must not be written."""
+    location = storage.join(task.images_dir, record.file_name)
     try:
-        data = storage.read_bytes(location)
+        data = _read_with_retries(location, task.retry)
     except FileNotFoundError:
         return None, SKIP_MISSING
-    except OSError as e:
-        return None, f"{SKIP_UNREADABLE} ({e})"
     try:
-        height, width = _decoded_size(data)
+        stored_size(data, task.options["max_pixels"])
+    except ImageTooLarge as e:
+        return None, f"{SKIP_TOO_LARGE} ({e})"
+    except ValueError as e:
+        return None, f"{SKIP_UNDECODABLE} ({str(e)[:120]})"
+    try:
+        height, width = decode_rgb(data, record.height, record.width).shape[-2:]
     except RuntimeError as e:
         return None, f"{SKIP_UNDECODABLE} ({str(e).splitlines()[0][-120:]})"
     if (height, width) != (record.height, record.width):
@@ -231,7 +272,10 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     skipped, lost_annotations = [], 0
     for record, annotations in task.items:
-        data, reason = _load_image(task.images_dir, record)
+        try:
+            data, reason = _load_image(task, record)
+        except ImageReadError as e:
+            raise ImageReadError(f"shard {task.file}: image_id={record.id} {record.file_name!r}: {e}") from None
         if data is None:
             skipped.append({"image_id": record.id, "file_name": record.file_name, "reason": reason})
             lost_annotations += len(annotations)
@@ -253,6 +297,7 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
         "empty_images": sum(1 for b in columns["boxes"] if not b),
         "skipped_images": skipped,
         "annotations_of_skipped_images": lost_annotations,
+        "options": task.options,
     }
     schema = SHARD_SCHEMA.with_metadata({_REPORT_KEY: json.dumps(report).encode()})
     table = pa.Table.from_pydict(columns, schema=schema)
@@ -262,15 +307,24 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     return report
 
 
-def _existing_report(location: str, file: str) -> dict[str, Any] | None:
-    """The report stored in a finished shard, or None when the file is absent or unreadable."""
+def _existing_report(location: str, file: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The report stored in a finished shard, or None when the shard must be (re)written: the
+    file is absent or unreadable, was made with other options, or (written by an older version)
+    skipped an image over a read error, which says nothing about the image."""
     fs, path = storage.resolve(location)
     try:
         metadata = pq.read_schema(path, filesystem=fs).metadata or {}
         report = json.loads(metadata[_REPORT_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowInvalid):
         return None
-    return report if report.get("file") == file else None
+    if report.get("file") != file:
+        return None
+    if report.get("options") != options or any(
+        s["reason"].startswith(SKIP_UNREADABLE) for s in report.get("skipped_images", [])
+    ):
+        logger.info("%s: made with other options or with read errors, redoing it", location)
+        return None
+    return report
 
 
 def _plan(dataset: CocoDataset, shard_size: int) -> tuple[str, list[list[ImageRecord]]]:
@@ -300,17 +354,26 @@ def write_shards(
     workers: int | None = None,
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    read_retry: ReadRetry = ReadRetry(),
 ) -> WriteReport:
     """Writes `dataset` (validated by coco.load_coco) as Parquet shards plus `_meta.json`.
 
-    Image files are read from `images_dir` (local path or URI) and checked by decoding them;
-    missing, unreadable or undecodable ones are listed in the report and skipped, or, with
-    `strict`, make this raise `ShardError` (missing files before anything is written; decoding
-    failures after the shards, without writing `_meta.json`). `workers` processes (default: one
-    per core; 0 or 1: in this process) write shards in parallel. A rerun reuses finished shards.
+    Image files are read from `images_dir` (local path or URI) and checked by decoding them
+    (`detr_ray.data.images`: the EXIF and colour rules); missing ones, undecodable ones, those
+    whose header declares more than `max_pixels` pixels and those whose size differs from the
+    annotation's are listed in the report and skipped, or, with `strict`, make this raise `ShardError`
+    (missing files before anything is written; the others after the shards, without writing
+    `_meta.json`). A read error is retried (`read_retry`); one that persists leaves that shard
+    unwritten and raises `ShardError` naming shard and file once the other shards are written,
+    without `_meta.json`. `workers` processes (default: one per core; 0 or 1: in this process)
+    write shards in parallel. A rerun reuses finished shards made with the same options.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    options = {"max_pixels": max_pixels}
     plan_id, chunks = _plan(dataset, shard_size)
     n = len(chunks)
     files = [f"part-{i:05d}-of-{n:05d}-{plan_id}.parquet" for i in range(n)]
@@ -331,12 +394,12 @@ def write_shards(
     reports: dict[int, dict[str, Any]] = {}
     tasks = []
     for i, (file, chunk) in enumerate(zip(files, chunks)):
-        existing = _existing_report(storage.join(out_uri, file), file)
+        existing = _existing_report(storage.join(out_uri, file), file, options)
         if existing is not None:
             reports[i] = existing
         else:
             items = [(r, dataset.annotations.get(r.id, [])) for r in chunk]
-            tasks.append(_ShardTask(i, file, out_uri, images_dir, items))
+            tasks.append(_ShardTask(i, file, out_uri, images_dir, items, options, read_retry))
     reused = len(reports)
     if reused:
         logger.info("%s: %d of %d shards already complete, reused", out_uri, reused, n)
@@ -344,10 +407,14 @@ def write_shards(
     if workers is None:
         workers = os.cpu_count() or 1
     total = sum(len(t.items) for t in tasks)
+    failed: list[str] = []  # shards left unwritten by a persistent read error
     with tqdm(total=total, unit="img", desc=f"shards -> {out_uri}", disable=not progress) as bar:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
-                reports[task.index] = _write_shard(task)
+                try:
+                    reports[task.index] = _write_shard(task)
+                except ImageReadError as e:
+                    failed.append(str(e))
                 bar.update(len(task.items))
         else:
             context = multiprocessing.get_context("spawn")  # no fork after torch/ray threads
@@ -355,8 +422,17 @@ def write_shards(
                 futures = {pool.submit(_write_shard, t): t for t in tasks}
                 for future in as_completed(futures):
                     task = futures[future]
-                    reports[task.index] = future.result()
+                    try:
+                        reports[task.index] = future.result()
+                    except ImageReadError as e:
+                        failed.append(str(e))
                     bar.update(len(task.items))
+    if failed:
+        raise ShardError(
+            f"{out_uri}: {len(failed)} of {n} shards not written: an image file could not be read "
+            f"after {read_retry.attempts} attempts; {META_FILE} not written, a rerun redoes only "
+            "the unwritten shards:\n  " + "\n  ".join(sorted(failed))
+        )
 
     ordered = [reports[i] for i in range(n)]
     report = WriteReport(out=out_uri, shards_written=len(tasks), shards_reused=reused)

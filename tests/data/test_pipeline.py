@@ -306,3 +306,109 @@ def test_two_train_workers_read_disjoint_parts_that_cover_each_epoch(shards, tmp
         assert not set(a) & set(b)
         assert sorted(a + b) == [100, 101, 102, 104, 105]
         assert parts[0]["skipped"] + parts[1]["skipped"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Unusual images: every colour mode becomes uint8 RGB; EXIF orientation follows the annotation.
+
+
+def _convert_and_decode(root: Path, images: list[tuple[str, "Image.Image", int, int, list[int]]], *, train: bool,
+                        save=None) -> dict[int, dict]:
+    """Writes COCO `images` (file name, PIL image, annotated width, height, one box) with one
+    category, converts them with write_shards and runs decode_augment on the rows."""
+    from detr_ray.data.coco import load_coco
+    from detr_ray.data.shards import write_shards
+
+    (root / "images").mkdir(parents=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "patch", "supercategory": "x"}]}
+    for k, (file_name, image, width, height, box) in enumerate(images):
+        (save or {}).get(file_name, lambda im, path: im.save(path))(image, root / "images" / file_name)
+        coco["images"].append({"id": k, "file_name": file_name, "width": width, "height": height})
+        coco["annotations"].append({"id": k, "image_id": k, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+    (root / "instances.json").write_text(json.dumps(coco))
+    report = write_shards(load_coco(str(root / "instances.json")), str(root / "images"), str(root / "shards"),
+                          workers=0, progress=False)
+    assert not report.skipped_images, report.summary()
+    table = read_shard_table(str(root / "shards"), READ_COLUMNS)
+    decoded = decode_augment(table, train=train, augment=AUGMENT_KW, category_to_label={1: 0})
+    return {r["image_id"]: r for r in decoded.to_pylist()}
+
+
+def _pixels_under_boxes(row: dict, min_side: int = 0) -> list[np.ndarray]:
+    """Mean RGB of the middle half of each box of a decoded row (of those at least `min_side`
+    pixels wide and high)."""
+    h, w = row["height"], row["width"]
+    assert len(row["image"]) == h * w * 3  # uint8 HWC, three channels
+    image = np.frombuffer(row["image"], dtype=np.uint8).reshape(h, w, 3)
+    means = []
+    for cx, cy, bw, bh in np.array(row["boxes"]).reshape(-1, 4):
+        if bw * w < min_side or bh * h < min_side:
+            continue
+        x0, x1 = int((cx - bw / 4) * w), int(np.ceil((cx + bw / 4) * w))
+        y0, y1 = int((cy - bh / 4) * h), int(np.ceil((cy + bh / 4) * h))
+        means.append(image[y0:y1, x0:x1].reshape(-1, 3).mean(0))
+    return means
+
+
+def test_every_colour_mode_decodes_to_three_channel_uint8(tmp_path):
+    from PIL import Image
+
+    box = [20, 10, 24, 20]
+    colour = np.zeros((48, 64, 3), np.uint8)
+    colour[10:30, 20:44] = (200, 30, 60)
+    gray = colour[..., 0]
+    rgb = Image.fromarray(colour)
+    images = [
+        ("gray.png", Image.fromarray(gray), 64, 48, box),
+        ("gray_alpha.png", Image.fromarray(gray).convert("LA"), 64, 48, box),
+        ("palette.png", rgb.convert("P"), 64, 48, box),
+        ("rgba.png", rgb.convert("RGBA"), 64, 48, box),
+        ("cmyk.jpg", rgb.convert("CMYK"), 64, 48, box),
+        ("gray16.png", Image.fromarray(gray.astype(np.uint16) * 257), 64, 48, box),
+    ]
+    assert [im.mode for _, im, *_ in images] == ["L", "LA", "P", "RGBA", "CMYK", "I;16"]
+    rows = _convert_and_decode(tmp_path, images, train=False,
+                               save={"cmyk.jpg": lambda im, path: im.save(path, quality=98)})
+    expected = [(200, 200, 200), (200, 200, 200), (200, 30, 60), (200, 30, 60), (200, 30, 60), (200, 200, 200)]
+    for k, want in enumerate(expected):
+        row = rows[k]
+        assert not row["skipped"] and (row["height"], row["width"]) == (48, 64), images[k][0]
+        [mean] = _pixels_under_boxes(row)
+        np.testing.assert_allclose(mean, want, atol=6, err_msg=images[k][0])
+
+    images_batch, _, _ = collate(pa.Table.from_pylist(list(rows.values()), schema=DECODED_SCHEMA))
+    assert images_batch.dtype == torch.uint8 and images_batch.shape == (6, 3, 48, 64)
+
+
+def test_exif_orientation_keeps_the_box_on_the_pixels_it_was_drawn_on(tmp_path):
+    """Rotated: stored 64 wide x 40 high with EXIF orientation 6 (shown rotated 90 degrees
+    clockwise), annotated 40 x 64 on the shown pixels: the EXIF rotation is applied. As stored:
+    the same tag, but annotated 64 x 40 on the stored pixels: no rotation."""
+    from PIL import Image, ImageOps
+
+    shown = np.zeros((64, 40, 3), np.uint8)
+    shown[36:56, 8:24] = (220, 20, 20)  # the annotated patch, box [8, 36, 16, 20]
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save = {name: lambda im, path: im.save(path, quality=95, exif=exif.tobytes()) for name in ("rotated.jpg", "as_stored.jpg")}
+    as_stored = np.zeros((40, 64, 3), np.uint8)
+    as_stored[4:24, 30:60] = (220, 20, 20)  # box [30, 4, 30, 20] on the stored pixels
+    images = [
+        ("rotated.jpg", stored, 40, 64, [8, 36, 16, 20]),
+        ("as_stored.jpg", Image.fromarray(as_stored), 64, 40, [30, 4, 30, 20]),
+    ]
+    assert stored.size == (64, 40)
+    for train in (False, True):
+        rows = _convert_and_decode(tmp_path / f"train{train}", images, train=train, save=save)
+        written = Image.open(tmp_path / f"train{train}" / "images" / "rotated.jpg")
+        assert written.size == (64, 40) and ImageOps.exif_transpose(written).size == (40, 64)
+        for k in (0, 1):
+            row = rows[k]
+            assert not row["skipped"] and (row["orig_height"], row["orig_width"]) == (images[k][3], images[k][2])
+            if not train:
+                assert row["height"] > row["width"] if k == 0 else row["height"] < row["width"]
+            means = _pixels_under_boxes(row, min_side=6 if train else 0)
+            assert means or train  # a random crop may cut the box away
+            for mean in means:  # red, not the black around the patch (train: blurred by resizing)
+                assert mean[0] > (100 if train else 170) and max(mean[1:]) < mean[0] / 3, (images[k][0], train, mean)

@@ -58,3 +58,16 @@ def test_demo_flag_writes_train_and_val(script, tmp_path, capsys):
     assert "train: " in printed and "(400 images" in printed and "val: " in printed
     assert (tmp_path / "d" / "raw" / "annotations" / "instances_val.json").exists()
     assert read_meta(str(tmp_path / "d" / "val")).counts["images"] == 100
+
+
+def test_max_pixels_and_read_attempts_flags(script, coco_dir, tmp_path, capsys):
+    base = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
+            "--workers", "0", "--no-progress"]
+    assert script.main([*base, "--out", str(tmp_path / "a"), "--max-pixels", "3071"]) == 0  # images are 64x48
+    assert "6  too many pixels" in capsys.readouterr().out
+    image = coco_dir / "images" / "img_002.jpg"
+    image.unlink()
+    image.mkdir()  # reading it fails with an I/O error, every time
+    assert script.main([*base, "--out", str(tmp_path / "b"), "--read-attempts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "could not be read after 1 attempts" in err and "'img_002.jpg'" in err

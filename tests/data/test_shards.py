@@ -1,7 +1,17 @@
 import contextlib
 import io
 import json
+import logging
+import os
+import resource
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from pycocotools.coco import COCO
@@ -13,7 +23,9 @@ from detr_ray.data.shards import (
     SCHEMA_VERSION,
     SKIP_MISSING,
     SKIP_SIZE,
+    SKIP_TOO_LARGE,
     SKIP_UNDECODABLE,
+    ReadRetry,
     ShardError,
     coco_ground_truth,
     read_meta,
@@ -162,3 +174,165 @@ def test_read_rows_fetches_only_the_asked_images(coco_dir, tmp_path):
     assert rows[101]["image"] == (coco_dir / "images" / "img_001.png").read_bytes() and rows[105]["width"] == 64
     assert set(rows[105]) == {"image_id", "image", "width"}
     assert read_rows(str(out), []) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Read errors: retried; one that persists fails its shard, which a rerun redoes.
+# The I/O errors are real: a directory stands where the image file should be, so reading it
+# fails in the filesystem (IsADirectoryError) until the file is put back.
+
+FAST_RETRY = ReadRetry(attempts=3, first_delay=0.01, max_delay=0.02)
+
+
+class _PutBackAfterFailures(logging.Handler):
+    """Replaces the directory at `path` by the file's bytes once `failures` retry warnings about
+    it were logged: reads fail that many times, then succeed."""
+
+    def __init__(self, path, data: bytes, failures: int):
+        super().__init__(logging.WARNING)
+        self.path, self.data, self.failures, self.seen = path, data, failures, 0
+
+    def emit(self, record):
+        if str(self.path) in record.getMessage() and "retrying" in record.getMessage():
+            self.seen += 1
+            if self.seen == self.failures:
+                self.path.rmdir()
+                self.path.write_bytes(self.data)
+
+
+def _unreadable(path):
+    """Puts a directory in place of the file; returns the file's bytes."""
+    data = path.read_bytes()
+    path.unlink()
+    path.mkdir()
+    return data
+
+
+def test_transient_read_error_is_retried_and_the_image_kept(coco_dir, tmp_path):
+    image = coco_dir / "images" / "img_003.jpg"
+    data = _unreadable(image)
+    handler = _PutBackAfterFailures(image, data, failures=2)
+    logger = logging.getLogger("detr_ray.data.shards")
+    logger.addHandler(handler)
+    try:
+        report = write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"),
+                              str(tmp_path / "out"), shard_size=2, workers=0, progress=False, read_retry=FAST_RETRY)
+    finally:
+        logger.removeHandler(handler)
+    assert handler.seen == 2  # two reads failed for real, the third succeeded
+    assert report.images_written == 6 and not report.skipped_images
+    assert read_rows(str(tmp_path / "out"), [103])[103]["image"] == data
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_persistent_read_error_fails_its_shard_and_a_rerun_redoes_it(coco_dir, tmp_path, workers):
+    image = coco_dir / "images" / "img_004.jpg"
+    data = _unreadable(image)
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    out = tmp_path / "out"
+    with pytest.raises(ShardError) as failure:
+        write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=2, workers=workers,
+                     progress=False, read_retry=FAST_RETRY)
+    message = str(failure.value)
+    assert "1 of 3 shards not written" in message and "after 3 attempts" in message
+    assert "shard part-00002-of-00003-" in message and "image_id=104 'img_004.jpg'" in message
+    assert "IsADirectoryError" in message
+    written = sorted(p.name for p in out.glob("*.parquet"))
+    assert len(written) == 2 and not any(name.startswith("part-00002") for name in written)
+    assert not (out / META_FILE).exists()
+
+    image.rmdir()
+    image.write_bytes(data)
+    rerun = write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=2, workers=0, progress=False)
+    assert rerun.shards_reused == 2 and rerun.shards_written == 1
+    assert rerun.images_written == 6 and not rerun.skipped_images
+    assert read_meta(str(out)).counts["images"] == 6
+
+
+def test_a_shard_that_skipped_an_image_over_a_read_error_is_redone(coco_dir, tmp_path):
+    """Shards written when a read error made an image an "unreadable file" skip hold a hole that
+    says nothing about the image: a rerun redoes them instead of reusing them."""
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    out = tmp_path / "out"
+    write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=3, workers=0, progress=False)
+    first = sorted(out.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    report = json.loads(table.schema.metadata[b"detr_ray.shard_report"])
+    report["rows"] -= 1
+    report["skipped_images"] = [{"image_id": 100, "file_name": "img_000.jpg", "reason": "unreadable file (EIO)"}]
+    keep = table.filter(pa.compute.not_equal(table.column("image_id"), 100))
+    pq.write_table(keep.replace_schema_metadata({b"detr_ray.shard_report": json.dumps(report).encode()}), first)
+
+    rerun = write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=3, workers=0, progress=False)
+    assert rerun.shards_written == 1 and rerun.shards_reused == 1
+    assert sorted(read_shard_table(str(out)).column("image_id").to_pylist()) == [100 + i for i in range(6)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile images: the pixel count is checked in the header, before anything is decoded.
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid 1-bit grayscale PNG of width x height black pixels: ~200 kB on disk for
+    40000 x 40000, 4.8 GB once decoded to RGB."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = bytes(1 + -(-width // 8))  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    rows_per_piece = 1000
+    idat = b"".join(compressor.compress(row * min(rows_per_piece, height - start))
+                    for start in range(0, height, rows_per_piece)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+_CONVERT_IN_CHILD = """
+import json, resource, sys
+from detr_ray.data.coco import load_coco
+from detr_ray.data.shards import write_shards
+root = sys.argv[1]
+# The same images without the large one first: imports and buffers are in place before measuring.
+write_shards(load_coco(root + "/instances.json"), root + "/images", root + "/warm-up", workers=0, progress=False)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+report = write_shards(load_coco(root + "/with_bomb.json"), root + "/images", root + "/out", workers=0, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"skipped": report.skipped_images, "written": report.images_written, "grew_kb": after - before}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_image_declaring_too_many_pixels_is_skipped_without_decoding_it(coco_dir):
+    """A 200 kB PNG declaring 40000 x 40000 pixels (annotated at that size, so that only the
+    pixel limit can refuse it). Converted in a child process whose peak memory is measured and
+    whose address space is capped, so that decoding it could not take this machine down."""
+    bomb = _png_declaring(40000, 40000)
+    assert len(bomb) < 1_000_000
+    (coco_dir / "images" / "bomb.png").write_bytes(bomb)
+    coco = json.loads((coco_dir / "instances.json").read_text())
+    coco["images"].append({"id": 999, "file_name": "bomb.png", "width": 40000, "height": 40000})
+    (coco_dir / "with_bomb.json").write_text(json.dumps(coco))
+
+    def cap_address_space():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))  # imports map ~4 GB
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    child = subprocess.run([sys.executable, "-c", _CONVERT_IN_CHILD, str(coco_dir)], capture_output=True,
+                           text=True, env=env, preexec_fn=cap_address_space, timeout=100)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert [(s["image_id"], s["reason"].split(" (")[0]) for s in result["skipped"]] == [(999, SKIP_TOO_LARGE)]
+    assert result["written"] == 6
+    assert result["grew_kb"] < 50 * 1024  # decoding it would take 4.8 GB
+
+
+def test_max_pixels_is_an_option(coco_dir, tmp_path):
+    dataset = load_coco(str(coco_dir / "instances.json"))  # 6 images of 64 x 48 = 3072 pixels
+    report = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False,
+                          max_pixels=3071)
+    assert report.images_written == 0 and len(report.skipped_images) == 6
+    assert report.skipped_images[0]["reason"] == f"{SKIP_TOO_LARGE} (64x48 = 3072 pixels, limit 3071)"
+    # Made with another limit: not reused.
+    again = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False,
+                         max_pixels=3072)
+    assert again.shards_written == 1 and again.images_written == 6
