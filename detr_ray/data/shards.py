@@ -9,7 +9,8 @@ A shard directory (local folder or pyarrow URI such as s3://bucket/coco/train) h
 Row schema (`SHARD_SCHEMA`, version `SCHEMA_VERSION`):
 
     image_id int64, file_name string, width int32, height int32 (as in the annotation file)
-    image binary                 the encoded file bytes (JPEG/PNG), never decoded here
+    image binary                 the encoded file bytes (JPEG/PNG) as read; decoded with the
+                                 EXIF rule of `detr_ray.data.images`
     annotation_ids list<int64>   one entry per object, all lists in the same order
     boxes list<list<float32>[4]> [x, y, w, h] in pixels, clipped to the image
     category_ids list<int64>     the source's category ids
@@ -20,8 +21,9 @@ supercategory), the contiguous mapping label i -> label_to_category_id[i], count
 annotation file and its sha256, the shard list, and the validation summary.
 
 Writing is idempotent: shard names carry a hash of the plan (source sha256, shard size, schema
-version), finished shards are detected and reused on a rerun, and files from another plan in the
-output directory are an error rather than silently mixed in.
+version), finished shards made with the same options (`max_pixels`) are detected and reused on a
+rerun, and files from another plan in the output directory are an error rather than silently
+mixed in. A shard is written only when every one of its image files could be read.
 """
 
 from __future__ import annotations
