@@ -342,9 +342,11 @@ def _map_class_head(model, sd, target, table, categories, report) -> dict[str, T
         return sd
     src_w, src_b = sd["class_embed.weight"], sd["class_embed.bias"]
     rows = _source_classes(sd, table, report.source)
-    if rows is None or src_w.shape[1] != target["class_embed.weight"].shape[1]:
-        log.info("%s: class head rows are not known categories; not mapped by category", report.source)
+    if rows is None:
+        log.info("%s: its class head's rows are not known categories; not mapped by category", report.source)
         return sd
+    if src_w.shape[1] != target["class_embed.weight"].shape[1]:
+        return sd  # another hidden_dim: _load_detr reports the architecture mismatch
     report.classes = _match_classes(categories, rows)
     _reset(model.class_embed)  # new classes keep DETR's own initialisation
     w = model.class_embed.weight.detach().clone()
