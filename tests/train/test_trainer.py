@@ -2,6 +2,7 @@
 
 import copy
 import os
+from dataclasses import replace
 
 import pyarrow.fs as pafs
 
@@ -124,3 +125,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     (tmp_path / "checkpoint_epoch0001" / ckpt.MANIFEST).unlink()
     assert load_resume_state(found) is None
     assert run_checkpoints(pafs.LocalFileSystem(), str(tmp_path / "absent")) == []
+
+
+def test_fine_tuning_maps_the_pretrained_class_head_by_the_data_categories(demo_root, tmp_path):
+    import torch
+
+    from detr_ray.config import experiment_from_dict
+    from detr_ray.model import build_model
+
+    # lr so small that one step leaves every weight as loaded: the run's checkpoint shows the load.
+    exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, lr=1e-30, lr_backbone=0.0, weight_decay=0.0)
+    torch.manual_seed(5)
+    src = build_model(replace(experiment_from_dict(exp).model, num_classes=3))
+    # Another dataset's checkpoint: "Triangle" under the demo's id, rectangle under another id.
+    stored = {"label_to_category_id": [2, 9, 5], "names": ["Triangle", "rectangle", "hexagon"]}
+    ckpt.save(tmp_path / "other", src, None, None, None, ckpt.TrainingState(1, 1, {}, categories=stored))
+    exp["train"]["pretrained"] = str(tmp_path / "other")
+    result = build_trainer(exp, name="finetune", storage_path=str(tmp_path / "runs")).fit()
+    tuned = ckpt.load(result.checkpoint.path)
+    assert tuned.state.categories["names"] == ["rectangle", "triangle", "ellipse"]
+    w, b = tuned.model["class_embed.weight"], tuned.model["class_embed.bias"]
+    sw, sb = src.class_embed.weight.detach(), src.class_embed.bias.detach()
+    for label, row in ((0, 1), (1, 0), (3, 3)):  # rectangle by name, triangle by id, no-object
+        assert torch.equal(w[label], sw[row]) and torch.equal(b[label], sb[row]), label
+    assert not any(torch.allclose(w[2], sw[row]) for row in range(4))  # ellipse: new
