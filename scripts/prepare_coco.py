@@ -5,7 +5,8 @@
         --annotations /data/coco/annotations/instances_val2017.json --out s3://bucket/coco/val
     python scripts/prepare_coco.py --demo --out data/demo      # synthetic demo: DIR/train, DIR/val
 
-Run it once per split. A rerun over a finished output reuses what is there.
+Run it once per split. A rerun over a finished output reuses what is there. --out must be new,
+empty or an earlier output of the same conversion: other files there are an error, never replaced.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from detr_ray.data.coco import CocoFormatError, load_coco
 from detr_ray.data.demo import make_demo_dataset
 from detr_ray.data.shards import ShardError, read_meta, write_shards
+from detr_ray.ownership import NotOwnedError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             progress=not args.no_progress,
         )
-    except (CocoFormatError, ShardError, ValueError) as e:
+    except (CocoFormatError, ShardError, NotOwnedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

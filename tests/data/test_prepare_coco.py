@@ -58,3 +58,19 @@ def test_demo_flag_writes_train_and_val(script, tmp_path, capsys):
     assert "train: " in printed and "(400 images" in printed and "val: " in printed
     assert (tmp_path / "d" / "raw" / "annotations" / "instances_val.json").exists()
     assert read_meta(str(tmp_path / "d" / "val")).counts["images"] == 100
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(script, coco_dir, tmp_path, capsys):
+    mine = tmp_path / "mine" / "raw" / "annotations" / "instances_val.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my annotations")
+    assert script.main(["--demo", "--out", str(tmp_path / "mine"), "--no-progress"]) == 2
+    assert f"error: {tmp_path / 'mine'}: holds files that detr-ray did not create (raw)" in capsys.readouterr().err
+    assert mine.read_text() == "my annotations"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["raw"]
+
+    argv = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
+            "--out", str(mine.parent), "--workers", "0", "--no-progress"]
+    assert script.main(argv) == 2
+    assert f"error: {mine.parent}: holds files that the shard writer did not write (instances_val.json)" in capsys.readouterr().err
+    assert [p.name for p in mine.parent.iterdir()] == ["instances_val.json"]
