@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import ShardError, read_meta, write_shards
-from detr_ray.ownership import NotOwnedError, claim, owner
+from detr_ray.ownership import MARKER, NotOwnedError, claim, owner
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def ensure_demo_shards(
     root.mkdir(parents=True, exist_ok=True)
     wanted = _params(num_train, num_val, seed, image_sizes, shard_size)
     train, val = root / "train", root / "val"
-    if owner(root) != OWNER and any(p.name != LOCK_FILE for p in root.iterdir()):
+    # Before taking the lock (which adds a file): a marker alone may be one being written under it.
+    if owner(root) != OWNER and any(p.name not in (LOCK_FILE, MARKER) for p in root.iterdir()):
         if _demo_params(train) == wanted and _demo_params(val) == wanted:
             return str(train), str(val)
         claim(root, OWNER, ignore=(LOCK_FILE,))  # raises, naming root and what is in it
