@@ -172,7 +172,7 @@ cmd_status() {
 cmd_down() {
     trap - ERR
     if [[ "$(cat "$MARKER" 2>/dev/null)" != "$OWNER" ]]; then
-        echo "no cluster of this script in $DIR (no $(basename "$MARKER") of it there); nothing stopped or deleted"
+        echo "no cluster running from $DIR (no $(basename "$MARKER") of this script there); nothing stopped or deleted"
         return 0
     fi
     record_sessions 2>/dev/null || true

@@ -91,17 +91,20 @@ class CocoDataset:
         return sum(len(a) for a in self.annotations.values())
 
 
-def unsafe_name(name: str) -> str | None:
+def unsafe_name(name: str, uri: bool = False) -> str | None:
     """Why `name` (a path read from a file) may not be joined onto a directory, or None if it
     may: it must be a relative path that stays inside the directory on any platform and
     filesystem. A `..` component is refused even where it would lead back inside: resolved
-    through a symbolic link it can lead anywhere."""
+    through a symbolic link it can lead anywhere. `uri`: the directory is a URI (s3://...),
+    where pyarrow reads `%` as an escape (`%2F..`), `?` as options (another endpoint) and `#`."""
     if not name or "\x00" in name:
         return "is empty or holds a NUL character"
     if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or "://" in name:
         return "is absolute (a root, drive or URI)"
     if ".." in re.split(r"[/\\]", name):
         return "climbs out of the directory ('..')"
+    if uri and re.search(r"[%?#]", name):
+        return "holds %, ? or #, which a URI location does not read as part of the name"
     return None
 
 

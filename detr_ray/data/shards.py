@@ -138,7 +138,7 @@ class DatasetMeta:
             rows = shard.get("rows") if isinstance(shard, dict) else None
             if not isinstance(file, str) or isinstance(rows, bool) or not isinstance(rows, int):
                 raise ShardError(f"{where}: shards[{i}] must be {{\"file\": name, \"rows\": count}}, got {shard!r}")
-            if unsafe_name(file) or "/" in file or "\\" in file or file == ".":
+            if unsafe_name(file, uri=True) or "/" in file or "\\" in file or file == ".":
                 raise ShardError(
                     f"{where}: shards[{i}]: file {file!r} is not a file name inside the shard directory; "
                     "refusing to read it"
@@ -369,8 +369,8 @@ def write_shards(
     n = len(chunks)
     files = [f"part-{i:05d}-of-{n:05d}-{plan_id}.parquet" for i in range(n)]
 
-    for record in dataset.images:  # coco.load_coco checks these too; a dataset may be built otherwise
-        problem = unsafe_name(record.file_name)
+    for record in dataset.images:  # coco.load_coco checks these too, not knowing images_dir
+        problem = unsafe_name(record.file_name, uri=storage.is_uri(images_dir))
         if problem:
             raise ShardError(f"{dataset.path}: image id={record.id}: file_name {record.file_name!r} {problem}")
     _check_output(out_uri, files)

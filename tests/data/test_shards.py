@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -204,20 +205,30 @@ def test_own_meta_and_leftovers_of_an_interrupted_write_are_not_in_the_way(coco_
     assert report.shards_reused == 2 and read_meta(str(out)).counts["images"] == 6
 
 
-def test_a_file_name_outside_the_images_directory_is_never_read(coco_dir, tmp_path):
-    """A dataset not checked by load_coco (built in code): write_shards refuses the name itself."""
+@pytest.mark.parametrize(
+    "name, uri, reason",
+    [
+        ("../secret.jpg", False, "climbs out"),  # a dataset built in code: load_coco would refuse it
+        ("sub%2F..%2F..%2Fsecret.jpg", True, "holds %, \\? or #"),  # pyarrow decodes %2F in a URI
+    ],
+)
+def test_a_file_name_outside_the_images_directory_is_never_read(coco_dir, tmp_path, name, uri, reason):
     import dataclasses
 
-    dataset = load_coco(str(coco_dir / "instances.json"))
+    (coco_dir / "images" / "sub").mkdir()
     outside = coco_dir / "secret.jpg"  # a valid image of the right size, next to images/
     outside.write_bytes((coco_dir / "images" / "img_000.jpg").read_bytes())
-    dataset.images[0] = dataclasses.replace(dataset.images[0], file_name="../secret.jpg")
-    with pytest.raises(ShardError, match=r"image id=100: file_name '../secret.jpg' climbs out"):
-        write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "shards"), workers=0, progress=False)
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    dataset.images[0] = dataclasses.replace(dataset.images[0], file_name=name)
+    images = f"file://{coco_dir}/images" if uri else str(coco_dir / "images")
+    with pytest.raises(ShardError, match=f"image id=100: file_name '{re.escape(name)}' {reason}"):
+        write_shards(dataset, images, str(tmp_path / "shards"), workers=0, progress=False)
     assert not (tmp_path / "shards").exists()
 
 
-@pytest.mark.parametrize("name", ["../elsewhere/part.parquet", "/abs/part.parquet", "sub/part.parquet", "..", ""])
+@pytest.mark.parametrize(
+    "name", ["../elsewhere/part.parquet", "/abs/part.parquet", "sub/part.parquet", "..", "", "..%2Felsewhere%2Fpart.parquet"]
+)
 def test_shard_names_in_the_meta_stay_in_the_shard_directory(coco_dir, tmp_path, name):
     out = tmp_path / "shards"
     write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out),
@@ -231,6 +242,8 @@ def test_shard_names_in_the_meta_stay_in_the_shard_directory(coco_dir, tmp_path,
     (out / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ShardError, match=r"_meta.json: shards\[1\]: file .* is not a file name inside the shard directory"):
         read_shard_table(str(out))
+    with pytest.raises(ShardError, match=r"shards\[1\]: file .* is not a file name inside"):
+        read_shard_table(f"file://{out}")
     meta["shards"][1] = {"file": 7}
     (out / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ShardError, match=r"shards\[1\] must be"):
