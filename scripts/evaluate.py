@@ -27,9 +27,10 @@ from detr_ray.evaluation.coco_eval import ResultsError
 from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
 from detr_ray.evaluation.subject import SubjectError, from_checkpoint, from_experiment, resolve
+from detr_ray.ownership import NotOwnedError
 from detr_ray.train.checkpoint import CheckpointError
 
-ERRORS = (SubjectError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, FileNotFoundError)
+ERRORS = (SubjectError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, NotOwnedError, FileNotFoundError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
     what.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (checkpoint_epochNNNN)")
     p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
-    p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory (default: ./evaluation)")
+    p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory: new, empty or an earlier report's (default: ./evaluation)")
     p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments or COCO results files to compare")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
     p.add_argument("--actors", type=int, default=0, help="inference actors (default: one per GPU, else one)")

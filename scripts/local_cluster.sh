@@ -9,7 +9,8 @@
 #   scripts/local_cluster.sh down      # stop exactly the processes `up` started, delete the state
 #
 # Settings (environment): DETR_RAY_CLUSTER_DIR (default /tmp/detr-ray-cluster: Ray's temp dir,
-# the token, the list of started sessions), DETR_RAY_CLUSTER_PORT_BASE (default 24000: GCS on it,
+# the token, the list of started sessions; `up` takes only a new or empty directory and marks it,
+# `down` deletes only a directory so marked), DETR_RAY_CLUSTER_PORT_BASE (default 24000: GCS on it,
 # the dashboard on +1, the Ray client server on +2, node i's ports from +100*(i+1)),
 # DETR_RAY_CLUSTER_HEAD_CPUS (1), DETR_RAY_CLUSTER_WORKER_CPUS (3), RAY_BIN (default: the repo's
 # .venv/bin/ray, else `ray` on PATH). Nothing here touches other Ray instances on the machine:
@@ -41,6 +42,8 @@ PYTHON="$BIN/python"
 TEMP="$DIR/ray-"               # + node index: each node has a temp dir (sessions, logs, runtime envs) of its own
 TOKEN="$DIR/auth_token"
 SESSIONS="$DIR/sessions"       # the process session ids of the started nodes, for `down`
+MARKER="$DIR/.detr-ray-owner"  # names this script as the directory's maker (detr_ray/ownership.py)
+OWNER='{"owner": "scripts/local_cluster.sh"}'
 GCS_PORT="$BASE"
 DASHBOARD_PORT=$((BASE + 1))
 CLIENT_PORT=$((BASE + 2))
@@ -112,6 +115,12 @@ EOF
 }
 
 cmd_up() {
+    # `down` deletes $DIR, so it must hold nothing this script did not create.
+    if [[ -e "$DIR" && "$(cat "$MARKER" 2>/dev/null)" != "$OWNER" && -n "$(ls -A "$DIR")" ]]; then
+        echo "error: $DIR holds files this script did not create; refusing to use it (nothing was changed)." \
+             "Set DETR_RAY_CLUSTER_DIR to a new or empty directory" >&2
+        exit 1
+    fi
     if [[ -n "$(pids_of_cluster)" ]]; then
         echo "error: a cluster is already running from $DIR; run '$0 down' first" >&2
         exit 1
@@ -123,6 +132,7 @@ cmd_up() {
         fi
     done
     mkdir -p "$DIR"
+    echo "$OWNER" > "$MARKER"
     rm -f "$SESSIONS"
     if [[ ! -s "$TOKEN" ]]; then
         (umask 077 && "$PYTHON" -c "import secrets; print(secrets.token_hex(32), end='')" > "$TOKEN")
@@ -161,6 +171,10 @@ cmd_status() {
 
 cmd_down() {
     trap - ERR
+    if [[ "$(cat "$MARKER" 2>/dev/null)" != "$OWNER" ]]; then
+        echo "no cluster running from $DIR (no $(basename "$MARKER") of this script there); nothing stopped or deleted"
+        return 0
+    fi
     record_sessions 2>/dev/null || true
     local sessions pids=()
     sessions="$(cat "$SESSIONS" 2>/dev/null || true)"

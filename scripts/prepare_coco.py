@@ -5,7 +5,8 @@
         --annotations /data/coco/annotations/instances_val2017.json --out s3://bucket/coco/val
     python scripts/prepare_coco.py --demo --out data/demo      # synthetic demo: DIR/train, DIR/val
 
-Run it once per split. A rerun over a finished output reuses what is there.
+Run it once per split. A rerun over a finished output reuses what is there. --out must be new,
+empty or an earlier output of the same conversion: other files there are an error, never replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from detr_ray.data.coco import CocoFormatError, load_coco
 from detr_ray.data.demo import make_demo_dataset
 from detr_ray.data.images import DEFAULT_MAX_PIXELS
 from detr_ray.data.shards import ReadRetry, ShardError, read_meta, write_shards
+from detr_ray.ownership import NotOwnedError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             read_retry=ReadRetry(attempts=args.read_attempts),
         )
-    except (CocoFormatError, ShardError, ValueError) as e:
+    except (CocoFormatError, ShardError, NotOwnedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -8,7 +8,9 @@ and applies the validation rules of the shard writer:
 - boxes with zero or negative width or height are dropped, boxes reaching outside the image are
   clipped to it (and dropped if nothing is left); annotations of unknown images or categories are
   dropped. Every drop and clip is counted by reason in `CocoDataset.dropped` / `.clipped`;
-- images without annotations are kept (DETR learns "no object" from them).
+- images without annotations are kept (DETR learns "no object" from them);
+- an image's `file_name` must be a relative path that stays inside the images directory
+  (`unsafe_name`): an absolute path, a drive or URI, or a `..` component is a `CocoFormatError`.
 
 Labels: the model sees contiguous labels 0..K-1; label i is the i-th category in ascending
 category-id order (`CocoDataset.label_to_category_id[i]`). Ids at the boundary stay the
@@ -21,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +91,23 @@ class CocoDataset:
         return sum(len(a) for a in self.annotations.values())
 
 
+def unsafe_name(name: str, uri: bool = False) -> str | None:
+    """Why `name` (a path read from a file) may not be joined onto a directory, or None if it
+    may: it must be a relative path that stays inside the directory on any platform and
+    filesystem. A `..` component is refused even where it would lead back inside: resolved
+    through a symbolic link it can lead anywhere. `uri`: the directory is a URI (s3://...),
+    where pyarrow reads `%` as an escape (`%2F..`), `?` as options (another endpoint) and `#`."""
+    if not name or "\x00" in name:
+        return "is empty or holds a NUL character"
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or "://" in name:
+        return "is absolute (a root, drive or URI)"
+    if ".." in re.split(r"[/\\]", name):
+        return "climbs out of the directory ('..')"
+    if uri and re.search(r"[%?#]", name):
+        return "holds %, ? or #, which a URI location does not read as part of the name"
+    return None
+
+
 def _where(path: str, section: str, index: int, entry: Any) -> str:
     ident = entry.get("id") if isinstance(entry, dict) else None
     return f"{path}: {section}[{index}]" + (f" (id={ident})" if ident is not None else "")
@@ -139,6 +159,11 @@ def _parse_images(entries: list, path: str) -> list[ImageRecord]:
         where = _where(path, "images", i, entry)
         iid = _require(entry, "id", (int,), where)
         file_name = _require(entry, "file_name", (str,), where)
+        problem = unsafe_name(file_name)
+        if problem:
+            raise CocoFormatError(
+                f"{where}: key 'file_name' {file_name!r} {problem}; it must be a path relative to the images directory"
+            )
         width = _require(entry, "width", (int,), where)
         height = _require(entry, "height", (int,), where)
         if width <= 0 or height <= 0:

@@ -14,6 +14,10 @@ Layout written by `make_demo_dataset(out_dir)`:
     out_dir/raw/train/*.jpg, out_dir/raw/val/*.jpg
     out_dir/raw/annotations/instances_{train,val}.json
     out_dir/train/, out_dir/val/             Parquet shards + _meta.json
+    out_dir/.detr-ray-owner                  marks out_dir as the generator's (ownership.MARKER)
+
+The generator writes only into a new or empty directory, or one it marked before; it deletes
+only files it writes itself, in a directory it marked (see `ensure_demo_shards`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import ShardError, read_meta, write_shards
+from detr_ray.ownership import MARKER, NotOwnedError, claim, owner
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,15 @@ CATEGORIES = [
 COLOURS = {1: (220, 45, 45), 2: (45, 85, 230), 3: (45, 200, 70)}  # one distinct colour per class
 OBJECT_COUNT_PROBS = (0.1, 0.55, 0.35)  # P(0 objects), P(1), P(2)
 MIN_VISIBLE = 0.6
+
+OWNER = "detr_ray.data.demo"  # the name in the marker of a directory the generator made
+LOCK_FILE = ".detr-ray-demo.lock"
+# Every path (relative to the root, "/"-separated) the generator writes, directories included;
+# `<file>.<8 hex>.tmp` are storage.write_bytes_atomic's files of an interrupted write.
+_GENERATED = re.compile(
+    r"(train|val)(/(part-\d{5}-of-\d{5}-[0-9a-f]{10}\.parquet|_meta\.json)(\.[0-9a-f]{8}\.tmp)?)?"
+    r"|raw(/(train|val)(/(train|val)_\d{6,}\.jpg)?|/annotations(/instances_(train|val)\.json)?)?"
+)
 
 
 def default_demo_root() -> str:
@@ -163,8 +178,9 @@ def make_demo_dataset(
     progress: bool = False,
 ) -> tuple[str, str]:
     """Generates the demo dataset under out_dir (see the module docstring) and shards it.
-    Deterministic for given arguments. Returns (train_shards, val_shards) directories."""
-    out = Path(out_dir)
+    Deterministic for given arguments. Returns (train_shards, val_shards) directories.
+    out_dir must be new, empty or marked by the generator (else NotOwnedError, nothing written)."""
+    out = claim(out_dir, OWNER, ignore=(LOCK_FILE,))
     params = _params(num_train, num_val, seed, image_sizes, shard_size)
     result = []
     for split, count in (("train", num_train), ("val", num_val)):
@@ -191,6 +207,29 @@ def _demo_params(shards: Path) -> dict[str, Any] | None:
         return None
 
 
+def _remove_generated(root: Path) -> None:
+    """Deletes train/, val/ and raw/ under root, which the generator marked as its own, after
+    checking that every file there is one the generator writes; anything else (a user's file, a
+    symbolic link) is a NotOwnedError naming it, and nothing is removed."""
+    tops = [root / name for name in ("train", "val", "raw")]
+    for top in tops:
+        found = [top] if top.is_symlink() else []
+        if top.is_dir() and not found:
+            for parent, dirs, files in os.walk(top):
+                found += [Path(parent, name) for name in dirs + files]
+        for path in found:
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or not _GENERATED.fullmatch(rel):
+                raise NotOwnedError(
+                    f"{path}: not written by the demo generator; refusing to regenerate the demo data "
+                    f"in {root}, nothing was removed. Move it away, or point DETR_RAY_DEMO_DIR / "
+                    "data.demo_root at another directory."
+                )
+    for top in tops:
+        if top.exists():
+            shutil.rmtree(top)
+
+
 def ensure_demo_shards(
     root: str | os.PathLike | None = None,
     *,
@@ -202,17 +241,26 @@ def ensure_demo_shards(
 ) -> tuple[str, str]:
     """(train_uri, val_uri) of the demo shards under `root` (default: default_demo_root()),
     generating them first if missing, incomplete or made by another generator version or other
-    arguments. Safe to call from several processes of one machine at once (a file lock)."""
+    arguments. Safe to call from several processes of one machine at once (a file lock).
+
+    Stale data is replaced only in a root the generator marked as its own (ownership.MARKER),
+    and only if it holds nothing but the generator's files; demo shards of these arguments in an
+    unmarked root are used as they are; any other content is a NotOwnedError naming the path."""
     root = Path(root or default_demo_root())
     root.mkdir(parents=True, exist_ok=True)
     wanted = _params(num_train, num_val, seed, image_sizes, shard_size)
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        train, val = root / "train", root / "val"
+    train, val = root / "train", root / "val"
+    # Before taking the lock (which adds a file): a marker alone may be one being written under it.
+    if owner(root) != OWNER and any(p.name not in (LOCK_FILE, MARKER) for p in root.iterdir()):
         if _demo_params(train) == wanted and _demo_params(val) == wanted:
             return str(train), str(val)
-        for stale in (train, val, root / "raw"):
-            shutil.rmtree(stale, ignore_errors=True)
+        claim(root, OWNER, ignore=(LOCK_FILE,))  # raises, naming root and what is in it
+    with open(root / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        claim(root, OWNER, ignore=(LOCK_FILE,))
+        if _demo_params(train) == wanted and _demo_params(val) == wanted:
+            return str(train), str(val)
+        _remove_generated(root)
         logger.info("generating the demo dataset under %s", root)
         return make_demo_dataset(
             root, num_train=num_train, num_val=num_val, seed=seed, image_sizes=image_sizes, shard_size=shard_size

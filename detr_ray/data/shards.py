@@ -22,8 +22,13 @@ annotation file and its sha256, the shard list, and the validation summary.
 
 Writing is idempotent: shard names carry a hash of the plan (source sha256, shard size, schema
 version), finished shards made with the same options (`max_pixels`) are detected and reused on a
-rerun, and files from another plan in the output directory are an error rather than silently
-mixed in. A shard is written only when every one of its image files could be read.
+rerun, and a shard is written only when every one of its image files could be read. The writer
+replaces only its own files: an output directory holding anything else (shards of another plan, a
+`_meta.json` that is not detr-ray's, any other file) is an error naming it, and nothing is written.
+
+Names read from files never reach outside their directory: an image `file_name` must be a
+relative path inside the images directory (coco.unsafe_name), and a shard `file` listed in
+`_meta.json` a plain file name in the shard directory; anything else is an error naming the entry.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import multiprocessing
 import os
 import random
 import time
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -49,6 +55,7 @@ from tqdm import tqdm
 from detr_ray.data import storage
 from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord
 from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
+from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord, unsafe_name
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +159,18 @@ class DatasetMeta:
                 f"{where}: shard schema version {meta.schema_version}, this code reads "
                 f"{SCHEMA_VERSION}; re-run scripts/prepare_coco.py"
             )
+        if not isinstance(meta.shards, list):
+            raise ShardError(f"{where}: 'shards' must be a list, got {meta.shards!r}")
+        for i, shard in enumerate(meta.shards):
+            file = shard.get("file") if isinstance(shard, dict) else None
+            rows = shard.get("rows") if isinstance(shard, dict) else None
+            if not isinstance(file, str) or isinstance(rows, bool) or not isinstance(rows, int):
+                raise ShardError(f"{where}: shards[{i}] must be {{\"file\": name, \"rows\": count}}, got {shard!r}")
+            if unsafe_name(file, uri=True) or "/" in file or "\\" in file or file == ".":
+                raise ShardError(
+                    f"{where}: shards[{i}]: file {file!r} is not a file name inside the shard directory; "
+                    "refusing to read it"
+                )
         return meta
 
 
@@ -346,6 +365,42 @@ def _check_missing_files(dataset: CocoDataset, images_dir: str) -> list[dict[str
     ]
 
 
+# storage.write_bytes_atomic's temporary file of an interrupted write of a shard or the meta
+_LEFTOVER = re.compile(r"(part-\d{5}-of-\d{5}-[0-9a-f]{10}\.parquet|_meta\.json)\.[0-9a-f]{8}\.tmp")
+
+
+def _is_detr_ray_meta(location: str) -> bool:
+    try:
+        data = json.loads(storage.read_bytes(location))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "shards", "source"} <= data.keys()
+
+
+def _check_output(out_uri: str, files: list[str]) -> None:
+    """Refuses an output directory that holds anything but this conversion's shards, a
+    `_meta.json` of detr-ray and leftovers of its interrupted writes (ShardError naming them):
+    the writer may replace only its own files, and a reader of the directory would mix in others."""
+    present = storage.list_files(out_uri)
+    shards = sorted(f for f in present if f.endswith(".parquet") and f not in files)
+    if shards:
+        raise ShardError(
+            f"{out_uri}: holds Parquet files that are not part of this conversion "
+            f"({', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''}): shards of another "
+            "annotation file or shard size, or not detr-ray's; choose another output or move them away"
+        )
+    others = [f for f in present if not (f in files or f.endswith(".parquet") or f == META_FILE or _LEFTOVER.fullmatch(f))]
+    if META_FILE in present and not _is_detr_ray_meta(storage.join(out_uri, META_FILE)):
+        others.append(f"{META_FILE} (not detr-ray's)")
+    others += [f"{d}/" for d in storage.list_dirs(out_uri)]
+    if others:
+        raise ShardError(
+            f"{out_uri}: holds files that the shard writer did not write ({', '.join(sorted(others)[:5])}"
+            f"{' ...' if len(others) > 5 else ''}); it replaces only its own files. Choose a new or "
+            "empty output, or move them away"
+        )
+
+
 def write_shards(
     dataset: CocoDataset,
     images_dir: str,
@@ -380,13 +435,11 @@ def write_shards(
     n = len(chunks)
     files = [f"part-{i:05d}-of-{n:05d}-{plan_id}.parquet" for i in range(n)]
 
-    foreign = sorted(set(storage.list_files(out_uri, ".parquet")) - set(files))
-    if foreign:
-        raise ShardError(
-            f"{out_uri}: holds Parquet files that are not part of this conversion "
-            f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): shards of another "
-            "annotation file or shard size; choose another output or delete them"
-        )
+    for record in dataset.images:  # coco.load_coco checks these too, not knowing images_dir
+        problem = unsafe_name(record.file_name, uri=storage.is_uri(images_dir))
+        if problem:
+            raise ShardError(f"{dataset.path}: image id={record.id}: file_name {record.file_name!r} {problem}")
+    _check_output(out_uri, files)
     if strict:
         missing = _check_missing_files(dataset, images_dir)
         if missing:

@@ -9,6 +9,8 @@
                -> report.md, report.json, figures/ (report.py)
 
 The numbers in the report are pycocotools' own on `ground_truth.json` and `detections.json`.
+The output directory must be new, empty or an earlier report's (ownership.claim): the report
+replaces only files detr-ray wrote.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from detr_ray.evaluation.coco_eval import Evaluation, ap_per_iou, as_coco, evalu
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
 from detr_ray.evaluation.report import Report, write_report
 from detr_ray.evaluation.subject import Subject, SubjectError, parameter_importances
+from detr_ray.ownership import claim
 
 log = logging.getLogger(__name__)
 
+OWNER = "detr_ray.evaluation"  # the marker's name for a report directory
 RESULTS_FILE = "detections.json"
 GROUND_TRUTH_FILE = "ground_truth.json"
 
@@ -103,8 +107,7 @@ def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[S
     val = options.data or subject.val
     if not val:
         raise SubjectError(f"{subject.source}: no validation data is known for it; give the val shards (--data)")
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(options.out, OWNER)
     gt_dict = coco_ground_truth(val)
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(gt_dict))
     gt = as_coco(gt_dict)

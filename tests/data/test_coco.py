@@ -99,3 +99,22 @@ def test_load_coco_hashes_the_file_and_reports_bad_json(tmp_path):
         load_coco(str(bad))
     with pytest.raises(CocoFormatError, match=r"missing.json: cannot read"):
         load_coco(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/passwd", "../x.jpg", "a/../../x.jpg", "a/..", "..\\x.jpg", "C:\\x.jpg", "c:x.jpg", "\\\\host\\share\\x.jpg",
+     "s3://bucket/x.jpg", "file:///x.jpg", ""],
+)
+def test_a_file_name_leaving_the_images_directory_is_refused(name):
+    data = base()
+    data["images"][0]["file_name"] = name
+    with pytest.raises(CocoFormatError, match=r"^ann.json: images\[0\] \(id=2\): key 'file_name' .*must be a path relative"):
+        parse_coco(data, "ann.json")
+
+
+def test_relative_file_names_are_kept():
+    data = base()
+    data["images"][0]["file_name"] = "train2017/sub/b..c.jpg"
+    data["images"][1]["file_name"] = "./a.jpg"
+    assert [r.file_name for r in parse_coco(data, "ann.json").images] == ["./a.jpg", "train2017/sub/b..c.jpg"]

@@ -1,9 +1,12 @@
 import json
+import os
 
 import numpy as np
+import pytest
 
 from detr_ray.data import demo
 from detr_ray.data.shards import read_meta, read_shard_table
+from detr_ray.ownership import MARKER, NotOwnedError
 
 
 def test_demo_is_deterministic_and_shaped_as_designed(tmp_path):
@@ -71,3 +74,67 @@ def test_default_root_honours_the_environment(monkeypatch, tmp_path):
     assert demo.default_demo_root() == str(tmp_path / "x")
     monkeypatch.delenv("DETR_RAY_DEMO_DIR")
     assert demo.default_demo_root().endswith(f"demo-v{demo.DEMO_VERSION}")
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under root (marker and lock aside)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (MARKER, demo.LOCK_FILE)
+    }
+
+
+def test_a_directory_of_other_shards_is_refused_and_left_as_it_was(coco_dir, tmp_path, monkeypatch):
+    """DETR_RAY_DEMO_DIR (or data.demo_root) pointing at a user's data: an error naming it, and
+    not one file removed or changed."""
+    from detr_ray.data.coco import load_coco
+    from detr_ray.data.shards import write_shards
+
+    root = tmp_path / "mine"
+    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(root / "train"),
+                 shard_size=4, workers=0, progress=False)
+    (root / "raw").mkdir()
+    (root / "raw" / "notes.txt").write_text("my only copy")
+    before = _tree(root)
+    monkeypatch.setenv("DETR_RAY_DEMO_DIR", str(root))
+    with pytest.raises(NotOwnedError, match=f"{root}: holds files that detr-ray did not create .*raw, train"):
+        demo.ensure_demo_shards(num_train=12, num_val=4, shard_size=8)
+    assert _tree(root) == before
+    assert sorted(os.listdir(root)) == ["raw", "train"]  # not even a lock file or marker added
+
+
+def test_stale_demo_data_with_a_foreign_file_is_not_removed(tmp_path):
+    small = dict(num_train=12, num_val=4, shard_size=8)
+    demo.ensure_demo_shards(tmp_path, **small)
+    (tmp_path / "raw" / "train" / "my_photo.jpg").write_bytes(b"not the generator's")
+    before = _tree(tmp_path)
+    with pytest.raises(NotOwnedError, match=r"raw/train/my_photo.jpg: not written by the demo generator"):
+        demo.ensure_demo_shards(tmp_path, **{**small, "num_train": 10})
+    assert _tree(tmp_path) == before
+    (tmp_path / "raw" / "train" / "my_photo.jpg").unlink()  # with it gone, stale data is replaced
+    demo.ensure_demo_shards(tmp_path, **{**small, "num_train": 10})
+    assert read_meta(str(tmp_path / "train")).counts["images"] == 10
+    assert json.loads((tmp_path / MARKER).read_text())["owner"] == demo.OWNER
+
+
+def test_valid_demo_shards_in_an_unmarked_directory_are_used_without_writing(tmp_path):
+    small = dict(num_train=12, num_val=4, shard_size=8)
+    demo.ensure_demo_shards(tmp_path / "made", **small)
+    for name in (MARKER, demo.LOCK_FILE):  # as made by an earlier detr-ray, or copied
+        (tmp_path / "made" / name).unlink(missing_ok=True)
+    before = _tree(tmp_path / "made")
+    assert demo.ensure_demo_shards(tmp_path / "made", **small) == (str(tmp_path / "made" / "train"), str(tmp_path / "made" / "val"))
+    assert _tree(tmp_path / "made") == before and not (tmp_path / "made" / MARKER).exists()
+    with pytest.raises(NotOwnedError, match="did not create"):  # stale, unmarked: not replaced
+        demo.ensure_demo_shards(tmp_path / "made", **{**small, "seed": 1})
+    assert _tree(tmp_path / "made") == before
+
+
+def test_make_demo_dataset_refuses_a_directory_with_other_files(tmp_path):
+    annotations = tmp_path / "raw" / "annotations" / "instances_train.json"
+    annotations.parent.mkdir(parents=True)
+    annotations.write_text('{"mine": true}')
+    with pytest.raises(NotOwnedError, match=f"{tmp_path}: holds files"):
+        demo.make_demo_dataset(tmp_path, num_train=4, num_val=2)
+    assert annotations.read_text() == '{"mine": true}'

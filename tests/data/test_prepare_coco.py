@@ -71,3 +71,19 @@ def test_max_pixels_and_read_attempts_flags(script, coco_dir, tmp_path, capsys):
     assert script.main([*base, "--out", str(tmp_path / "b"), "--read-attempts", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "could not be read after 1 attempts" in err and "'img_002.jpg'" in err
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(script, coco_dir, tmp_path, capsys):
+    mine = tmp_path / "mine" / "raw" / "annotations" / "instances_val.json"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my annotations")
+    assert script.main(["--demo", "--out", str(tmp_path / "mine"), "--no-progress"]) == 2
+    assert f"error: {tmp_path / 'mine'}: holds files that detr-ray did not create (raw)" in capsys.readouterr().err
+    assert mine.read_text() == "my annotations"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["raw"]
+
+    argv = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
+            "--out", str(mine.parent), "--workers", "0", "--no-progress"]
+    assert script.main(argv) == 2
+    assert f"error: {mine.parent}: holds files that the shard writer did not write (instances_val.json)" in capsys.readouterr().err
+    assert [p.name for p in mine.parent.iterdir()] == ["instances_val.json"]

@@ -3,6 +3,7 @@ import io
 import json
 import logging
 import os
+import re
 import resource
 import struct
 import subprocess
@@ -336,3 +337,88 @@ def test_max_pixels_is_an_option(coco_dir, tmp_path):
     again = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False,
                          max_pixels=3072)
     assert again.shards_written == 1 and again.images_written == 6
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "present",
+    [
+        {"notes.txt": b"my notes"},
+        {META_FILE: b'{"mine": true}'},  # a _meta.json that is not detr-ray's: never replaced
+        {"other.parquet": b"PAR1 not ours"},
+    ],
+)
+def test_an_output_directory_with_other_files_is_refused_untouched(coco_dir, tmp_path, present):
+    out = tmp_path / "shards"
+    out.mkdir()
+    for name, data in present.items():
+        (out / name).write_bytes(data)
+    with pytest.raises(ShardError, match=f"{out}: holds .*{list(present)[0]}"):
+        write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out),
+                     shard_size=4, workers=0, progress=False)
+    assert _files(out) == present
+
+
+def test_an_output_directory_with_a_subdirectory_is_refused(coco_dir, tmp_path):
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    with pytest.raises(ShardError, match=r"did not write \(train/\)"):
+        write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(tmp_path / "shards"),
+                     workers=0, progress=False)
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["train"]
+
+
+def test_own_meta_and_leftovers_of_an_interrupted_write_are_not_in_the_way(coco_dir, tmp_path):
+    out = tmp_path / "shards"
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=4, workers=0, progress=False)
+    (out / f"{META_FILE}.0123abcd.tmp").write_bytes(b"{")  # killed while writing the meta
+    report = write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=4, workers=0, progress=False)
+    assert report.shards_reused == 2 and read_meta(str(out)).counts["images"] == 6
+
+
+@pytest.mark.parametrize(
+    "name, uri, reason",
+    [
+        ("../secret.jpg", False, "climbs out"),  # a dataset built in code: load_coco would refuse it
+        ("sub%2F..%2F..%2Fsecret.jpg", True, "holds %, \\? or #"),  # pyarrow decodes %2F in a URI
+    ],
+)
+def test_a_file_name_outside_the_images_directory_is_never_read(coco_dir, tmp_path, name, uri, reason):
+    import dataclasses
+
+    (coco_dir / "images" / "sub").mkdir()
+    outside = coco_dir / "secret.jpg"  # a valid image of the right size, next to images/
+    outside.write_bytes((coco_dir / "images" / "img_000.jpg").read_bytes())
+    dataset = load_coco(str(coco_dir / "instances.json"))
+    dataset.images[0] = dataclasses.replace(dataset.images[0], file_name=name)
+    images = f"file://{coco_dir}/images" if uri else str(coco_dir / "images")
+    with pytest.raises(ShardError, match=f"image id=100: file_name '{re.escape(name)}' {reason}"):
+        write_shards(dataset, images, str(tmp_path / "shards"), workers=0, progress=False)
+    assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["../elsewhere/part.parquet", "/abs/part.parquet", "sub/part.parquet", "..", "", "..%2Felsewhere%2Fpart.parquet"]
+)
+def test_shard_names_in_the_meta_stay_in_the_shard_directory(coco_dir, tmp_path, name):
+    out = tmp_path / "shards"
+    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out),
+                 shard_size=4, workers=0, progress=False)
+    # A real shard where the name would lead: the reader must not get there.
+    (tmp_path / "elsewhere").mkdir()
+    first = sorted(out.glob("*.parquet"))[0]
+    (tmp_path / "elsewhere" / "part.parquet").write_bytes(first.read_bytes())
+    meta = json.loads((out / META_FILE).read_text())
+    meta["shards"][1]["file"] = name.replace("/abs", str(tmp_path / "elsewhere"))
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=r"_meta.json: shards\[1\]: file .* is not a file name inside the shard directory"):
+        read_shard_table(str(out))
+    with pytest.raises(ShardError, match=r"shards\[1\]: file .* is not a file name inside"):
+        read_shard_table(f"file://{out}")
+    meta["shards"][1] = {"file": 7}
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=r"shards\[1\] must be"):
+        read_meta(str(out))
