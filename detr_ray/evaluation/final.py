@@ -15,7 +15,6 @@ replaces only files detr-ray wrote.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detr_ray.data.images import decode_rgb
 from detr_ray.data.shards import coco_ground_truth, read_rows
 from detr_ray.evaluation.analysis import Analysis, GroundTruth, analyze, tide
 from detr_ray.evaluation.coco_eval import Evaluation, ap_per_iou, as_coco, evaluate, load_results, per_category, write_results
@@ -76,13 +76,13 @@ def _slug(name: str) -> str:
 
 
 def _pixels(val: str, analysis: Analysis) -> dict[int, np.ndarray]:
-    from PIL import Image
-
     ids = {e["image_id"] for e in analysis.worst.false_positives + analysis.worst.false_negatives}
     out = {}
-    for image_id, row in read_rows(val, ids).items():
+    # The same decode as training and inference (colour modes, EXIF rule), so boxes land on the
+    # pixels they were predicted on.
+    for image_id, row in read_rows(val, ids, columns=("image", "height", "width")).items():
         try:
-            out[image_id] = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+            out[image_id] = decode_rgb(row["image"], row["height"], row["width"]).permute(1, 2, 0).numpy()
         except Exception as e:  # an undecodable image is drawn as a blank panel
             log.warning("image %s cannot be decoded for drawing: %s", image_id, e)
     return out
