@@ -146,6 +146,25 @@ def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(sh
     assert "ReadParquet->MapBatches(decode_blocks)" in ds.stats()
 
 
+@pytest.mark.timeout(180)
+def test_train_augmentation_is_drawn_from_the_seed_per_epoch_and_image(shards):
+    out, _ = shards
+
+    def epochs(seed, n=2):
+        """Each image's augmented size, boxes and pixel sum, per pass over one dataset."""
+        it = train_dataset(str(out), AUGMENT, decode_batch_size=2, seed=seed).iterator()
+        return [
+            {t["image_id"]: (t["size"].tolist(), t["boxes"].tolist(), int(images[k].sum()))
+             for images, _, targets in DetectionBatches(it, batch_size=2) for k, t in enumerate(targets)}
+            for _ in range(n)
+        ]
+
+    first, again, other = epochs(5), epochs(5), epochs(6)
+    assert len(first[0]) == 5 and first == again  # 2 decode tasks: whichever finishes first
+    assert first[0] != first[1]  # a new draw every epoch
+    assert other[0] != first[0] and other[1] != first[1]
+
+
 def decoded_blocks(n_blocks: int = 5, rows_per_block: int = 8, skipped_id: int = 13) -> list[pa.Table]:
     """In-memory DECODED_SCHEMA blocks of images of varied sizes; id `skipped_id` is a skipped row."""
     rows = [
