@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from detr_ray.config import ExperimentConfig, experiment_from_dict
-from detr_ray.data.pipeline import DetectionBatches
+from detr_ray.data.pipeline import DetectionBatches, derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
 from detr_ray.model import build_criterion, build_model, load_pretrained, postprocess
@@ -218,7 +218,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, tcfg.epochs):
-        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device)
+        # What this worker draws in an epoch (dropout, the local shuffle) follows from (seed,
+        # epoch, rank), the same in every run with this seed and after a resume. Model init drew
+        # from the seed above; augmentation is drawn in the decode tasks (pipeline.py).
+        torch.manual_seed(derive_seed(tcfg.seed, "torch", epoch, rank))
+        shuffle_seed = derive_seed(tcfg.seed, "shuffle", epoch, rank)
+        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed)
         metrics, global_step, calibrate, seen, losses = _train_epoch(
             step, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank, bool(config.get("audit_dir"))
         )
@@ -345,7 +350,11 @@ def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
 def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch: int) -> tuple[dict, list[int]]:
     """Each worker infers its part of the val split (no collectives inside, so uneven parts are
     fine); rank 0 gathers the detections and runs COCOeval. Returns (the metrics on rank 0, {}
-    elsewhere; the image ids this worker inferred)."""
+    elsewhere; the image ids this worker inferred).
+
+    Every val image must be inferred exactly once (the val split is split without dropping rows:
+    trainer.py); rank 0 checks that against the ground truth and fails the run otherwise, as
+    val/AP would be scored on the wrong set of images."""
     was_training = model.training
     model.eval()
     results, shown, ids = [], [], []
@@ -360,16 +369,25 @@ def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch:
             shown += [(images[i], targets[i], dets[i]) for i in range(min(len(targets), exp.train.tensorboard_images - len(shown)))]
     model.train(was_training)
     rank, world = _world()
+    mine = (results, ids, batches.skipped)
+    parts = [mine]
     if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
-        if rank == 0:
-            results = [r for part in gathered for r in part]
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
     if rank != 0:
         return {}, ids
+    results = [r for part, _, _ in parts for r in part]
+    scored = [i for _, part, _ in parts for i in part]
+    skipped = sum(n for _, _, n in parts)
+    expected = len(gt["images"])
+    if len(set(scored)) != len(scored) or len(scored) + skipped != expected:
+        raise RuntimeError(
+            f"validation at epoch {epoch}: {len(scored)} images inferred ({len(scored) - len(set(scored))} of them "
+            f"more than once) and {skipped} skipped as unreadable, but the val split has {expected}"
+        )
     if writer is not None:
         _draw_predictions(writer, shown, meta, epoch)
-    return evaluate(gt, results).metrics, ids
+    return {**evaluate(gt, results).metrics, "val/images": len(scored), "val/skipped_images": skipped}, ids
 
 
 def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch, global_step, rank) -> None:

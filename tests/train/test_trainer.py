@@ -119,7 +119,9 @@ def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
 def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_path):
     def step_losses(seed, name):
         audit = tmp_path / name
-        build_trainer(_experiment(demo_root, seed=seed, eval_every=2), name=name, storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+        exp = _experiment(demo_root, seed=seed, eval_every=2)
+        exp["data"].update(decode_batch_size=4)  # 3 decode tasks, one at a time (1 worker: 1 CPU of decoding)
+        build_trainer(exp, name=name, storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
         return [x for epoch in (1, 2) for x in json.loads((audit / f"rank0_epoch{epoch}.json").read_text())["losses"]]
 
     first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
