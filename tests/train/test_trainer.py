@@ -11,6 +11,8 @@ import ray
 
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.config import experiment_from_dict
+from detr_ray.data.pipeline import resolve_shards
 from detr_ray.data.shards import read_shard_table
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
@@ -105,12 +107,13 @@ def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
 
 
 def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
-    val_ids = read_shard_table(os.path.join(demo_root, "val"), ["image_id"]).column("image_id").to_pylist()
-    assert len(val_ids) % 3 and len(set(val_ids)) == len(val_ids)  # an equal split must drop some
     exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
-    exp["data"].update(cpus=1.0, decode_batch_size=2)  # 3 workers + 1 CPU of decoding; several val blocks
+    exp["data"].update(cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
     audit = tmp_path / "audit"
     result = build_trainer(exp, name="val3", storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+    _, val_uri = resolve_shards(experiment_from_dict(exp).data)  # the demo split the run used
+    val_ids = read_shard_table(val_uri, ["image_id"]).column("image_id").to_pylist()
+    assert len(val_ids) % 3 and len(set(val_ids)) == len(val_ids)  # an equal split must drop some
     scored = [i for r in range(3) for i in json.loads((audit / f"rank{r}_epoch1.json").read_text())["val_image_ids"]]
     assert sorted(scored) == sorted(val_ids)  # none missing, none twice
     assert result.metrics["val/images"] == len(val_ids)
