@@ -15,6 +15,12 @@ buffer at iteration time mixes rows across files. `Dataset.randomize_block_order
 in Ray 2.60 it is an all-to-all barrier that holds the whole split in the object store before
 the first batch.
 
+Seeds (TrainConfig.seed): the file order of each epoch, each image's augmentation (drawn from
+seed, epoch and image id: `decode_augment`) and each worker's local shuffle (seed, epoch, rank:
+train/loop.py) follow from the seed. What is not drawn is the order in which blocks of parallel
+decode tasks arrive, and which worker a block goes to: that is timing. With one Train worker and
+one decode task at a time (one CPU of decoding), the batches repeat exactly.
+
 Parallelism: the shards are read with Ray Data's V1 Parquet datasource, split into blocks of
 READ_BLOCK_BATCHES * decode_batch_size rows, so that decoding runs as parallel tasks on every
 CPU. Ray 2.60's default (V2) reader handed all small files of a split to one read task as one
@@ -54,6 +60,7 @@ A batch delivered to the trainer (`collate`):
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import queue
 import random
@@ -128,9 +135,26 @@ def keep_freed_memory() -> None:
         pass
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends on `parts` only: the same in every process, run and Python
+    (seeds for one epoch, rank or image are derived from the run's seed with it)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _execution_index() -> int:
+    """How many executions of the dataset this task belongs to came before it: the epoch, for a
+    Train worker's shard. Ray Data's own count (DataContext._execution_idx), the one its seeded
+    file shuffle (`FileShuffleConfig`) reseeds from; like that shuffle, it starts again at 0 when
+    Ray Train restarts its workers or a run resumes."""
+    from ray.data import DataContext
+
+    return getattr(DataContext.get_current(), "_execution_idx", 0)
+
+
 def _prepare_process() -> None:
-    """Once per decoding process: a random torch seed (Ray worker processes all start from
-    torch's fixed default seed) and `keep_freed_memory`."""
+    """Once per decoding process: a random torch seed for unseeded datasets (Ray worker
+    processes all start from torch's fixed default seed) and `keep_freed_memory`."""
     global _process_ready
     torch.seed()
     keep_freed_memory()
@@ -138,15 +162,20 @@ def _prepare_process() -> None:
 
 
 def decode_augment(
-    batch: pa.Table, *, train: bool, augment: dict[str, Any], category_to_label: dict[int, int]
+    batch: pa.Table, *, train: bool, augment: dict[str, Any], category_to_label: dict[int, int], seed: int | None = None
 ) -> pa.Table:
     """Shard rows (READ_COLUMNS + path) -> DECODED_SCHEMA rows (called by `decode_blocks`).
+
+    With a `seed`, an image's augmentation is drawn from (seed, epoch, image_id) alone, so it is
+    the same in every run whichever task, process or node decodes it and in whatever order
+    (Ray Data schedules tasks as resources free up); without one, from the process's generator.
 
     An image that fails to decode (or decodes to another size than its row says) becomes a
     `skipped` row and a warning; any other failure raises ShardRowError naming shard and row."""
     if not _process_ready:
         _prepare_process()
     transform = DetectionTransform(TransformConfig(**augment), train=train)
+    epoch = _execution_index() if train and seed is not None else None
     rows = {name: batch.column(name).to_pylist() for name in READ_COLUMNS}
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
@@ -181,7 +210,8 @@ def decode_augment(
             keep = [j for j, crowd in enumerate(rows["iscrowd"][i]) if not crowd]
             boxes = torch.tensor([rows["boxes"][i][j] for j in keep], dtype=torch.float32).reshape(-1, 4)
             labels = torch.tensor([category_to_label[rows["category_ids"][i][j]] for j in keep], dtype=torch.int64)
-            image, boxes, labels = transform(image, boxes, labels)
+            generator = None if epoch is None else torch.Generator().manual_seed(derive_seed(seed, epoch, image_id))
+            image, boxes, labels = transform(image, boxes, labels, generator)
             emit(
                 image_id,
                 image=image.permute(1, 2, 0).contiguous().numpy().reshape(-1),  # HWC: usually a view
@@ -235,8 +265,8 @@ def detection_dataset(
 ):
     """A Ray Data Dataset of decoded, augmented rows (DECODED_SCHEMA) from a shard directory.
 
-    train=True: file order reshuffled every epoch (`seed` makes the sequence reproducible) and
-    the train recipe; train=False: shard order and the val recipe."""
+    train=True: file order reshuffled every epoch and the train recipe (`seed` makes both
+    reproducible: see `decode_augment`); train=False: shard order and the val recipe."""
     import ray.data
     from ray.data import DataContext, FileShuffleConfig
 
@@ -276,6 +306,7 @@ def detection_dataset(
             "train": train,
             "augment": {k: getattr(augment, k) for k in augment.__dataclass_fields__},
             "category_to_label": meta.category_id_to_label,
+            "seed": seed if train else None,
         },
     )
 
@@ -462,7 +493,8 @@ class DetectionBatches:
     `(images, mask, targets)` batches (see the module docstring), one pass per `iter()`.
 
     Blocks arrive as Arrow tables; rows wait in a local shuffle buffer of `shuffle_buffer` rows
-    (0: arrival order) that holds references, not copies, and are drawn from it at random. With
+    (0: arrival order) that holds references, not copies, and are drawn from it at random (from
+    `shuffle_seed` and the pass number when given). With
     `group_shapes`, a drawn row waits until `batch_size` rows of its `shape_group` are drawn,
     so that a batch is not padded to a portrait's height and a landscape's width (the
     remainders are batched together at the end of the pass). A batch is padded straight from
@@ -494,11 +526,14 @@ class DetectionBatches:
     _passes: int = field(default=0, init=False, repr=False)
 
     @classmethod
-    def from_config(cls, source: Any, cfg: DataConfig, train: bool, device: str | torch.device = "cpu"):
+    def from_config(
+        cls, source: Any, cfg: DataConfig, train: bool, device: str | torch.device = "cpu", shuffle_seed: int | None = None
+    ):
         return cls(
             source,
             batch_size=cfg.batch_size,
             shuffle_buffer=cfg.shuffle_buffer if train else 0,
+            shuffle_seed=shuffle_seed,
             group_shapes=cfg.group_shapes,
             prefetch_batches=cfg.prefetch_batches,
             device=device,

@@ -101,10 +101,10 @@ class RandomSizeCrop:
         }
 
 
-def _shortest_side_size(height: int, width: int, scales, max_size: int | None) -> tuple[int, int]:
+def _shortest_side_size(height: int, width: int, scales, max_size: int | None, generator=None) -> tuple[int, int]:
     """v2.RandomShortestSize's output size: a random one of `scales` for the shortest side,
     the longest side capped at `max_size`."""
-    scale = scales[int(torch.randint(len(scales), ()))]
+    scale = scales[int(torch.randint(len(scales), (), generator=generator))]
     r = scale / min(height, width)
     if max_size is not None:
         r = min(r, max_size / max(height, width))
@@ -144,14 +144,14 @@ class ScaleCropScale:
         return {k: apply(v) for k, v in sample.items()}
 
 
-def _plan_scale_crop(height, width, crop_scales, min_size, max_size, scales, max_long):
+def _plan_scale_crop(height, width, crop_scales, min_size, max_size, scales, max_long, generator=None):
     """ScaleCropScale's random draws: the source region (y0, x0, y1, x1) and the output size."""
-    mid_h, mid_w = _shortest_side_size(height, width, crop_scales, None)
-    crop_w = _randint(min(min_size, mid_w), min(max_size, mid_w))
-    crop_h = _randint(min(min_size, mid_h), min(max_size, mid_h))
-    top = _randint(0, mid_h - crop_h)
-    left = _randint(0, mid_w - crop_w)
-    out_size = list(_shortest_side_size(crop_h, crop_w, scales, max_long))
+    mid_h, mid_w = _shortest_side_size(height, width, crop_scales, None, generator)
+    crop_w = _randint(min(min_size, mid_w), min(max_size, mid_w), generator)
+    crop_h = _randint(min(min_size, mid_h), min(max_size, mid_h), generator)
+    top = _randint(0, mid_h - crop_h, generator)
+    left = _randint(0, mid_w - crop_w, generator)
+    out_size = list(_shortest_side_size(crop_h, crop_w, scales, max_long, generator))
     sy, sx = height / mid_h, width / mid_w
     y0, x0 = min(round(top * sy), height - 1), min(round(left * sx), width - 1)
     y1, x1 = max(y0 + 1, min(round((top + crop_h) * sy), height)), max(x0 + 1, min(round((left + crop_w) * sx), width))
@@ -164,9 +164,10 @@ def _dense_hwc(image: Tensor) -> Tensor:
     return image.movedim(-3, -1).contiguous().movedim(-1, -3)
 
 
-def _randint(low: int, high: int) -> int:
-    """Uniform integer in [low, high] from torch's generator (as torchvision's own transforms)."""
-    return int(torch.randint(low, high + 1, ()).item())
+def _randint(low: int, high: int, generator=None) -> int:
+    """Uniform integer in [low, high] from `generator` (None: torch's global one, as
+    torchvision's own transforms draw)."""
+    return int(torch.randint(low, high + 1, (), generator=generator).item())
 
 
 def _drop_degenerate() -> list:
@@ -203,14 +204,16 @@ class DetectionTransform:
     order as the `build_train_transform` / `build_val_transform` pipelines, so its output equals
     theirs exactly (tests/data/test_transforms.py). It skips their per-call dispatch (sample
     flattening, tv_tensor wrapping): 1.9 -> 1.1 ms per COCO-sized image (one thread), a fifth of a
-    decode task's time."""
+    decode task's time. `generator`: where the draws come from (None: torch's global generator)."""
 
     def __init__(self, cfg: TransformConfig, train: bool):
         self.cfg = cfg.validate()
         self.train = train
         self._branch_p = torch.tensor([1.0 - cfg.crop_prob, cfg.crop_prob])  # as v2.RandomChoice's p
 
-    def __call__(self, image: Tensor, boxes_xywh: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(
+        self, image: Tensor, boxes_xywh: Tensor, labels: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         cfg = self.cfg
         size = tuple(image.shape[-2:])
         boxes = box_convert(boxes_xywh.reshape(-1, 4).float(), "xywh", "xyxy")
@@ -218,17 +221,17 @@ class DetectionTransform:
             image = F.resize_image(image, [cfg.val_scale], max_size=cfg.max_size, antialias=True)
             boxes, size = F.resize_bounding_boxes(boxes, size, [cfg.val_scale], max_size=cfg.max_size)
         else:
-            if torch.rand(1) < cfg.flip_prob:  # v2.RandomHorizontalFlip's draw
+            if torch.rand(1, generator=generator) < cfg.flip_prob:  # v2.RandomHorizontalFlip's draw
                 image = F.horizontal_flip_image(image)
                 boxes = F.horizontal_flip_bounding_boxes(boxes, _XYXY, size)
-            if cfg.crop_prob > 0 and int(torch.multinomial(self._branch_p, 1)) == 1:  # v2.RandomChoice's
+            if cfg.crop_prob > 0 and int(torch.multinomial(self._branch_p, 1, generator=generator)) == 1:  # v2.RandomChoice's
                 (y0, x0, y1, x1), out_size = _plan_scale_crop(
-                    *size, cfg.crop_resize_scales, cfg.crop_min, cfg.crop_max, cfg.train_scales, cfg.max_size
+                    *size, cfg.crop_resize_scales, cfg.crop_min, cfg.crop_max, cfg.train_scales, cfg.max_size, generator
                 )
                 image = F.resize_image(_dense_hwc(F.crop_image(image, y0, x0, y1 - y0, x1 - x0)), out_size, antialias=True)
                 boxes, size = F.crop_bounding_boxes(boxes, _XYXY, y0, x0, y1 - y0, x1 - x0)
             else:
-                out_size = list(_shortest_side_size(*size, cfg.train_scales, cfg.max_size))  # v2.RandomShortestSize
+                out_size = list(_shortest_side_size(*size, cfg.train_scales, cfg.max_size, generator))  # v2.RandomShortestSize
                 image = F.resize_image(image, out_size, antialias=True)
             boxes, size = F.resize_bounding_boxes(boxes, size, out_size)
         boxes = F.clamp_bounding_boxes(boxes, _XYXY, size, clamping_mode="soft")  # as _drop_degenerate()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from detr_ray.config import ExperimentConfig, experiment_from_dict
-from detr_ray.data.pipeline import DetectionBatches
+from detr_ray.data.pipeline import DetectionBatches, derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
 from detr_ray.model import build_criterion, build_model, load_pretrained, postprocess
@@ -218,22 +218,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, tcfg.epochs):
-        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device)
-        metrics, global_step, calibrate, seen = _train_epoch(
-            step, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank
+        # What this worker draws in an epoch (dropout, the local shuffle) follows from (seed,
+        # epoch, rank), the same in every run with this seed and after a resume. Model init drew
+        # from the seed above; augmentation is drawn in the decode tasks (pipeline.py).
+        torch.manual_seed(derive_seed(tcfg.seed, "torch", epoch, rank))
+        shuffle_seed = derive_seed(tcfg.seed, "shuffle", epoch, rank)
+        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed)
+        metrics, global_step, calibrate, seen, losses = _train_epoch(
+            step, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank, bool(config.get("audit_dir"))
         )
-        if config.get("audit_dir"):
-            _audit(config["audit_dir"], rank, epoch + 1, seen, model)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["lr_backbone"] = optimizer.param_groups[-1]["lr"]
         scheduler.step()
         done = epoch + 1
         if done % tcfg.eval_every == 0 or done == tcfg.epochs:
-            last_val = _validate(_inner(model), val_shard, exp, device, gt, meta, writer, done)
+            last_val, val_ids = _validate(_inner(model), val_shard, exp, device, gt, meta, writer, done)
             last_val["val/epoch"] = done
             metrics["checkpoint_score"] = last_val.get("val/AP", -1.0)  # rank 0 holds the metrics
         else:
+            val_ids = None
             metrics["checkpoint_score"] = -1.0  # ranks below every evaluated checkpoint
+        if config.get("audit_dir"):
+            _audit(config["audit_dir"], rank, done, seen, model, losses, val_ids)
         metrics.update(last_val)
         metrics["epoch"] = done
         metrics["global_step"] = global_step
@@ -257,8 +263,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         writer.close()
 
 
-def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank):
+def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank, keep_losses=False):
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    losses: list[torch.Tensor] = []  # per step, for the audit only (kept on the device: no sync)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     n_steps = n_images = 0
     seen: list[int] = []
@@ -285,6 +292,8 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {global_step}: {e}") from e
         for k, v in out.items():
             sums[k] += v
+        if keep_losses:
+            losses.append(out["loss"].detach())
         bad = ~torch.isfinite(out["loss"])
         if device.type == "cpu":
             if bad:
@@ -309,11 +318,12 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
     metrics["train/skipped_images"] = agree.sum(float(batches.skipped))
     metrics["train/steps"] = n_steps
     metrics = {k if k.startswith("train/") else f"train/{k}": v for k, v in metrics.items()}
-    return metrics, global_step, calibrate, seen
+    return metrics, global_step, calibrate, seen, [float(v) for v in losses]
 
 
-def _audit(directory: str, rank: int, epoch: int, image_ids: list[int], model: nn.Module) -> None:
-    """Debugging aid: which images this rank trained on, and a hash of its parameters."""
+def _audit(directory, rank, epoch, image_ids, model, losses=(), val_image_ids=None) -> None:
+    """Debugging aid: which images this rank trained on, its loss at each step, a hash of its
+    parameters after the epoch, and the val images it inferred (None: no validation this epoch)."""
     import hashlib
     import json
 
@@ -322,7 +332,10 @@ def _audit(directory: str, rank: int, epoch: int, image_ids: list[int], model: n
     h = hashlib.sha256()
     for p in _inner(model).parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
-    record = {"rank": rank, "epoch": epoch, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": image_ids, "params_sha256": h.hexdigest()}
+    record = {
+        "rank": rank, "epoch": epoch, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": image_ids,
+        "params_sha256": h.hexdigest(), "losses": list(losses), "val_image_ids": val_image_ids,
+    }
     os.makedirs(directory, exist_ok=True)
     Path(directory, f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(record))
 
@@ -334,32 +347,47 @@ def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch: int) -> dict:
+def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch: int) -> tuple[dict, list[int]]:
     """Each worker infers its part of the val split (no collectives inside, so uneven parts are
-    fine); rank 0 gathers the detections and runs COCOeval."""
+    fine); rank 0 gathers the detections and runs COCOeval. Returns (the metrics on rank 0, {}
+    elsewhere; the image ids this worker inferred).
+
+    Every val image must be inferred exactly once (the val split is split without dropping rows:
+    trainer.py); rank 0 checks that against the ground truth and fails the run otherwise, as
+    val/AP would be scored on the wrong set of images."""
     was_training = model.training
     model.eval()
-    results, shown = [], []
+    results, shown, ids = [], [], []
     batches = DetectionBatches.from_config(val_shard, exp.data, train=False, device=device)
     for images, mask, targets in batches:
         outputs = model(normalize(images), mask)
         sizes = torch.stack([t["orig_size"] for t in targets])
         dets = postprocess(outputs, sizes)
+        ids += [t["image_id"] for t in targets]
         results += detections_to_results([t["image_id"] for t in targets], dets, meta.label_to_category_id)
         if writer is not None and len(shown) < exp.train.tensorboard_images:
             shown += [(images[i], targets[i], dets[i]) for i in range(min(len(targets), exp.train.tensorboard_images - len(shown)))]
     model.train(was_training)
     rank, world = _world()
+    mine = (results, ids, batches.skipped)
+    parts = [mine]
     if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
-        if rank == 0:
-            results = [r for part in gathered for r in part]
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)
     if rank != 0:
-        return {}
+        return {}, ids
+    results = [r for part, _, _ in parts for r in part]
+    scored = [i for _, part, _ in parts for i in part]
+    skipped = sum(n for _, _, n in parts)
+    expected = len(gt["images"])
+    if len(set(scored)) != len(scored) or len(scored) + skipped != expected:
+        raise RuntimeError(
+            f"validation at epoch {epoch}: {len(scored)} images inferred ({len(scored) - len(set(scored))} of them "
+            f"more than once) and {skipped} skipped as unreadable, but the val split has {expected}"
+        )
     if writer is not None:
         _draw_predictions(writer, shown, meta, epoch)
-    return evaluate(gt, results).metrics
+    return {**evaluate(gt, results).metrics, "val/images": len(scored), "val/skipped_images": skipped}, ids
 
 
 def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch, global_step, rank) -> None:

@@ -68,6 +68,38 @@ def run_resources(exp: ExperimentConfig) -> RunResources:
     return RunResources(t.num_workers, worker, exp.data.cpus or t.num_workers * exp.data.decode_num_cpus)
 
 
+def data_config(execution_options):
+    """ray.train.DataConfig that splits "train" as Ray Train does and "val" without dropping rows.
+
+    Ray Train splits every dataset with `streaming_split(equal=True)`, which drops up to
+    workers - 1 rows so that all workers take the same number of steps: right for "train" (the
+    workers step together), wrong for "val", which must be scored on every image. "val" is split
+    with equal=False instead: each val block goes to one worker, none is dropped, and the workers
+    still infer in parallel (uneven parts are fine, `_validate` runs no collectives while
+    inferring). Not the alternatives: an unsplit "val" would be decoded by every worker, and rank
+    0 alone would infer it all."""
+    import ray.train
+
+    class SplitValWhole(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            # Train V2 configures one dataset per call; "val" as DataConfig.configure does
+            # "train", but for equal=False.
+            others = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "val" in datasets:
+                ds = datasets["val"]
+                if ds.name is None:
+                    ds.set_name("val")
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options("val")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i]["val"] = split
+            return out
+
+    return SplitValWhole(execution_options=execution_options)
+
+
 def build_trainer(
     exp: ExperimentConfig | dict,
     *,
@@ -102,9 +134,7 @@ def build_trainer(
         placement_strategy=placement_strategy,
     )
     # Ray Data's own CPUs, capped so that runs sharing a cluster (a sweep) cannot starve each other.
-    data_config = ray.train.DataConfig(
-        execution_options=ExecutionOptions(resource_limits=ExecutionResources(cpu=needs.data_cpus))
-    )
+    dataset_config = data_config(ExecutionOptions(resource_limits=ExecutionResources(cpu=needs.data_cpus)))
     run_config = ray.train.RunConfig(
         name=name,
         storage_path=storage_path,
@@ -130,5 +160,5 @@ def build_trainer(
         scaling_config=scaling,
         run_config=run_config,
         datasets=build_datasets(exp.data, seed=t.seed),
-        dataset_config=data_config,
+        dataset_config=dataset_config,
     )

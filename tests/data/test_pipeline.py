@@ -105,6 +105,19 @@ def test_decode_augment_skips_corrupt_images_and_names_shard_and_row_on_other_er
         decode_augment(table, train=False, augment=AUGMENT_KW, category_to_label={3: 0})
 
 
+def test_seeded_decode_augment_draws_per_image_whatever_the_batch_and_order(tmp_path):
+    out, _ = make_shards(tmp_path, corrupt=False)
+    table = read_shard_table(str(out), READ_COLUMNS)
+    kw = dict(train=True, augment=AUGMENT_KW, category_to_label={3: 0, 7: 1})
+    rows = lambda t: {r["image_id"]: r for r in t.to_pylist()}  # noqa: E731
+    whole = rows(decode_augment(table, seed=1, **kw))
+    torch.manual_seed(123)  # the process's generator plays no part
+    reversed_in_two = {**rows(decode_augment(table.take([5, 4, 3]), seed=1, **kw)), **rows(decode_augment(table.take([2, 1, 0]), seed=1, **kw))}
+    assert reversed_in_two == whole
+    other = rows(decode_augment(table, seed=2, **kw))
+    assert any(other[i]["image"] != whole[i]["image"] or other[i]["boxes"] != whole[i]["boxes"] for i in whole)
+
+
 def test_data_config_validation_and_presets():
     from detr_ray.config import ConfigError, from_dict
 
@@ -144,6 +157,27 @@ def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(sh
         assert batches.skipped == 1 and batches.images == 5
     # the read and the decode ran as one task per block (see the pipeline's docstring)
     assert "ReadParquet->MapBatches(decode_blocks)" in ds.stats()
+
+
+@pytest.mark.timeout(180)
+def test_train_augmentation_is_drawn_from_the_seed_per_epoch_and_image(shards):
+    out, _ = shards
+
+    def epochs(seed, n=2, split=False):
+        """Each image's augmented size, boxes and pixel sum, per pass over one dataset."""
+        ds = train_dataset(str(out), AUGMENT, decode_batch_size=2, seed=seed)
+        it = ds.streaming_split(1)[0] if split else ds.iterator()  # as Ray Train's shards
+        return [
+            {t["image_id"]: (t["size"].tolist(), t["boxes"].tolist(), int(images[k].sum()))
+             for images, _, targets in DetectionBatches(it, batch_size=2) for k, t in enumerate(targets)}
+            for _ in range(n)
+        ]
+
+    first, again, other = epochs(5), epochs(5), epochs(6)
+    assert len(first[0]) == 5 and first == again  # 2 decode tasks: whichever finishes first
+    assert first[0] != first[1]  # a new draw every epoch
+    assert other[0] != first[0] and other[1] != first[1]
+    assert epochs(5, split=True) == first
 
 
 def decoded_blocks(n_blocks: int = 5, rows_per_block: int = 8, skipped_id: int = 13) -> list[pa.Table]:

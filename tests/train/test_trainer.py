@@ -1,6 +1,7 @@
 """End-to-end runs of the Ray Train trainer on the demo data, on one local Ray instance."""
 
 import copy
+import json
 import os
 from dataclasses import replace
 
@@ -11,6 +12,9 @@ import ray
 
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.config import experiment_from_dict
+from detr_ray.data.pipeline import resolve_shards
+from detr_ray.data.shards import read_shard_table
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
@@ -101,6 +105,33 @@ def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
     second = build_trainer(_experiment(demo_root, epochs=2), name="again", storage_path=str(tmp_path)).fit()
     assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1
     assert second.metrics["global_step"] == 4
+
+
+def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
+    exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
+    exp["data"].update(cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
+    audit = tmp_path / "audit"
+    result = build_trainer(exp, name="val3", storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+    _, val_uri = resolve_shards(experiment_from_dict(exp).data)  # the demo split the run used
+    val_ids = read_shard_table(val_uri, ["image_id"]).column("image_id").to_pylist()
+    assert len(val_ids) % 3 and len(set(val_ids)) == len(val_ids)  # an equal split must drop some
+    scored = [i for r in range(3) for i in json.loads((audit / f"rank{r}_epoch1.json").read_text())["val_image_ids"]]
+    assert sorted(scored) == sorted(val_ids)  # none missing, none twice
+    assert result.metrics["val/images"] == len(val_ids)
+
+
+def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_path):
+    def step_losses(seed, name):
+        audit = tmp_path / name
+        exp = _experiment(demo_root, seed=seed, eval_every=2)
+        exp["data"].update(decode_batch_size=4)  # 3 decode tasks, one at a time (1 worker: 1 CPU of decoding)
+        build_trainer(exp, name=name, storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+        return [x for epoch in (1, 2) for x in json.loads((audit / f"rank0_epoch{epoch}.json").read_text())["losses"]]
+
+    first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
+    assert len(first) == 4  # 2 epochs of 2 steps: shuffle, augmentation and init all draw
+    assert first == again
+    assert other != first
 
 
 def test_non_finite_loss_stops_the_run_naming_epoch_and_step(demo_root, tmp_path):
