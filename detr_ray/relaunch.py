@@ -69,16 +69,14 @@ def differences(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
     """(key, stored value, requested value) of every dotted key whose values differ, sorted;
     ABSENT stands for a key one side lacks."""
     old, new = flatten(_plain(stored)), flatten(_plain(requested))
-    diffs = []
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key, ABSENT), new.get(key, ABSENT)
-        if a is ABSENT or b is ABSENT or type(a) is not type(b) and not _numbers(a, b) or a != b:
-            diffs.append((key, a, b))
-    return diffs
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
+            if not _same(old.get(k, ABSENT), new.get(k, ABSENT))]
 
 
-def _numbers(a: Any, b: Any) -> bool:
-    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+def _same(a: Any, b: Any) -> bool:
+    """Equal values; 1 and 1.0 are the same number, True and 1 are not the same setting."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return (numbers or type(a) is type(b)) and a == b
 
 
 def _plain(config: dict) -> dict:
