@@ -7,7 +7,11 @@
 --data is a directory or URI holding train/ and val/ shard directories (default: the demo data,
 generated if missing). The sweep lives in <storage>/<name>; running the same command again (or
 with --resume) restores it: unfinished trials continue from their checkpoints, finished ones are
-kept. On a cluster set RAY_ADDRESS (ray job submit does) or pass --address.
+kept. A restore runs the sweep as it was started (recorded in <storage>/<name>/detr_ray_sweep.json):
+a command whose search space, scheduler or fixed experiment (--set, --data, --num-samples, ...)
+differs from that is refused (exit code 2, listing each differing key, stored -> requested); pass
+--resume-as-stored to restore it with the stored configuration anyway, or choose a new --name.
+On a cluster set RAY_ADDRESS (ray job submit does) or pass --address.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--storage", default=os.environ.get("DETR_RAY_STORAGE", "runs"), help="local directory or s3://, gs:// URI")
     p.add_argument("--name", help="experiment name (default: the space file's name); stable, so rerunning resumes")
     p.add_argument("--resume", action="store_true", help="require an existing sweep to resume (error if none)")
+    p.add_argument("--resume-as-stored", action="store_true",
+                   help="restore the sweep with its stored search space, scheduler and experiment, ignoring this command's")
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers (fractions allowed)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved by each Train worker")
@@ -116,13 +122,15 @@ def main(argv=None) -> int:
 
     start = time.time()
     try:
-        sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent)
+        sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent,
+                            as_stored=args.resume_as_stored)
         if args.resume and not sweep.restored:
             print(f"error: --resume but there is no sweep at {sweep.experiment_dir}", file=sys.stderr)
             return 2
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    space = sweep.space
     print(
         f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: {space.scheduler.num_samples} trials, "
         f"up to {sweep.concurrency} at once\nTensorBoard: tensorboard --logdir {sweep.experiment_dir}",

@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from detr_ray import relaunch
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
@@ -305,10 +306,14 @@ def build_sweep(
     max_concurrent: int | None = None,
     search: str = "optuna",
     early_stopping: bool = True,
+    as_stored: bool = False,
 ) -> Sweep:
     """The sweep `name` under `storage_path`. When it already exists and `resume` is set, it is
     restored: unfinished trials continue from their checkpoints, finished ones are kept, and the
     searcher's state (the Optuna study) carries on; an existing experiment is never overwritten.
+    A new sweep records its search space, scheduler and fixed experiment; a restore whose `space`
+    differs from that record is refused (relaunch.RelaunchError) unless `as_stored`, which
+    restores the sweep with the recorded space (the returned Sweep's `space`).
 
     `search`: "optuna" (TPE) or "random" (Tune's random sampling, a baseline);
     `early_stopping`: ASHA, or every trial runs all its epochs (a baseline)."""
@@ -330,6 +335,7 @@ def build_sweep(
     if tune.Tuner.can_restore(exp_dir):
         if not resume:
             raise SweepError(f"{exp_dir} already holds a sweep; resume it or choose another --name")
+        space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
         log.info("restoring the sweep at %s", exp_dir)
         tuner = tune.Tuner.restore(
             exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
@@ -337,6 +343,8 @@ def build_sweep(
         return Sweep(tuner, space, exp_dir, True, concurrency, watch)
     if storage.exists(exp_dir):
         raise SweepError(f"{exp_dir} exists but is not a restorable sweep; choose another --name")
+    if as_stored:
+        raise SweepError(f"{relaunch.AS_STORED_FLAG}: there is no sweep at {exp_dir} to resume")
 
     if search not in ("optuna", "random"):
         raise SweepError(f"search: choose optuna or random, got {search!r}")
@@ -375,6 +383,7 @@ def build_sweep(
     )
     log.info("sweep %s: %d trials, up to %d at once, each holding %s", name, sched.num_samples, concurrency, needs)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    relaunch.record_sweep(exp_dir, space)  # right after the Tuner wrote its state there: restorable from now on
     return Sweep(tuner, space, exp_dir, False, concurrency, watch)
 
 

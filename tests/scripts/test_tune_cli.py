@@ -1,7 +1,9 @@
 """scripts/tune.py end to end: killed with SIGKILL mid-sweep and run again, the sweep finishes
 with exactly num_samples trials, none duplicated, the interrupted trial resumed from its
-checkpoint; and an invalid search space is refused before Ray starts."""
+checkpoint; an invalid search space is refused before Ray starts; a restore under the same name
+with a changed space is refused unless --resume-as-stored."""
 
+import copy
 import json
 import os
 import signal
@@ -100,3 +102,40 @@ def test_invalid_space_is_refused_before_ray_starts(tmp_path):
     assert r.returncode == 2
     assert "bad.yaml" in r.stderr and "search.train.lr" in r.stderr
     assert "Ray dashboard" not in r.stdout  # refused before Ray started
+
+
+@pytest.mark.timeout(900)
+def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(tmp_path):
+    data = tmp_path / "demo"
+    ensure_demo_shards(data, num_train=16, num_val=8)
+    small = copy.deepcopy(SPACE)
+    small["experiment"]["train"].update(epochs=1, max_steps_per_epoch=1)
+    small["scheduler"]["num_samples"] = 1
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(small))
+    storage = tmp_path / "sweeps"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = _command(space, data, storage)
+
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    record = (storage / "kill-test" / "detr_ray_sweep.json").read_bytes()
+
+    small["search"]["train.lr"] = {"loguniform": [1.0e-5, 1.0e-2]}
+    space.write_text(yaml.safe_dump(small))
+    changed = [*command, "--set", "train.weight_decay=0.0", "--grace-period", "2"]
+    refused = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "search.train.lr.loguniform: [1e-05, 0.001] -> [1e-05, 0.01]" in refused.stderr
+    assert "scheduler.grace_period: 1 -> 2" in refused.stderr
+    assert "experiment.train.weight_decay: 0.0001 -> 0.0" in refused.stderr
+    assert "--resume-as-stored" in refused.stderr and "--name" in refused.stderr
+    assert "resuming sweep" not in refused.stdout
+    assert (storage / "kill-test" / "detr_ray_sweep.json").read_bytes() == record
+
+    as_stored = subprocess.run([*changed, "--resume-as-stored"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert as_stored.returncode == 0, as_stored.stdout[-3000:] + as_stored.stderr[-3000:]
+    assert "resuming sweep" in as_stored.stdout
+    trials = json.loads((storage / "kill-test" / "trials.json").read_text())
+    assert trials["search"]["train.lr"] == {"loguniform": [1.0e-5, 1.0e-3]}  # summarized with the stored space
+    assert len(trials["trials"]) == 1

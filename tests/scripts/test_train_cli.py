@@ -1,0 +1,76 @@
+"""scripts/train.py relaunched for real: a run without --name gets a new name; relaunched under that
+name with another setting it is refused (exit 2, the difference listed, nothing resumed);
+--resume-as-stored resumes with the stored configuration; more epochs continue the run."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.train import checkpoint as ckpt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _train(args, cwd, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(1500)
+def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_stored_ones(tmp_path):
+    data = tmp_path / "demo"
+    ensure_demo_shards(data, num_train=16, num_val=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
+                  "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False},
+        "data": {"demo_root": str(data), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
+        "train": {"epochs": 1, "lr": 2.0e-4, "max_steps_per_epoch": 1, "max_failures": 0, "tensorboard": False,
+                  "cpus_per_worker": 0.5},
+    }))
+    storage = tmp_path / "runs"
+    base = ["--config", str(config), "--storage", str(storage)]
+
+    first = _train(base, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    name = re.search(r"^run name: (detr-\d{8}-\d{6}-[0-9a-f]{6})$", first.stdout, re.M).group(1)
+    resume_command = re.search(r"^resume it with: (.*)$", first.stdout, re.M).group(1)
+    assert shlex.split(resume_command)[-4:] == ["--name", name, "--storage", str(storage)]
+    run_dir = storage / name
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
+    record = (run_dir / "detr_ray_run.json").read_bytes()
+    assert json.loads(record)["config"]["train"]["lr"] == 2e-4
+
+    refused = _train([*base, "--name", name, "--set", "train.lr=1e-3"], tmp_path)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "train.lr: 0.0002 -> 0.001" in refused.stderr
+    assert "--name" in refused.stderr and "--resume-as-stored" in refused.stderr
+    assert "Ray dashboard" not in refused.stdout  # stopped before anything started
+    assert (run_dir / "detr_ray_run.json").read_bytes() == record
+
+    # As stored: the stored 1 epoch (done), not this command's 2 epochs nor its lr.
+    as_stored = _train([*base, "--name", name, "--set", "train.lr=1e-3", "--epochs", "2", "--resume-as-stored"], tmp_path)
+    assert as_stored.returncode == 0, as_stored.stdout[-3000:] + as_stored.stderr[-3000:]
+    assert "with its stored configuration" in as_stored.stdout
+    assert "train.lr: 0.0002 -> 0.001" in as_stored.stderr  # the ignored differences are logged
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
+    assert (run_dir / "detr_ray_run.json").read_bytes() == record
+
+    # More epochs, nothing else: the run continues from its checkpoint with its own lr.
+    more = _train([*base, "--name", name, "--epochs", "2"], tmp_path)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "continuing to 2 epochs (was 1)" in more.stdout
+    state = ckpt.load(run_dir / "checkpoint_epoch0002").state
+    assert state.metrics["train/start_epoch"] == 1 and state.metrics["lr"] == 2e-4
+    assert state.config["train"]["lr"] == 2e-4 and state.config["train"]["epochs"] == 2
+    assert json.loads((run_dir / "detr_ray_run.json").read_text())["config"]["train"]["epochs"] == 2
