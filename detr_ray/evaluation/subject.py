@@ -155,7 +155,7 @@ def from_checkpoint(location: str, workdir: str | Path, name: str | None = None)
     state = _checkpoint_state(directory)
     config = state.get("config") or {}
     return Subject(
-        name=name or directory.name,
+        name=name or str(location).rstrip("/").rsplit("/", 1)[-1],  # the user's name, not the fetched copy's
         kind="checkpoint",
         source=str(location),
         checkpoint=directory,

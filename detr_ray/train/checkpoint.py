@@ -109,7 +109,7 @@ def _check_name(manifest: str, name: str) -> None:
         raise CheckpointError(f"{manifest}: entry {name!r} is not a file inside the checkpoint directory; refused")
 
 
-def read_manifest(directory: str | Path) -> dict:
+def _read_manifest(directory: str | Path) -> dict:
     """The manifest of a checkpoint (local directory or URI), checked for shape only: a format
     this code reads, every required file listed with its sha256 and size, and no entry outside
     the directory. CheckpointError otherwise."""
@@ -154,7 +154,7 @@ def verify(directory: str | Path, expected: dict | None = None) -> dict:
     returns the manifest or raises CheckpointError. With `expected` (a manifest returned by an
     earlier verify), the checkpoint must also still be that one: same files, same hashes."""
     location = str(directory)
-    manifest = read_manifest(location)
+    manifest = _read_manifest(location)
     if expected is not None and manifest != expected:
         raise CheckpointError(
             f"{storage.join(location, MANIFEST)}: not the checkpoint verified earlier for this place "

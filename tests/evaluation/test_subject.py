@@ -169,7 +169,7 @@ def test_same_named_checkpoints_of_two_runs_are_each_scored_with_their_own_weigh
     assert not _same_weights(weights["run_a"], weights["run_b"])
     main = from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010", tmp_path / "work")
     other = resolve(f"file://{tmp_path}/run_b/checkpoint_epoch0010", tmp_path / "work")
-    assert main.checkpoint != other.checkpoint
+    assert main.checkpoint != other.checkpoint and main.name == other.name == "checkpoint_epoch0010"
     assert main.checkpoint.name.startswith("checkpoint_epoch0010") and main.checkpoint.parent == tmp_path / "work" / "checkpoints"
     for subject, run in ((main, "run_a"), (other, "run_b")):
         detector = load_detector(subject.checkpoint, subject.manifest)
