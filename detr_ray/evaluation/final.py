@@ -64,7 +64,7 @@ def score(subject: Subject, val: str, gt, results_file: Path, cfg: InferenceConf
     if subject.kind == "results":
         results_file = subject.results_file
     else:
-        inference = run_inference(load_detector(subject.checkpoint), val, cfg)
+        inference = run_inference(load_detector(subject.checkpoint, subject.manifest), val, cfg)
         write_results(results_file, inference.results)
     results = load_results(results_file)
     evaluation = evaluate(gt, results, prefix="", source=str(results_file))

@@ -87,9 +87,10 @@ class Detector:
         return self.experiment.data.transform_config()
 
 
-def load_detector(directory: str | Path) -> Detector:
-    """Verifies and reads a checkpoint directory (see train/checkpoint.py)."""
-    loaded = ckpt.load(directory)
+def load_detector(directory: str | Path, manifest: dict | None = None) -> Detector:
+    """Verifies (against `manifest` too, when given: see checkpoint.verify) and reads a
+    checkpoint directory (see train/checkpoint.py)."""
+    loaded = ckpt.load(directory, manifest)
     where = str(Path(directory) / ckpt.STATE)
     try:
         exp = experiment_from_dict(loaded.state.config, where + ": config")

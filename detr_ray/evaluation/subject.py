@@ -11,8 +11,10 @@ An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/tu
                   "trials": [{"trial", "config", "best", "epochs", "status", "checkpoint",
                               "history": [{"epoch": 1, "train/loss": ..., "val/AP": ...}, ...]}]}
 
-best.json names the checkpoint; without it the best trial of trials.json whose checkpoint
-verifies is taken. A checkpoint is always verified against its manifest before use.
+best.json names the checkpoint; without it, or when that checkpoint does not verify, the best
+trial of trials.json whose checkpoint verifies is taken. A checkpoint is verified against its
+manifest when it is chosen (a URI's after it is copied, each URI into a folder of its own), and
+again when it is loaded for scoring, against the manifest recorded then (`Subject.manifest`).
 
 Training history of a lone checkpoint: its run's TensorBoard scalars (<run>/tensorboard, every
 epoch) if present, else the metrics stored in the run's kept checkpoints.
@@ -24,6 +26,7 @@ scikit-learn).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +55,7 @@ class Subject:
     kind: str  # "checkpoint" | "experiment" | "results"
     source: str  # what the user gave
     checkpoint: Path | None = None  # local, verified checkpoint directory
+    manifest: dict | None = None  # the checkpoint's manifest as verified: what is scored must match it
     results_file: Path | None = None  # kind "results"
     val: str | None = None  # the val shards it was trained with (default data)
     experiment: dict | None = None  # the full experiment config
@@ -106,25 +110,30 @@ def _field(doc: dict, key: str, types, where: str, required: bool = True):
     return value
 
 
-def fetch_checkpoint(location: str, workdir: str | Path) -> Path:
-    """A verified local checkpoint directory: `location` itself, or a copy of a URI's files
-    under `workdir`. CheckpointError when it is unfinished or corrupt."""
+def fetch_checkpoint(location: str, workdir: str | Path) -> tuple[Path, dict]:
+    """(a verified local checkpoint directory, its manifest): `location` itself, or a copy of a
+    URI's files under `workdir` in a folder of that URI's own (runs name their checkpoints alike:
+    two runs' checkpoint_epoch0010 must not share one). CheckpointError when it is unfinished
+    or corrupt."""
     if storage.is_uri(location):
         import pyarrow.fs as pafs
 
         fs, path = storage.resolve(location)
-        local = Path(workdir) / "checkpoints" / Path(path.rstrip("/")).name
+        key = hashlib.sha256(location.rstrip("/").encode()).hexdigest()[:16]
+        local = Path(workdir) / "checkpoints" / f"{Path(path.rstrip('/')).name}-{key}"
         local.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         directory = local
     else:
         directory = Path(location)
-    ckpt.verify(directory)
-    return directory
+    return directory, ckpt.verify(directory)
 
 
 def _checkpoint_state(directory: Path) -> dict:
-    return json.loads((directory / ckpt.STATE).read_text())
+    state = json.loads((directory / ckpt.STATE).read_text())
+    if not isinstance(state, dict):
+        raise SubjectError(f"{directory / ckpt.STATE}: expected a JSON object, got {type(state).__name__}")
+    return state
 
 
 def _val_from_config(config: dict, where: str) -> str:
@@ -140,16 +149,17 @@ def _val_from_config(config: dict, where: str) -> str:
 
 def from_checkpoint(location: str, workdir: str | Path, name: str | None = None) -> Subject:
     try:
-        directory = fetch_checkpoint(location, workdir)
+        directory, manifest = fetch_checkpoint(location, workdir)
     except ckpt.CheckpointError as e:
         raise SubjectError(str(e)) from e
     state = _checkpoint_state(directory)
     config = state.get("config") or {}
     return Subject(
-        name=name or directory.name,
+        name=name or str(location).rstrip("/").rsplit("/", 1)[-1],  # the user's name, not the fetched copy's
         kind="checkpoint",
         source=str(location),
         checkpoint=directory,
+        manifest=manifest,
         val=_val_from_config(config, f"{directory / ckpt.STATE}: config"),
         experiment=config,
         best_value=state.get("metrics", {}).get("val/AP"),
@@ -194,14 +204,19 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
         metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
         mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
 
+    chosen = None
     if best is not None:
         if not isinstance(best, dict):
             raise SubjectError(f"{best_loc}: expected a JSON object, got {type(best).__name__}")
         ckpt_loc = _field(best, "checkpoint", str, best_loc)
         try:
-            directory = fetch_checkpoint(ckpt_loc, workdir)
+            chosen = fetch_checkpoint(ckpt_loc, workdir)
         except ckpt.CheckpointError as e:
-            raise SubjectError(f"{best_loc}.checkpoint: {e}") from e
+            if trials_doc is None:
+                raise SubjectError(f"{best_loc}.checkpoint: {e}") from e
+            log.warning("%s.checkpoint does not verify, taking the best trial of %s whose checkpoint does: %s", best_loc, TRIALS, e)
+    if chosen is not None:
+        directory, manifest = chosen
         trial = str(_field(best, "trial", (str, int), best_loc))
         value = _field(best, "value", (int, float), best_loc, required=False)
         hyper = _field(best, "config", dict, best_loc, required=False) or {}
@@ -213,12 +228,12 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
         if val is not None and not isinstance(val, str):
             raise SubjectError(f"{best_loc}.data.val: expected a shard directory or URI, got {val!r}")
     else:
-        directory, trial, value, hyper = _best_trial_checkpoint(trials, metric, mode, trials_loc, workdir)
+        directory, manifest, trial, value, hyper = _best_trial_checkpoint(trials, metric, mode, trials_loc, workdir)
         experiment, val = None, None
     state = _checkpoint_state(directory)
     experiment = experiment or state.get("config") or {}
     if not val:
-        val = _val_from_config(experiment, f"{best_loc if best else directory / ckpt.STATE}: experiment")
+        val = _val_from_config(experiment, f"{best_loc if chosen is not None else directory / ckpt.STATE}: experiment")
     record = next((t for t in trials if str(t["trial"]) == trial), None)
     history = (record or {}).get("history") or run_history(directory)
     return Subject(
@@ -226,6 +241,7 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
         kind="experiment",
         source=location,
         checkpoint=directory,
+        manifest=manifest,
         val=val,
         experiment=experiment,
         trial=trial,
@@ -240,18 +256,15 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
 
 
 def _best_trial_checkpoint(trials: list[dict], metric: str, mode: str, where: str, workdir) -> tuple:
-    """(checkpoint dir, trial id, value, config) of the best trial whose checkpoint verifies."""
-    candidates = [t for t in trials if isinstance(t.get("best"), (int, float)) and math.isfinite(t["best"]) and t.get("checkpoint")]
-    candidates.sort(key=lambda t: t["best"], reverse=(mode == "max"))
-    for t in candidates:
-        try:
-            directory = fetch_checkpoint(str(t["checkpoint"]), workdir)
-        except (ckpt.CheckpointError, OSError) as e:
-            log.warning("%s: trial %s: checkpoint not usable, trying the next best: %s", where, t["trial"], e)
-            continue
-        log.info("%s: no %s; best trial by %s with a verified checkpoint: %s (%s)", where, BEST, metric, t["trial"], t["best"])
-        return directory, str(t["trial"]), float(t["best"]), t.get("config") or {}
-    raise SubjectError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
+    """(checkpoint dir, manifest, trial id, value, config) of the best trial whose checkpoint
+    verifies."""
+    candidates = [(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")]
+    chosen = ckpt.best_verified(candidates, mode, check=lambda location: fetch_checkpoint(location, workdir))
+    if chosen is None:
+        raise SubjectError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
+    (value, _, t), (directory, manifest) = chosen
+    log.info("%s: best trial by %s with a verified checkpoint: %s (%s)", where, metric, t["trial"], value)
+    return directory, manifest, str(t["trial"]), float(value), t.get("config") or {}
 
 
 def resolve(spec: str, workdir: str | Path) -> Subject:

@@ -9,7 +9,10 @@ A checkpoint is a directory:
     MANIFEST.json  written last: format version and the SHA-256 and size of every file above
 
 A directory without a manifest was never finished; one whose files do not match their hashes is
-corrupt. Both are refused by `verify`, and `latest_valid` falls back to the newest good one.
+corrupt; a manifest that is not of this shape, or that names a file outside its directory, is
+malformed. All are refused by `verify` (a CheckpointError, never another exception), which reads
+local directories and pyarrow URIs (s3://, gs://, file://) alike, hashing every file wherever it is.
+`latest_valid` falls back to the newest good checkpoint, `best_verified` to the next best one.
 Tensors are read with torch.load(weights_only=True).
 """
 
@@ -18,13 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Iterable
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
+
+from detr_ray.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -95,30 +102,75 @@ def save(
     return directory
 
 
-def verify(directory: str | Path) -> dict:
-    """Checks the manifest and every file's size and hash; returns the manifest or raises."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a checkpoint directory")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint was never completed")
+def _check_name(manifest: str, name: str) -> None:
+    """A manifest entry must be a relative path that stays inside the checkpoint directory."""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive or ".." in parts:
+        raise CheckpointError(f"{manifest}: entry {name!r} is not a file inside the checkpoint directory; refused")
+
+
+def _read_manifest(directory: str | Path) -> dict:
+    """The manifest of a checkpoint (local directory or URI), checked for shape only: a format
+    this code reads, every required file listed with its sha256 and size, and no entry outside
+    the directory. CheckpointError otherwise."""
+    location = str(directory)
+    fs, root = storage.resolve(location)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise CheckpointError(f"{location}: not a checkpoint directory")
+    path = storage.join(location, MANIFEST)
     try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint was never completed") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{path}: unreadable manifest: {e}") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: unreadable manifest: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: unreadable manifest: 'files' must map file names to {{sha256, bytes}}, got {files!r:.100}")
     for name, meta in files.items():
-        f = directory / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: listed in the manifest but missing")
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{f}: contents do not match the manifest's hash (corrupt)")
+        _check_name(path, name)
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("bytes")) is not int:
+            raise CheckpointError(f"{path}: files[{name!r}]: expected {{'sha256': str, 'bytes': int}}, got {meta!r:.100}")
     missing = [n for n in (*TENSOR_FILES, STATE) if n not in files]
     if missing:
         raise CheckpointError(f"{path}: manifest lacks {missing}")
+    return manifest
+
+
+def _stream_sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(directory: str | Path, expected: dict | None = None) -> dict:
+    """Checks the manifest and every file's size and hash, on local disk or behind a URI;
+    returns the manifest or raises CheckpointError. With `expected` (a manifest returned by an
+    earlier verify), the checkpoint must also still be that one: same files, same hashes."""
+    location = str(directory)
+    manifest = _read_manifest(location)
+    if expected is not None and manifest != expected:
+        raise CheckpointError(
+            f"{storage.join(location, MANIFEST)}: not the checkpoint verified earlier for this place "
+            "(its manifest lists other files or hashes); refusing to use another checkpoint's weights"
+        )
+    fs, root = storage.resolve(location)
+    real_root = os.path.realpath(root) if isinstance(fs, pafs.LocalFileSystem) else None
+    for name, meta in manifest["files"].items():
+        shown, path = storage.join(location, name), f"{root.rstrip('/')}/{name}"
+        if real_root is not None and os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise CheckpointError(f"{shown}: a link to outside the checkpoint directory; refused")
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise CheckpointError(f"{shown}: listed in the manifest but missing")
+        if info.size != meta["bytes"] or _stream_sha256(fs, path) != meta["sha256"]:
+            raise CheckpointError(f"{shown}: contents do not match the manifest's hash (corrupt)")
     return manifest
 
 
@@ -132,24 +184,29 @@ class Loaded:
     path: Path
 
 
-def load(directory: str | Path) -> Loaded:
-    """Verifies, then reads a checkpoint (tensors on the CPU)."""
+def load(directory: str | Path, expected: dict | None = None) -> Loaded:
+    """Verifies (against `expected` too, see `verify`), then reads a local checkpoint (tensors
+    on the CPU)."""
     directory = Path(directory)
-    verify(directory)
+    verify(directory, expected)
     tensors = {}
     for name in TENSOR_FILES:
         try:
             tensors[name] = torch.load(directory / name, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{directory / name}: cannot be read with weights_only=True: {e}") from e
-    raw = json.loads((directory / STATE).read_text())
-    raw.pop("format", None)
+    try:
+        raw = json.loads((directory / STATE).read_text())
+        raw.pop("format", None)
+        state = TrainingState(**raw)
+    except (ValueError, TypeError, AttributeError) as e:  # not an object, or other fields than TrainingState's
+        raise CheckpointError(f"{directory / STATE}: not a training state: {e}") from e
     return Loaded(
         model=tensors["model.pt"],
         optimizer=tensors["optimizer.pt"],
         scheduler=tensors["scheduler.pt"],
         scaler=tensors["scaler.pt"],
-        state=TrainingState(**raw),
+        state=state,
         path=directory,
     )
 
@@ -163,4 +220,19 @@ def latest_valid(directories: Iterable[str | Path]) -> Path | None:
             return d
         except CheckpointError as e:
             log.warning("skipping checkpoint: %s", e)
+    return None
+
+
+def best_verified(candidates: Iterable[tuple], mode: str, check: Callable[[str], Any] = verify) -> tuple[tuple, Any] | None:
+    """The best of `candidates`, (value, location, ...) tuples, that passes `check` (default:
+    `verify`, hashes and all): best value first by `mode` ("max" or "min"), the next best when
+    one fails with CheckpointError or OSError (logged). Returns (candidate, what `check`
+    returned), or None. A value that is not a finite number never counts."""
+    scored = [c for c in candidates if isinstance(c[0], (int, float)) and not isinstance(c[0], bool) and math.isfinite(c[0])]
+    scored.sort(key=lambda c: c[0], reverse=(mode == "max"))
+    for candidate in scored:
+        try:
+            return candidate, check(candidate[1])
+        except (CheckpointError, OSError) as e:
+            log.warning("not using the checkpoint scored %s, trying the next best: %s", candidate[0], e)
     return None

@@ -395,18 +395,6 @@ HISTORY_PREFIXES = ("train/", "val/")
 HISTORY_KEYS = ("epoch", "lr", "lr_backbone")
 
 
-def _verified(path: Any) -> bool:
-    if not isinstance(path, str) or not path:
-        return False
-    if storage.is_uri(path):
-        return storage.exists(storage.join(path, ckpt.MANIFEST))
-    try:
-        ckpt.verify(path)
-        return True
-    except (ckpt.CheckpointError, OSError):
-        return False
-
-
 def _status(result, ran: int, epochs: int) -> str:
     if result.error is not None:
         return "error"
@@ -414,20 +402,24 @@ def _status(result, ran: int, epochs: int) -> str:
 
 
 def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """A Train run's best checkpoint that verifies, by the metric its own state.json recorded
-    (the run directory is the record: Tune may have missed a run's last report)."""
-    scored = []
+    """A Train run's best checkpoint that verifies (every file's hash, on any storage), by the
+    metric its own state.json recorded (the run directory is the record: Tune may have missed a
+    run's last report). The claimed values only order the candidates: the chosen checkpoint's
+    state.json is among the files verified, so its value is the one it was saved with."""
+    candidates = []
     for name in storage.list_dirs(run_dir):
         path = storage.join(run_dir, name)
-        if not name.startswith("checkpoint_") or not _verified(path):
+        if not name.startswith("checkpoint_"):
             continue
-        value = json.loads(storage.read_bytes(storage.join(path, ckpt.STATE))).get("metrics", {}).get(metric)
-        if isinstance(value, (int, float)) and value == value:
-            scored.append((float(value), path))
-    if not scored:
+        try:
+            candidates.append((json.loads(storage.read_bytes(storage.join(path, ckpt.STATE)))["metrics"].get(metric), path))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unfinished or damaged: not a candidate
+            log.warning("%s: unreadable %s, not a candidate: %s", path, ckpt.STATE, e)
+    chosen = ckpt.best_verified(candidates, mode)
+    if chosen is None:
         return None, None
-    value, path = max(scored) if mode == "max" else min(scored)
-    return path, value
+    (value, path), _ = chosen
+    return path, float(value)
 
 
 def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:

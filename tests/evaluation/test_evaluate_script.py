@@ -127,6 +127,23 @@ def test_checkpoint_with_other_data_and_a_progress_bar(tiny_run, tmp_path, capsy
     assert "## Training" in md and "## Trials" not in md
 
 
+def test_compare_with_the_same_checkpoint_name_from_another_run(tiny_run, tmp_path):
+    """--checkpoint and --compare given two runs' checkpoint_epoch0010 as URIs (fetched into one
+    work directory): each is scored with its own weights, so their detections differ."""
+    for run, source in (("run_a", tiny_run["checkpoint"]), ("run_b", tiny_run["checkpoint_epoch1"])):
+        shutil.copytree(source, tmp_path / run / "checkpoint_epoch0010")
+    out = tmp_path / "report"
+    rc = _script().main(["--checkpoint", f"file://{tmp_path}/run_a/checkpoint_epoch0010", "--data", tiny_run["val"], "--out", str(out),
+                         "--compare", f"file://{tmp_path}/run_b/checkpoint_epoch0010", "--batch-size", "4", "--worst", "1", "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["title"] == "checkpoint_epoch0010" and [c["name"] for c in report["comparison"]] == ["checkpoint_epoch0010'"]
+    main = json.loads((out / "detections.json").read_text())
+    other = json.loads((out / "compare" / "checkpoint_epoch0010.json").read_text())
+    assert len(main) == len(other) == 12 * 5
+    assert main != other  # one set of weights scored twice would give the same detections
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     script = _script()
     assert script.main(["--experiment", str(tmp_path / "nowhere")]) == 2

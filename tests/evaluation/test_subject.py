@@ -59,7 +59,7 @@ def test_experiment_without_best_json_takes_the_best_verified_trial(run, tmp_pat
     with caplog.at_level(logging.WARNING):
         s = from_experiment(str(exp), tmp_path / "work")
     assert s.trial == "t2" and s.checkpoint == Path(run["checkpoint_epoch1"])
-    assert "trial t1: checkpoint not usable" in caplog.text
+    assert "trying the next best: " + str(tmp_path / "gone") + ": not a checkpoint directory" in caplog.text
     for t in doc["trials"]:
         t["checkpoint"] = None
     (exp / "trials.json").write_text(json.dumps(doc))
@@ -141,3 +141,68 @@ def test_resolve_for_compare(run, tmp_path):
         resolve(str(tmp_path / "nothing"), tmp_path)
     with pytest.raises(SubjectError, match=r"no such results file"):
         from_results(tmp_path / "missing.json")
+
+
+def _save_weights(directory: Path, seed: int) -> dict:
+    """A checkpoint whose model weights depend on `seed`; returns them."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = build_model(tiny_config())
+    state = ckpt.TrainingState(10, 30, EXPERIMENT, {"label_to_category_id": [1, 2, 3]}, {"val/AP": 0.1 * seed})
+    ckpt.save(directory, model, None, None, None, state)
+    return model.state_dict()
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_named_checkpoints_of_two_runs_are_each_scored_with_their_own_weights(tmp_path):
+    """Two runs' checkpoint_epoch0010 behind URIs (the subject and a --compare one), fetched into
+    one work directory: each is loaded with its own weights."""
+    from detr_ray.evaluation.inference import load_detector
+
+    weights = {run: _save_weights(tmp_path / run / "checkpoint_epoch0010", seed) for seed, run in enumerate(("run_a", "run_b"))}
+    assert not _same_weights(weights["run_a"], weights["run_b"])
+    main = from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010", tmp_path / "work")
+    other = resolve(f"file://{tmp_path}/run_b/checkpoint_epoch0010", tmp_path / "work")
+    assert main.checkpoint != other.checkpoint and main.name == other.name == "checkpoint_epoch0010"
+    assert main.checkpoint.name.startswith("checkpoint_epoch0010") and main.checkpoint.parent == tmp_path / "work" / "checkpoints"
+    for subject, run in ((main, "run_a"), (other, "run_b")):
+        detector = load_detector(subject.checkpoint, subject.manifest)
+        assert _same_weights(detector.weights, weights[run]), f"{subject.source} scored with other weights"
+    # The same URI again (e.g. also given to --compare) is the same checkpoint.
+    assert from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010/", tmp_path / "work").checkpoint == main.checkpoint
+
+
+def test_what_is_scored_is_the_checkpoint_that_was_verified(tmp_path):
+    """A checkpoint directory that holds another checkpoint by the time it is scored (rewritten,
+    or the copy of another run's) is refused when loaded for scoring."""
+    from detr_ray.evaluation.final import score
+    from detr_ray.evaluation.inference import InferenceConfig
+
+    _save_weights(tmp_path / "run" / "checkpoint_epoch0010", seed=0)
+    subject = from_checkpoint(str(tmp_path / "run" / "checkpoint_epoch0010"), tmp_path / "work")
+    _save_weights(tmp_path / "run" / "checkpoint_epoch0010", seed=1)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_epoch0010/MANIFEST.json: not the checkpoint verified earlier"):
+        score(subject, "unused: refused before inference", None, tmp_path / "detections.json", InferenceConfig())
+
+
+def test_best_json_checkpoint_that_does_not_verify_falls_back_to_the_best_trial_that_does(run, tmp_path, caplog):
+    import shutil
+
+    copy = dict(run)
+    for key in ("checkpoint", "checkpoint_epoch1"):
+        copy[key] = str(tmp_path / "run" / Path(run[key]).name)
+        shutil.copytree(run[key], copy[key])
+    exp = make_experiment(tmp_path / "exp", copy)
+    model = Path(copy["checkpoint"]) / "model.pt"
+    model.write_bytes(model.read_bytes()[:-1] + b"x")  # t1, best.json's checkpoint, is corrupt
+    with caplog.at_level(logging.WARNING):
+        s = from_experiment(str(exp), tmp_path / "work")
+    assert s.trial == "t2" and s.checkpoint == Path(copy["checkpoint_epoch1"]) and s.best_value == pytest.approx(-0.4)
+    assert "best.json.checkpoint does not verify" in caplog.text and "model.pt: contents do not match" in caplog.text
+    assert s.val == "/data/shards/val"  # from the checkpoint, as without best.json

@@ -18,6 +18,7 @@ from detr_ray.tune.tuner import (
     PruningOptunaSearch,
     SweepError,
     TrialNeeds,
+    best_checkpoint,
     build_sweep,
     live_placement_groups,
     max_concurrent_trials,
@@ -93,6 +94,40 @@ def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
 def test_tpe_starts_after_the_configured_number_of_trials():
     search = PruningOptunaSearch(metric="val/AP", mode="max", seed=0, max_epochs=3, startup_trials=3)
     assert search._sampler._n_startup_trials == 3  # Optuna's default (10) would outnumber a small sweep
+
+
+def _run_with_spoilt_checkpoints(run):
+    """A Train run's directory: epoch 1 (AP 0.2) and epoch 4 (0.3) verify; epoch 2 (0.5) has a
+    flipped byte, epoch 3 (0.4) a malformed manifest, epoch 5 (0.9) was never finished."""
+    import torch
+
+    from detr_ray.model import build_model
+    from tests.conftest import tiny_config
+
+    model = build_model(tiny_config())
+    for epoch, ap in ((1, 0.2), (2, 0.5), (3, 0.4), (4, 0.3), (5, 0.9)):
+        torch.nn.init.normal_(model.class_embed.weight)  # every checkpoint its own weights
+        state = ckpt.TrainingState(epoch=epoch, global_step=epoch, config={}, metrics={"val/AP": ap})
+        ckpt.save(run / f"checkpoint_epoch{epoch:04d}", model, None, None, None, state)
+    blob = bytearray((run / "checkpoint_epoch0002" / "model.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (run / "checkpoint_epoch0002" / "model.pt").write_bytes(bytes(blob))
+    manifest = json.loads((run / "checkpoint_epoch0003" / ckpt.MANIFEST).read_text())
+    (run / "checkpoint_epoch0003" / ckpt.MANIFEST).write_text(json.dumps({**manifest, "files": list(manifest["files"])}))
+    (run / "checkpoint_epoch0005" / ckpt.MANIFEST).unlink()
+    (run / "tensorboard").mkdir()
+
+
+@pytest.mark.parametrize("where", ["local", "uri"])
+def test_best_checkpoint_is_the_best_that_verifies_on_any_storage(tmp_path, where):
+    run = tmp_path / "runs" / "trial_0"
+    _run_with_spoilt_checkpoints(run)
+    location = str(run) if where == "local" else "file://" + str(run)
+    path, value = best_checkpoint(location, "val/AP", "max")
+    assert (path, value) == (f"{location}/checkpoint_epoch0004", 0.3)
+    ckpt.verify(path)
+    assert best_checkpoint(location, "val/AP", "min") == (f"{location}/checkpoint_epoch0001", 0.2)
+    assert best_checkpoint(location, "val/AP50", "max") == (None, None)  # no checkpoint recorded it
 
 
 # --------------------------------------------------------------------------------------------
