@@ -91,8 +91,12 @@ def main(argv=None) -> int:
     m = result.metrics or {}
     print(f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
           f"val/AP50 {m.get('val/AP50', float('nan')):.3f}")
-    best = result.get_best_checkpoint("checkpoint_score", "max") if result.best_checkpoints else result.checkpoint
-    print(f"run directory: {result.path}\nbest checkpoint: {best.path if best else None}")
+    from detr_ray.tune.tuner import best_checkpoint
+
+    # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
+    best, value = best_checkpoint(result.path, "val/AP", "max")
+    print(f"run directory: {result.path}\nbest verified checkpoint: "
+          + (f"{best} (val/AP {value:.3f})" if best else "none (no verified checkpoint with val/AP)"))
     return 0
 
 
