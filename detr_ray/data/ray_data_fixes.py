@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,6 @@ def install() -> bool:
 
 def installed() -> dict[str, bool]:
     """Which fixes are in place in this process (without installing anything)."""
-    import sys
-
     state = sys.modules.get("ray.data._internal.execution.streaming_executor_state")
     manager = sys.modules.get("ray.data._internal.execution.resource_manager")
     return {
@@ -89,7 +88,8 @@ def _cannot_install(fix: str, why: str) -> bool:
 
 class _PromptWait:
     """Stands in for the `ray` module inside streaming_executor_state: everything is Ray's,
-    except that `wait(..., num_returns=len(refs))` returns once any ref is ready."""
+    except that `wait(..., num_returns=k, timeout=t)` returns once any ref is ready (before t, as
+    a wait with a timeout may). Without a timeout it is Ray's wait: k refs, however long."""
 
     def __init__(self, ray_module):
         self._ray = ray_module

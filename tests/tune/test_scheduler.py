@@ -109,8 +109,9 @@ def test_the_sweep_uses_the_rung_keeping_asha(local_ray, tmp_path):
 
     space = parse_space(
         {
-            "experiment": {"model": {"backbone": "resnet18"}, "data": {"demo_root": str(tmp_path / "demo")},
-                           "train": {"epochs": 3}},
+            "experiment": {"model": {"backbone": "resnet18"},
+                           "data": {"demo_root": str(tmp_path / "demo"), "decode_num_cpus": 0.25},
+                           "train": {"epochs": 3, "cpus_per_worker": 0.5}},
             "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
             "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 2},
         },
