@@ -1,10 +1,9 @@
 """Pretrained weights: published DETR checkpoints, torchvision ImageNet backbones, transfer.
 
-Sources (`load_pretrained(model, source, categories=...)`):
+Sources (`load_pretrained(model, source)`):
   * a local file or an http(s) URL holding a DETR checkpoint in the reference layout: a dict whose
     "model" entry is the state dict (detr-r50-e632da11.pth, detr-r101-2c7b67e5.pth, the DC5
     variants, or a checkpoint.pth written by the reference training script), or a bare state dict;
-  * a local detr-ray checkpoint directory (train/checkpoint.py), which carries its category table;
   * a local file or URL holding a torchvision ResNet state dict (ImageNet classification weights);
   * "torchvision" (the backbone's ImageNet weights DETR used, downloaded through torchvision) or
     "torchvision:ResNet101_Weights.IMAGENET1K_V2" for an explicit weights enum member.
@@ -14,25 +13,6 @@ depend on the dataset or the backbone (class head, input projection, object quer
 re-initialised when their shapes differ; a DETR checkpoint whose backbone is another ResNet
 (R50 -> R101 transfer) loads everything but the backbone. Anything else that does not fit is an
 error. Files are read with torch.load(weights_only=True): pickled code is refused.
-
-The class head mapped by category. Given the dataset's categories (`categories`: the (category
-id, name) of each contiguous label 0..K-1, as in the shards' `_meta.json`), the model's class head
-is built row by row from the source's when the source says which category each of its rows is:
-  * a head of 92 logits (the published checkpoints, the reference's num_classes=91) is indexed by
-    COCO category id (row c is COCO category c, `COCO_CATEGORIES`; ids without a category and
-    row 0 are unused), the last row is no-object;
-  * a detr-ray checkpoint's head is indexed by its own contiguous labels; its state.json names the
-    category id and name of each.
-Label i of the dataset takes the source row of the category with the same id, when that row's
-name is also the same ("mapped by id"); otherwise the source row whose name is the same ("mapped
-by name"; names compare case- and whitespace-insensitively: "Traffic Light" = "trafficlight");
-otherwise a freshly initialised row, as DETR initialises its class head ("new"). The no-object row
-is the source's no-object row. `LoadReport.classes` lists how each label was mapped.
-
-So the mapped model's logits are, for every query, exactly the source model's logits of those
-categories and of no-object. Its probabilities (softmax over K + 1 logits) are the source's
-probabilities of those categories and no-object renormalised to sum to 1: the source's mass on
-its other categories has no class to go to.
 """
 
 from __future__ import annotations
@@ -41,13 +21,11 @@ import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 import torchvision
 from torch import Tensor, nn
-
-from detr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -62,41 +40,9 @@ IMAGENET_WEIGHTS = {
 # Heads that legitimately change shape with the dataset or the backbone: re-initialised, logged.
 REPLACEABLE_HEADS = ("class_embed.", "input_proj.", "query_embed.")
 
-# The 80 COCO (2014/2017 detection) categories: id -> name, as in instances_val2017.json.
-COCO_CATEGORIES: dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
-    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
-    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
-    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
-    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
-    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
-    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
-    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
-    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
-    89: "hair drier", 90: "toothbrush",
-}
-# The published heads: num_classes=91 (the largest COCO id + 1) plus no-object.
-COCO_ID_HEAD_ROWS = 92
-
 
 class WeightsError(ValueError):
     """A weights source cannot be read or does not fit the model. The message says which."""
-
-
-@dataclass(frozen=True)
-class ClassMatch:
-    """Where label `label` of the model's class head came from."""
-
-    label: int
-    category_id: int
-    name: str
-    how: str  # "id", "name" or "new"
-    source_row: int | None = None  # the source class head's row; None for "new"
-    source_name: str = ""
 
 
 @dataclass
@@ -106,40 +52,12 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     reinitialized: dict[str, str] = field(default_factory=dict)  # model module -> reason
     skipped: dict[str, str] = field(default_factory=dict)  # source key -> reason
-    classes: list[ClassMatch] = field(default_factory=list)  # empty: class head not mapped by category
-
-    def _how(self, how: str) -> list[ClassMatch]:
-        return [m for m in self.classes if m.how == how]
-
-    @property
-    def mapped_by_id(self) -> list[ClassMatch]:
-        return self._how("id")
-
-    @property
-    def mapped_by_name(self) -> list[ClassMatch]:
-        return self._how("name")
-
-    @property
-    def new_classes(self) -> list[ClassMatch]:
-        return self._how("new")
 
     def summary(self) -> str:
-        text = (
+        return (
             f"{self.source} ({self.kind}): {len(self.loaded)} tensors loaded, "
             f"{len(self.skipped)} skipped, re-initialised: {sorted(self.reinitialized) or 'none'}"
         )
-        if self.classes:
-            def names(matches, arrow=False):
-                shown = [f"{m.name}<-{m.source_name}" if arrow else m.name for m in matches[:20]]
-                more = f" and {len(matches) - 20} more" if len(matches) > 20 else ""
-                return f" ({', '.join(shown)}{more})" if matches else ""
-
-            by_id, by_name, new = self.mapped_by_id, self.mapped_by_name, self.new_classes
-            text += (
-                f"; class head mapped by category: {len(by_id)} by id{names(by_id)}, "
-                f"{len(by_name)} by name{names(by_name, arrow=True)}, {len(new)} new{names(new)}"
-            )
-        return text
 
 
 def _torch_load(f, where: str) -> object:
@@ -156,27 +74,9 @@ def _torch_load(f, where: str) -> object:
 
 
 def read_state_dict(source: str | Path) -> dict[str, Tensor]:
-    """Reads a state dict from a file, a URL, a torchvision weights enum ("torchvision:...") or a
-    detr-ray checkpoint directory."""
-    return _read_source(source)[0]
-
-
-def _read_source(source: str | Path) -> tuple[dict[str, Tensor], list[tuple[int, str]] | None]:
-    """The state dict and, for a detr-ray checkpoint, the (category id, name) of each label."""
+    """Reads a state dict from a file, a URL, or a torchvision weights enum ("torchvision:...")."""
     src = str(source)
-    table = None
-    if Path(src).is_dir():
-        try:
-            loaded = ckpt.load(src)
-        except ckpt.CheckpointError as e:
-            raise WeightsError(f"{src}: not a readable detr-ray checkpoint directory: {e}") from e
-        obj = loaded.model
-        cats = loaded.state.categories
-        try:
-            table = [(int(c), str(n)) for c, n in zip(cats["label_to_category_id"], cats["names"], strict=True)]
-        except (KeyError, TypeError, ValueError) as e:
-            log.warning("%s: %s has no usable category table (%s); its class head cannot be mapped by category", src, ckpt.STATE, e)
-    elif src.startswith("torchvision:"):
+    if src.startswith("torchvision:"):
         enum_name, _, member = src.split(":", 1)[1].partition(".")
         weights_enum = getattr(torchvision.models, enum_name, None)
         if weights_enum is None or not hasattr(weights_enum, member):
@@ -199,7 +99,7 @@ def _read_source(source: str | Path) -> tuple[dict[str, Tensor], list[tuple[int,
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise WeightsError(f"{src}: entries that are not tensors: {bad[:5]}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, table
+    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _is_detr_layout(sd: Mapping[str, Tensor]) -> bool:
@@ -217,34 +117,21 @@ def _reset(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-def load_pretrained(
-    model: nn.Module,
-    source: str | Path,
-    *,
-    include_backbone: bool = True,
-    categories: Sequence[tuple[int, str]] | None = None,
-) -> LoadReport:
+def load_pretrained(model: nn.Module, source: str | Path, *, include_backbone: bool = True) -> LoadReport:
     """Loads `source` into `model` in place and returns what was loaded, skipped, re-initialised.
 
     `model` is a detr_ray DETR (possibly wrapped in DDP). With source "torchvision", the ImageNet
     weights of the model's own backbone are downloaded through torchvision (online only).
-    `categories`: the dataset's (category id, name) of each label 0..K-1; with it, a DETR source
-    whose class head rows are known categories (COCO-id head, detr-ray checkpoint) has its class
-    head mapped by category (module docstring). Without it, or for a head of unknown rows, the
-    class head loads when its shape fits and is re-initialised otherwise.
     """
     inner = getattr(model, "module", model)
     if str(source) == "torchvision":
         source = f"torchvision:{IMAGENET_WEIGHTS[inner.cfg.backbone]}"
-    sd, table = _read_source(source)
+    sd = read_state_dict(source)
     target = inner.state_dict()
     if _is_resnet_layout(sd) and not _is_detr_layout(sd):
         report = _load_backbone(inner, sd, target, str(source))
     elif _is_detr_layout(sd):
-        report = LoadReport(str(source), "detr")
-        if categories is not None:
-            sd = _map_class_head(inner, sd, target, table, list(categories), report)
-        report = _load_detr(inner, sd, target, str(source), include_backbone, report)
+        report = _load_detr(inner, sd, target, str(source), include_backbone)
     else:
         raise WeightsError(
             f"{source}: neither a DETR state dict (transformer.*, class_embed.*) nor a ResNet one "
@@ -254,9 +141,6 @@ def load_pretrained(
         log.info("%s: skipped %s (%s)", source, key, why)
     for name, why in report.reinitialized.items():
         log.warning("%s: re-initialised %s (%s)", source, name, why)
-    for m in report.mapped_by_name + report.new_classes:
-        log.info("%s: class %d %r (id %d) %s", source, m.label, m.name, m.category_id,
-                 f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised")
     log.info("%s", report.summary())
     return report
 
@@ -291,72 +175,8 @@ def _check_shapes(sd, target, source) -> None:
         raise WeightsError(f"{source}: shape mismatch in {len(wrong)} tensors: " + "; ".join(wrong[:5]))
 
 
-def _norm(name: str) -> str:
-    return "".join(name.split()).casefold()
-
-
-def _source_classes(sd, table, source) -> dict[int, tuple[int, str]] | None:
-    """Source class head row -> (category id, name), no-object excluded; None when unknown."""
-    rows = sd["class_embed.bias"].shape[0]
-    if table is not None:
-        if len(table) + 1 != rows:
-            raise WeightsError(
-                f"{source}: its category table has {len(table)} categories but its class head "
-                f"{rows} rows (expected categories + no-object)"
-            )
-        return dict(enumerate(table))
-    if rows == COCO_ID_HEAD_ROWS:
-        return {cid: (cid, name) for cid, name in COCO_CATEGORIES.items()}
-    return None
-
-
-def _match_classes(categories: list[tuple[int, str]], rows: dict[int, tuple[int, str]]) -> list[ClassMatch]:
-    by_id = {cid: (row, name) for row, (cid, name) in rows.items()}
-    by_name: dict[str, list[int]] = {}
-    for row, (_, name) in rows.items():
-        by_name.setdefault(_norm(name), []).append(row)
-    matches = []
-    for label, (cid, name) in enumerate(categories):
-        # An id alone is not trusted: datasets number their categories freely, so the id must
-        # also carry the same name to mean the same category.
-        row, src_name = by_id.get(cid, (None, ""))
-        if row is not None and _norm(src_name) == _norm(name):
-            matches.append(ClassMatch(label, cid, name, "id", row, src_name))
-            continue
-        named = by_name.get(_norm(name), [])
-        if len(named) == 1:
-            matches.append(ClassMatch(label, cid, name, "name", named[0], rows[named[0]][1]))
-        else:  # unknown, or a name the source gives several rows: no row is the right one
-            matches.append(ClassMatch(label, cid, name, "new"))
-    return matches
-
-
-def _map_class_head(model, sd, target, table, categories, report) -> dict[str, Tensor]:
-    """`sd` with its class head replaced by one of the model's shape, mapped by category."""
-    k = target["class_embed.bias"].shape[0] - 1
-    if len(categories) != k:
-        raise WeightsError(
-            f"{report.source}: {len(categories)} dataset categories given for a model with {k} classes"
-        )
-    if "class_embed.weight" not in sd or "class_embed.bias" not in sd:
-        return sd
-    src_w, src_b = sd["class_embed.weight"], sd["class_embed.bias"]
-    rows = _source_classes(sd, table, report.source)
-    if rows is None or src_w.shape[1] != target["class_embed.weight"].shape[1]:
-        log.info("%s: class head rows are not known categories; not mapped by category", report.source)
-        return sd
-    report.classes = _match_classes(categories, rows)
-    _reset(model.class_embed)  # new classes keep DETR's own initialisation
-    w = model.class_embed.weight.detach().clone()
-    b = model.class_embed.bias.detach().clone()
-    for m in report.classes:
-        if m.source_row is not None:
-            w[m.label], b[m.label] = src_w[m.source_row], src_b[m.source_row]
-    w[-1], b[-1] = src_w[-1], src_b[-1]  # no-object
-    return {**sd, "class_embed.weight": w, "class_embed.bias": b}
-
-
-def _load_detr(model, sd, target, source, include_backbone, report) -> LoadReport:
+def _load_detr(model, sd, target, source, include_backbone) -> LoadReport:
+    report = LoadReport(source, "detr")
     sd = dict(sd)
     not_loaded = set()  # model keys that keep the model's own values
     own_bb = {k for k in target if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}

@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pretrained_backbone = False
     for source in (tcfg.pretrained, tcfg.pretrained_backbone):
         if source:
-            report = load_pretrained(model, source, categories=list(zip(meta.label_to_category_id, meta.label_names)))
+            report = load_pretrained(model, source)
             pretrained_backbone |= any(k.startswith("backbone.") for k in report.loaded)
     calibrate = tcfg.calibrate_frozen_bn and model_cfg.frozen_bn and not pretrained_backbone
 
