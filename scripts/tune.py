@@ -12,6 +12,10 @@ a command whose search space, scheduler or fixed experiment (--set, --data, --nu
 differs from that is refused (exit code 2, listing each differing key, stored -> requested); pass
 --resume-as-stored to restore it with the stored configuration anyway, or choose a new --name.
 On a cluster set RAY_ADDRESS (ray job submit does) or pass --address.
+
+Trust: restoring unpickles Tune's state from <storage>/<name> in this process, so whoever can
+write there can run code here. Use storage that only you (on a cluster: the head) can write;
+README "Running on a cluster" (IAM) gives the policy that keeps worker nodes out of it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: search_spaces/demo.yaml)")
     p.add_argument("--data", help="directory or URI with train/ and val/ shard directories; default: demo data")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the YAML's scheduler.num_samples)")
-    p.add_argument("--storage", default=os.environ.get("DETR_RAY_STORAGE", "runs"), help="local directory or s3://, gs:// URI")
+    p.add_argument("--storage", default=os.environ.get("DETR_RAY_STORAGE", "runs"), help="local directory or s3://, gs:// URI; "
+                   "a restore unpickles the sweep's state from it, so it must be writable only by those trusted "
+                   "to run code here")
     p.add_argument("--name", help="experiment name (default: the space file's name); stable, so rerunning resumes")
     p.add_argument("--resume", action="store_true", help="require an existing sweep to resume (error if none)")
     p.add_argument("--resume-as-stored", action="store_true",

@@ -368,3 +368,59 @@ def test_readme_cost_section():
     text = (ROOT / "README.md").read_text()
     cost = text.split("\n### Cost\n", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"GPU-h(ours)? per trial", cost) and "ASHA" in cost
+
+
+# --- README: IAM ---------------------------------------------------------------------------------
+
+WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+
+
+def readme_policies() -> dict[str, list[dict]]:
+    """README's IAM policies: {"worker": statements, "head": the worker's + the head's extra}."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [json.loads(m.group(2)) for m in re.finditer(r"^( *)```json\n(.*?)^\1```", section, flags=re.S | re.M)]
+    worker = [b for b in blocks if any("s3:ListBucket" in json.dumps(s) for s in b["Statement"])]
+    head = [b for b in blocks if any("ec2:RunInstances" in json.dumps(s) for s in b["Statement"])]
+    assert len(worker) == 1 and len(head) == 1, blocks
+    return {"worker": worker[0]["Statement"], "head": worker[0]["Statement"] + head[0]["Statement"]}
+
+
+def _glob(pattern: str, value: str) -> bool:
+    """IAM's wildcard matching: `*` any run of characters (slashes included), `?` one."""
+    return re.fullmatch(".*".join(".".join(map(re.escape, p.split("?"))) for p in pattern.split("*")), value) is not None
+
+
+def allowed(statements: list[dict], action: str, arn: str) -> bool:
+    for s in statements:
+        actions = [s["Action"]] if isinstance(s["Action"], str) else s["Action"]
+        resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s, s
+        if any(_glob(a, action) for a in actions) and any(_glob(r, arn) for r in resources):
+            return True
+    return False
+
+
+def test_readme_iam_keeps_the_cluster_off_the_shards_and_workers_off_the_sweep_state():
+    """A restored sweep unpickles its state on the head: no worker node may write it, and no
+    node may change the shards. Prefixes as the section's own commands use them."""
+    words = next(w for w in readme_cluster_commands() if "scripts/tune.py" in w and "--storage" in w)
+    shards = words[words.index("--data") + 1].removeprefix("s3://BUCKET/")
+    sweeps = words[words.index("--storage") + 1].removeprefix("s3://BUCKET/")
+    sweep = f"{sweeps}/{words[words.index('--name') + 1]}"
+    policies = readme_policies()
+    key = "arn:aws:s3:::BUCKET/{}".format
+    checkpoint = [key(f"{sweep}/runs/TorchTrainer_1a2b3/checkpoint_epoch0003/model.pt"),
+                  key("runs/detr-r50/checkpoint_epoch0003/model.pt")]
+    sweep_state = [key(f"{sweep}/tuner.pkl"), key(f"{sweep}/experiment_state-2026-01-01_00-00-00.json"),
+                   key(f"{sweep}/searcher-state-2026-01-01_00-00-00.pkl"), key(f"{sweep}/best.json")]
+    shard = key(f"{shards}/train/shard-00000.parquet")
+    for node, statements in policies.items():
+        assert allowed(statements, "s3:GetObject", shard), node
+        assert not any(allowed(statements, a, shard) for a in WRITES), f"{node} may write the shards"
+        assert not any(allowed(statements, a, key("elsewhere/x")) for a in WRITES), f"{node} may write outside"
+        for arn in checkpoint:
+            assert all(allowed(statements, a, arn) for a in WRITES), (node, arn)
+    for arn in sweep_state:
+        assert not any(allowed(policies["worker"], a, arn) for a in WRITES), f"workers may write {arn}"
+        assert allowed(policies["head"], "s3:PutObject", arn), arn

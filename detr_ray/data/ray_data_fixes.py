@@ -21,34 +21,75 @@ timeout, and its CPU handed to the next task one or two steps later. Measured (2
 tasks): a worker idled 0.1-0.3 s between tasks, against ~0.02 s with the fix; with decode tasks
 of ~0.4 s that was a fifth of the decoding time. The fix: the module's `ray.wait` returns as soon
 as one of them is ready (then collects all that are ready without waiting); with nothing ready it
-still waits the full timeout, so an idle loop costs no more than before.
+still waits the full timeout, so an idle loop costs no more than before. A wait without a
+timeout is passed to Ray unchanged: it returns `num_returns` ready refs, as `ray.wait` promises.
 
 Both must be installed in the process that runs the execution: the driver for a plain dataset
 iteration, Ray Train's SplitCoordinator actor for `get_dataset_shard`. pipeline.py installs them
 when it is imported in a process that has Ray Data loaded; the coordinator imports pipeline.py
 when it unpickles the dataset (decode_blocks lives there), so it is covered too.
+
+Both rely on Ray Data internals (checked for Ray 2.60). A Ray whose internals differ is left
+alone, with a WARNING naming the Ray version and the fix that did not apply; the pipeline still
+works, at Ray's own pace. `DETR_RAY_DATA_FIXES=0` turns both off (to measure them, or to rule
+them out); set it where Ray's workers see it too (their environment or the job's runtime_env
+env_vars), since the Train coordinator installs them in its own process.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 
 logger = logging.getLogger(__name__)
 
 PROMPT_WINDOW_S = 5.0
+ENV_SWITCH = "DETR_RAY_DATA_FIXES"  # "0", "false", "off" or "no": install nothing
 _INSTALLED_FLAG = "_detr_ray_prompt_limits"
+_warned: set[str] = set()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def install() -> bool:
-    """Installs both fixes (once per process). Returns whether both are in place; a Ray whose
-    internals differ from the expected ones is left alone."""
+    """Installs both fixes (once per process). Returns whether both are in place: False when
+    turned off by DETR_RAY_DATA_FIXES=0, or when Ray's internals differ from the expected ones
+    (then Ray is left alone and a WARNING says which fix did not apply)."""
+    if not enabled():
+        return False
     return _install_prompt_limits() & _install_prompt_completion()
+
+
+def installed() -> dict[str, bool]:
+    """Which fixes are in place in this process (without installing anything)."""
+    state = sys.modules.get("ray.data._internal.execution.streaming_executor_state")
+    manager = sys.modules.get("ray.data._internal.execution.resource_manager")
+    return {
+        "prompt resource limits": bool(getattr(getattr(manager, "ResourceManager", None), _INSTALLED_FLAG, False)),
+        "prompt task completion": isinstance(getattr(state, "ray", None), _PromptWait),
+    }
+
+
+def _cannot_install(fix: str, why: str) -> bool:
+    if fix not in _warned:  # install() runs for every dataset: one warning per process
+        _warned.add(fix)
+        import ray
+
+        logger.warning(
+            "detr_ray ray_data_fixes: %s not installed on Ray %s (%s); Ray Data runs at its own pace "
+            "(written for Ray 2.60; %s=0 silences this)", fix, ray.__version__, why, ENV_SWITCH,
+        )
+    return False
 
 
 class _PromptWait:
     """Stands in for the `ray` module inside streaming_executor_state: everything is Ray's,
-    except that `wait(..., num_returns=len(refs))` returns once any ref is ready."""
+    except that `wait(..., num_returns=k, timeout=t)` returns once any ref is ready (before t, as
+    a wait with a timeout may). Without a timeout it is Ray's wait: k refs, however long."""
 
     def __init__(self, ray_module):
         self._ray = ray_module
@@ -57,37 +98,43 @@ class _PromptWait:
         return getattr(self._ray, name)
 
     def wait(self, refs, *, num_returns=1, timeout=None, fetch_local=True, **kwargs):
-        if num_returns <= 1 or len(refs) <= 1:
+        if num_returns <= 1 or len(refs) <= 1 or timeout is None:
             return self._ray.wait(refs, num_returns=num_returns, timeout=timeout, fetch_local=fetch_local, **kwargs)
         self._ray.wait(refs, num_returns=1, timeout=timeout, fetch_local=fetch_local, **kwargs)
         return self._ray.wait(refs, num_returns=num_returns, timeout=0, fetch_local=fetch_local, **kwargs)
 
 
 def _install_prompt_completion() -> bool:
+    fix = "prompt task completion"
     try:
         from ray.data._internal.execution import streaming_executor_state as state
-    except ImportError:
-        return False
+    except ImportError as e:
+        return _cannot_install(fix, f"no streaming_executor_state: {e}")
     if isinstance(getattr(state, "ray", None), _PromptWait):
         return True
     if not hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S") or not hasattr(getattr(state, "ray", None), "wait"):
-        logger.debug("Ray Data's streaming_executor_state has changed; prompt task completion not installed")
-        return False
+        return _cannot_install(fix, "streaming_executor_state has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S or ray.wait")
     state.ray = _PromptWait(state.ray)
     return True
 
 
 def _install_prompt_limits() -> bool:
+    fix = "prompt resource limits"
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
-    except ImportError:  # another Ray layout: nothing to fix here
-        return False
+    except ImportError as e:
+        return _cannot_install(fix, f"no ResourceManager: {e}")
     if getattr(ResourceManager, _INSTALLED_FLAG, False):
         return True
     original = getattr(ResourceManager, "get_global_limits", None)
-    if original is None or not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
-        logger.debug("Ray Data's ResourceManager has changed; prompt resource limits not installed")
-        return False
+    init_names = getattr(getattr(ResourceManager.__init__, "__code__", None), "co_names", ())
+    if (
+        original is None
+        or not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S")
+        or "_global_limits_last_update_time" not in init_names  # what the fix resets
+    ):
+        return _cannot_install(fix, "ResourceManager has no get_global_limits, GLOBAL_LIMITS_UPDATE_INTERVAL_S "
+                                    "or _global_limits_last_update_time")
 
     def get_global_limits(self):
         limits = original(self)

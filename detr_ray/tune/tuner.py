@@ -38,6 +38,7 @@ from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
+from detr_ray.tune.scheduler import asha_with_state
 from detr_ray.tune.space import SearchSpace, apply_sample
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,6 @@ def build_sweep(
     `search`: "optuna" (TPE) or "random" (Tune's random sampling, a baseline);
     `early_stopping`: ASHA, or every trial runs all its epochs (a baseline)."""
     import ray
-    from ray.tune.schedulers import ASHAScheduler
 
     check_space(space)
     # A stopped trial's driver is blocked in fit() and never stops by itself: have Tune kill it.
@@ -359,7 +359,8 @@ def build_sweep(
 
         search_alg = BasicVariantGenerator(random_state=sched.seed, max_concurrent=concurrency)
     if early_stopping:
-        scheduler = ASHAScheduler(
+        # Tune does not save a scheduler's rungs; this pair saves them with the experiment state.
+        scheduler, scheduler_state = asha_with_state(
             time_attr="epoch",
             max_t=epochs,
             grace_period=min(sched.grace_period, epochs),
@@ -367,6 +368,7 @@ def build_sweep(
             metric=sched.metric,
             mode=sched.mode,
         )
+        run_config.callbacks.append(scheduler_state)
     else:
         from ray.tune.schedulers import FIFOScheduler
 

@@ -1,10 +1,14 @@
 """ray_data_fixes: an execution uses its CPUs from its start (not after Ray Data's first
 one-second refresh of its resource limits), and a finished task's CPU goes to the next task at
-once (not at the scheduling loop's 0.1 s timeout)."""
+once (not at the scheduling loop's 0.1 s timeout). ray.wait's contract holds; a Ray the fixes do
+not fit gets a WARNING; DETR_RAY_DATA_FIXES=0 turns them off."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import subprocess
 import sys
 import time
 
@@ -67,3 +71,69 @@ def test_a_finished_tasks_cpu_goes_to_the_next_task_at_once(ray_two_cpus):
     # and the next one starts a step or two later (0.1-0.3 s); with it, in a few ms.
     assert len(gaps) == 8
     assert sorted(gaps)[len(gaps) // 2] < 0.06, gaps
+
+
+@ray.remote(num_cpus=0)
+def _sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.timeout(120)
+def test_the_patched_wait_keeps_ray_waits_contract(ray_two_cpus):
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    assert ray_data_fixes.install()
+    patched = state.ray
+    assert isinstance(patched, ray_data_fixes._PromptWait)
+    ray.get([_sleep.remote(0) for _ in range(3)])  # warm workers: the durations below are the tasks'
+    # No timeout: blocks until num_returns refs are ready, however staggered.
+    refs = [_sleep.remote(s) for s in (1.2, 0.05, 0.6)]
+    ready, not_ready = patched.wait(refs, num_returns=2, timeout=None)
+    assert len(ready) == 2 and ray.get(ready) == [0.05, 0.6] and not_ready == [refs[0]]
+    # With a timeout (Ray Data's scheduling loop): back as soon as one is ready.
+    refs = [_sleep.remote(s) for s in (1.5, 0.05)]
+    start = time.monotonic()
+    ready, _ = patched.wait(refs, num_returns=2, timeout=1.0)
+    assert ray.get(ready) == [0.05] and time.monotonic() - start < 0.9
+
+
+def test_a_ray_the_fixes_do_not_fit_gets_a_warning_naming_its_version(monkeypatch, caplog):
+    """Ray's real modules with the internals the fixes rely on taken away, as a newer Ray would."""
+    from ray.data._internal.execution import streaming_executor_state as state
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    monkeypatch.setattr(ray_data_fixes, "_warned", set(), raising=False)  # warned once per process
+    monkeypatch.delattr(ResourceManager, ray_data_fixes._INSTALLED_FLAG, raising=False)
+    monkeypatch.delattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S")
+    monkeypatch.setattr(state, "ray", ray)
+    monkeypatch.delattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
+    original = ResourceManager.get_global_limits
+    with caplog.at_level(logging.WARNING, logger=ray_data_fixes.__name__):
+        assert not ray_data_fixes.install()
+        assert not ray_data_fixes.install()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # one per fix, not one per dataset
+    for fix, message in zip(("prompt resource limits", "prompt task completion"), warnings):
+        assert fix in message and f"Ray {ray.__version__}" in message, message
+    assert state.ray is ray and ResourceManager.get_global_limits is original  # Ray left alone
+
+
+_PATCHED = """
+import json, ray.data
+import detr_ray.data.pipeline  # installs the fixes on import in a process with Ray Data loaded
+from ray.data._internal.execution import streaming_executor_state as state
+from ray.data._internal.execution.resource_manager import ResourceManager
+print(json.dumps([type(state.ray).__name__, bool(getattr(ResourceManager, "_detr_ray_prompt_limits", False))]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_environment_switch_installs_nothing():
+    def patched(**env):
+        out = subprocess.run([sys.executable, "-c", _PATCHED], env={**os.environ, **env}, capture_output=True,
+                             text=True, timeout=100, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert patched(DETR_RAY_DATA_FIXES="1") == ["_PromptWait", True]
+    assert patched(DETR_RAY_DATA_FIXES="0") == ["module", False]
