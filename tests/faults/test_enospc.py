@@ -1,0 +1,27 @@
+"""A full filesystem under the checkpoint writer: a real tmpfs (root only, else skipped) as the
+Train workers' TMPDIR, where checkpoint.save writes, filled once epoch 1's checkpoint is stored."""
+
+import pytest
+import ray
+
+from detr_ray.local_ray import init as init_local_ray
+from tests.faults.conftest import assert_survived
+from tests.faults.scenarios import enospc, tiny_tmpfs
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def full_dir(tmp_path_factory):
+    # One tiny checkpoint (resnet18 + AdamW) is about 135 MB while it is written.
+    with tiny_tmpfs(tmp_path_factory.mktemp("tmpfs"), size_mb=384) as mounted:
+        if mounted is None:
+            pytest.skip("mounting a tmpfs needs root")
+        init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                       runtime_env={"env_vars": {"TMPDIR": str(mounted)}})
+        yield mounted
+        ray.shutdown()
+
+
+def test_disk_full_while_checkpointing_fails_cleanly_and_resumes(tmp_path, fault_demo_root, full_dir):
+    assert_survived(enospc(tmp_path, fault_demo_root, full_dir))

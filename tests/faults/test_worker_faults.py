@@ -1,0 +1,27 @@
+"""Train-level faults on one local Ray: a worker SIGKILLed mid-epoch, the newest checkpoint
+truncated. Both run in CI (about a minute each on 2 cores)."""
+
+import pytest
+import ray
+
+from detr_ray.local_ray import init as init_local_ray
+from tests.faults.conftest import assert_survived
+from tests.faults.scenarios import truncated_checkpoint, worker_sigkill
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # 4 logical CPUs on 2 cores: 2 Train workers plus Ray Data's decode tasks.
+    init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_worker_sigkilled_mid_epoch_resumes_from_its_checkpoint(tmp_path, fault_demo_root):
+    assert_survived(worker_sigkill(tmp_path, fault_demo_root))
+
+
+def test_truncated_newest_checkpoint_is_skipped_and_redone(tmp_path, fault_demo_root):
+    assert_survived(truncated_checkpoint(tmp_path, fault_demo_root))
