@@ -147,7 +147,28 @@ def _check_run(result, run_dir: Path, reports: list[dict], saved: int, epochs: i
             problems.append(f"{label}: checkpoint does not verify: {e}")
     if epochs not in verified_epochs(run_dir):
         problems.append(f"{label}: no verified checkpoint of the last epoch {epochs} in {run_dir}")
+    problems += check_registry(run_dir, label)
     return problems, lost
+
+
+def check_registry(run_dir: Path, label: str) -> list[str]:
+    """Ray Train's checkpoint registry (checkpoint_manager_snapshot.json, what it keeps and
+    deletes by score) must name each directory once, and each must verify: two entries for one
+    directory mean that evicting the stale one deletes the directory the other still holds."""
+    path = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    if not path.exists():
+        return []
+    names = [r["checkpoint_dir_name"] for r in json.loads(path.read_text()).get("checkpoint_results", [])]
+    problems = []
+    for name in sorted(set(names)):
+        if names.count(name) > 1:
+            problems.append(f"{label}: Ray's checkpoint registry holds {names.count(name)} entries for {name} "
+                            "(a stale one and the redone epoch's): evicting the stale entry deletes the new checkpoint")
+        try:
+            ckpt.verify(Path(run_dir) / name)
+        except ckpt.CheckpointError as e:
+            problems.append(f"{label}: registered checkpoint does not verify: {e}")
+    return problems
 
 
 def worker_sigkill(workdir: Path, demo_root, inject: bool = True) -> dict:
