@@ -363,6 +363,8 @@ def check_sweep(exp_dir: Path, num_samples: int, epochs: int, saved: dict[str, i
         more, n = check_reports(rs, saved.get(trial, 0), epochs, f"trial {trial}")
         problems += more
         lost += n
+    for run in sorted((exp_dir / "runs").glob("*")):
+        problems += check_registry(run, f"trial {run.name}")
     best = exp_dir / "best.json"
     if not best.exists():
         problems.append("best.json missing")
