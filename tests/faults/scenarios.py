@@ -494,6 +494,7 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
             time.sleep(0.05)
         removed["node_id"] = worker.node_id
         removed["saved"] = saved_epochs(exp_dir)
+        removed["actors"] = _actors_on(worker.node_id)
         cluster.remove_node(worker, allow_graceful=False)
         time.sleep(3)
         cluster.add_node(num_cpus=2)
@@ -509,10 +510,18 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     wall = time.time() - start
     if inject:
         thread.join(timeout=60)
-    # Where the trials' rank 0 ran before the node went away: did the fault hit a Train worker?
-    hit = any(removed.get("node_id") in r["nodes"] for r in rows)
+    # Did the fault hit a Train worker? (What ran on the node when it went away.)
+    hit = "RayTrainWorker" in removed.get("actors", [])
     # A trial on the lost node lost the epoch it was in, not a completed one: compare with the
     # checkpoints that existed when the node went away.
     problems, lost = check_sweep(exp_dir, num_samples, epochs, removed.get("saved", {}))
     return record("worker node lost mid-sweep" if inject else "clean sweep (cluster)", inject and "node_id" in removed,
-                  wall, problems, lost, hit_train_worker=hit)
+                  wall, problems, lost, hit_train_worker=hit, actors_on_lost_node=removed.get("actors", []))
+
+
+def _actors_on(node_id: str) -> list[str]:
+    """Class names of the live actors on a node (from the GCS actor table; no dashboard needed)."""
+    from ray._private.state import actors
+
+    return sorted(a["ActorClassName"] for a in actors().values()
+                  if a["Address"]["NodeID"] == node_id and a["State"] == "ALIVE")
