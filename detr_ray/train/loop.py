@@ -282,6 +282,8 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
         wait += time.perf_counter() - t_last
         if fault and fault.get("rank") == rank and global_step == fault.get("step") and not os.path.exists(fault["marker"]):
             Path(fault["marker"]).write_text(f"crashed at step {global_step}")
+            if fault.get("signal"):  # a real kill (e.g. 9, SIGKILL): no Python clean-up, as from the OOM killer
+                os.kill(os.getpid(), fault["signal"])
             os._exit(1)  # test hook: simulate a worker dying mid-epoch, once
         if calibrate:
             calibrate_frozen_batchnorm(_inner(step.model).backbone, normalize(images.to(device)))

@@ -151,7 +151,7 @@ def build_trainer(
         "train_uri": train_uri,
         "val_uri": val_uri,
         "tensorboard_dir": tensorboard_dir(storage_path, name) if t.tensorboard else None,
-        "fault_injection": fault_injection,  # tests: {"rank", "step", "marker"} -> that worker dies once
+        "fault_injection": fault_injection,  # tests: {"rank", "step", "marker"[, "signal"]} -> that worker dies once
         "audit_dir": audit_dir,  # debugging: per rank and epoch, the image ids seen and a parameter hash
     }
     return TorchTrainer(

@@ -1,0 +1,36 @@
+"""Fixtures of the fault suite (tests/faults/, scenarios in tests/faults/scenarios.py).
+
+The slowest cases (whole sweeps killed and restored, a multi-node cluster losing a node) are
+marked `slow` and run only with DETR_RAY_SLOW=1, or through benchmarks/faults.py, which runs
+every fault and records the figures in benchmarks/results/faults.json."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from detr_ray.data.demo import ensure_demo_shards
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DETR_RAY_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow fault case: set DETR_RAY_SLOW=1 (or run benchmarks/faults.py)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fault_demo_root(tmp_path_factory):
+    """The demo dataset at its smallest that still gives every worker STEPS batches per epoch."""
+    root = tmp_path_factory.mktemp("fault-demo")
+    ensure_demo_shards(root, num_train=32, num_val=16)
+    return root
+
+
+def assert_survived(rec: dict) -> None:
+    assert rec["injected"], rec
+    assert not rec["problems"], "\n".join(rec["problems"])
+    assert rec["epochs_lost"] == 0, rec
