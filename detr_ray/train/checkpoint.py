@@ -65,9 +65,22 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """write(tmp) then rename. An OSError (a full disk, say) is raised again naming the file, and the
+    partial file is removed."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write checkpoint file {path}: {e.strerror or e}") from e
     os.replace(tmp, path)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file object: on a full disk torch.save(obj, path) raises an opaque
+    # RuntimeError ("unexpected pos ..."), while a file object's write raises OSError(ENOSPC).
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save(
@@ -90,7 +103,7 @@ def save(
         "scaler.pt": scaler.state_dict() if scaler is not None else {},
     }
     for name, obj in tensors.items():
-        _write_atomic(directory / name, lambda p, obj=obj: torch.save(obj, p))
+        _write_atomic(directory / name, lambda p, obj=obj: _torch_save(obj, p))
     payload = {"format": FORMAT_VERSION, **state.__dict__}
     _write_atomic(directory / STATE, lambda p: p.write_text(json.dumps(payload, indent=2, default=float)))
     files = {

@@ -402,7 +402,24 @@ def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch
     state = ckpt.TrainingState(epoch=epoch, global_step=global_step, config=exp.to_dict(), categories=categories, metrics=metrics)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save(tmp, model, optimizer, scheduler, scaler, state)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_epoch{epoch:04d}")
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=_checkpoint_dir_name(epoch))
+
+
+def _checkpoint_dir_name(epoch: int) -> str:
+    """checkpoint_epochNNNN, or checkpoint_epochNNNN-2, -3, ... when a directory of that name is
+    already in the run: the epoch is being redone because that checkpoint did not verify. Ray's
+    registry, restored with the run, still holds the old entry; were the new checkpoint written
+    under the same name, Ray evicting the old entry would delete the new files."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    base = name = f"checkpoint_epoch{epoch:04d}"
+    attempt = 1
+    while storage.storage_filesystem.get_file_info(f"{storage.experiment_fs_path}/{name}").type != pafs.FileType.NotFound:
+        attempt += 1
+        name = f"{base}-{attempt}"
+    return name
 
 
 # --------------------------------------------------------------------------------------------

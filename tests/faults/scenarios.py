@@ -42,6 +42,7 @@ import yaml
 import ray.train
 
 from detr_ray.train import checkpoint as ckpt
+from detr_ray.tune.tuner import best_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
@@ -55,13 +56,18 @@ def record(fault: str, injected: bool, wall_s: float, problems: list[str], epoch
             "wall_s": round(wall_s, 1), "problems": problems, **details}
 
 
+def checkpoint_epoch(name: str) -> int:
+    """The epoch of checkpoint_epochNNNN or of a redone epoch's checkpoint_epochNNNN-K."""
+    return int(name.removeprefix("checkpoint_epoch").split("-")[0])
+
+
 def verified_epochs(run_dir: Path) -> list[int]:
     """Epochs of the run's checkpoints that verify (hashes), oldest first."""
     out = []
     for d in sorted(Path(run_dir).glob("checkpoint_epoch*")):
         try:
             ckpt.verify(d)
-            out.append(int(d.name.removeprefix("checkpoint_epoch")))
+            out.append(checkpoint_epoch(d.name))
         except ckpt.CheckpointError:
             pass
     return out
@@ -205,6 +211,13 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
     wall = time.time() - start
     reports = read_reports(log)[before:]  # the relaunch's
     problems, lost = _check_run(result, run_dir, reports, 1, 2, "truncated checkpoint")
+    # The corrupted directory stays (evidence, and Ray's registry may still list it); what matters
+    # is that nothing detr-ray chooses is it: resume skipped it above, and the best checkpoint
+    # that tune.py / train.py / evaluate.py pick verifies and is another directory.
+    problems = [p for p in problems if str(victim.parent) + "/" not in p and not p.endswith(str(victim.parent))]
+    chosen, _ = best_checkpoint(str(run_dir), "val/AP", "max")
+    if chosen is None or Path(chosen) == victim.parent:
+        problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:
         problems.append(f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 checkpoint skipped)")
     left = sorted(d.name for d in run_dir.glob("checkpoint_epoch*"))
@@ -286,7 +299,7 @@ def enospc(workdir: Path, demo_root, full_dir: Path | None, inject: bool = True)
     elif not clear:
         problems.append("the error does not say the disk is full: " + message[-600:].replace("\n", " | "))
     for d in sorted(run_dir.glob("checkpoint_epoch*")):
-        if int(d.name.removeprefix("checkpoint_epoch")) not in verified_epochs(run_dir):
+        if checkpoint_epoch(d.name) not in verified_epochs(run_dir):
             problems.append(f"{d} left behind and does not verify")
     if "file" in filled:
         filled["file"].unlink()

@@ -32,8 +32,5 @@ def test_disk_full_while_checkpointing_leaves_no_bad_checkpoint_and_resumes(disk
     assert_survived({**disk_full, "problems": [p for p in disk_full["problems"] if "does not say the disk is full" not in p]})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.save on a full disk raises RuntimeError('[enforce fail at inline_container.cc:672] . "
-    "unexpected pos 64 vs 0'), which checkpoint.save passes on without naming ENOSPC or the path"))
 def test_disk_full_error_says_so(disk_full):
     assert disk_full["clear_error"], disk_full["problems"]

@@ -63,7 +63,7 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(tmp_path):
         first.wait()
         saved = {}  # trial -> its last checkpointed epoch when the sweep died
         for m in exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json"):
-            trial, epoch = m.parts[-3], int(m.parts[-2].removeprefix("checkpoint_epoch"))
+            trial, epoch = m.parts[-3], int(m.parts[-2].removeprefix("checkpoint_epoch").split("-")[0])
             saved[trial] = max(saved.get(trial, 0), epoch)
         try:  # the local Ray it started goes down with it, as on a crashed machine
             os.killpg(first.pid, signal.SIGKILL)
