@@ -126,7 +126,8 @@ def train_experiment(demo_root, **train) -> dict:
 
     exp = copy.deepcopy(DEMO_EXPERIMENT)
     exp["model"].update(TINY_MODEL)
-    exp["data"].update(demo_root=str(demo_root), batch_size=4, shuffle_buffer=8)
+    # The small demo shards themselves (demo_root would regenerate the demo at its default size).
+    exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=3, max_steps_per_epoch=STEPS, max_failures=1, cpus_per_worker=1.0, tensorboard=False)
     exp["train"].update(train)
     return exp

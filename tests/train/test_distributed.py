@@ -88,7 +88,7 @@ class TestTwoNodes:
         train_uri, _ = ensure_demo_shards(root, num_train=48, num_val=16)
         exp = copy.deepcopy(DEMO_EXPERIMENT)
         exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
-        exp["data"].update(demo_root=str(root), batch_size=4, shuffle_buffer=8)
+        exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
         exp["train"].update(epochs=2, num_workers=2, cpus_per_worker=1.0, max_failures=0, eval_every=2)
         audit = tmp_path / "audit"
         result = build_trainer(exp, name="two-nodes", storage_path=str(tmp_path / "runs"), audit_dir=str(audit), placement_strategy="STRICT_SPREAD").fit()

@@ -41,7 +41,8 @@ def local_ray():
 def _experiment(demo_root, **train):
     exp = copy.deepcopy(DEMO_EXPERIMENT)
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
-    exp["data"].update(demo_root=demo_root, batch_size=4, shuffle_buffer=8)
+    # The small demo shards themselves (demo_root would regenerate the demo at its default size).
+    exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=2, max_steps_per_epoch=2, max_failures=0, cpus_per_worker=1.0)
     exp["train"].update(train)
     return exp
