@@ -1,31 +1,56 @@
 """A full filesystem under the checkpoint writer: a real tmpfs (root only, else skipped) as the
-Train workers' TMPDIR, where checkpoint.save writes, filled once epoch 1's checkpoint is stored."""
+Train workers' TMPDIR, where checkpoint.save writes, filled once epoch 1's checkpoint is stored.
+
+The scenario runs in a Python process of its own, with a Ray started there for it: the fault
+depends on the workers' TMPDIR and on the timing of one run, which the state that earlier test
+modules leave in the pytest process must not decide."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import ray
 
-from detr_ray.local_ray import init as init_local_ray
 from tests.faults.conftest import assert_survived
-from tests.faults.scenarios import enospc, tiny_tmpfs
 
 pytestmark = pytest.mark.timeout(420)
 
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import ray
+from detr_ray.local_ray import init as init_local_ray
+from tests.faults.scenarios import enospc, tiny_tmpfs
 
-@pytest.fixture(scope="module")
-def full_dir(tmp_path_factory):
-    # One tiny checkpoint (resnet18 + AdamW) is about 135 MB while it is written.
-    with tiny_tmpfs(tmp_path_factory.mktemp("tmpfs"), size_mb=384) as mounted:
-        if mounted is None:
-            pytest.skip("mounting a tmpfs needs root")
+workdir, demo_root = Path(sys.argv[1]), sys.argv[2]
+# One tiny checkpoint (resnet18 + AdamW) is about 135 MB while it is written.
+with tiny_tmpfs(workdir / "tmpfs", size_mb=384) as mounted:
+    if mounted is None:
+        record = None
+    else:
         init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False,
                        runtime_env={"env_vars": {"TMPDIR": str(mounted)}})
-        yield mounted
-        ray.shutdown()
+        try:
+            record = enospc(workdir / "run", demo_root, mounted)
+        finally:
+            ray.shutdown()
+(workdir / "record.json").write_text(json.dumps(record, default=str))
+"""
 
 
 @pytest.fixture(scope="module")
-def disk_full(tmp_path_factory, fault_demo_root, full_dir):
-    return enospc(tmp_path_factory.mktemp("enospc"), fault_demo_root, full_dir)
+def disk_full(tmp_path_factory, fault_demo_root):
+    workdir = tmp_path_factory.mktemp("enospc")
+    (workdir / "run").mkdir()
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), str(fault_demo_root)], cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((workdir / "record.json").read_text())
+    if record is None:
+        pytest.skip("mounting a tmpfs needs root")
+    return record
 
 
 def test_disk_full_while_checkpointing_leaves_no_bad_checkpoint_and_resumes(disk_full):
