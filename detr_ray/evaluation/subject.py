@@ -498,7 +498,7 @@ def _distribution(spec: Any, key: str):
         return IntDistribution(int(args[0]), int(args[1]))
     if kind == "choice":
         return CategoricalDistribution(list(args))
-    if kind == "fixed":
+    if kind in ("fixed", "by"):  # not a dimension of its own: a constant, or follows a choice
         return None
     raise SubjectError(f"{TRIALS}: search.{key}: unknown distribution {kind!r}")
 
