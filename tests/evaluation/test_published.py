@@ -185,3 +185,25 @@ def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(loca
 
     rc = script.main(["--checkpoint", f"{url}/missing.pth", "--data", shards, "--out", str(tmp_path / "r2"), "--no-progress"])
     assert rc == 2 and "missing.pth: cannot fetch" in capsys.readouterr().err
+
+
+def test_training_reads_weights_from_urls_and_storage_uris(http_server, tmp_path, monkeypatch):
+    """load_pretrained (what every trial's workers call) on an http URL and a file:// URI; two
+    files published under the same name at two URLs are cached apart."""
+    from detr_ray.model import load_pretrained
+
+    served, url = http_server
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    refs = {}
+    for seed, folder in enumerate(("a", "b")):
+        refs[folder] = _published(served / folder / "detr-tiny.pth", seed=seed)
+    for folder, ref in refs.items():
+        model = build_model(tiny_config(num_classes=91))
+        report = load_pretrained(model, f"{url}/{folder}/detr-tiny.pth")
+        assert not report.skipped and torch.equal(model.class_embed.weight, ref.class_embed.weight)
+    assert len(list((tmp_path / "hub" / "checkpoints").glob("*-detr-tiny.pth"))) == 2
+    model = build_model(tiny_config(num_classes=91))
+    load_pretrained(model, (served / "b" / "detr-tiny.pth").as_uri())
+    assert torch.equal(model.query_embed.weight, refs["b"].query_embed.weight)
+    with pytest.raises(WeightsError, match="missing.pth: cannot fetch"):
+        load_pretrained(model, f"{url}/missing.pth")
