@@ -19,8 +19,9 @@ model.dilation=true|false is required; the class head is mapped to the data's ca
 
   python scripts/evaluate.py --checkpoint detr-r50-e632da11.pth --data coco/val
   python scripts/evaluate.py --experiment runs/coco_finetune --data coco/val \
-      --compare https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth Runs on the local Ray, or on a cluster
-when RAY_ADDRESS is set (GPU actors when it has GPUs).
+      --compare https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth
+
+Runs on the local Ray, or on a cluster when RAY_ADDRESS is set (GPU actors when it has GPUs).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     what.add_argument("--checkpoint", metavar="DIR_OR_FILE", help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)")
     p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
     p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory: new, empty or an earlier report's (default: ./evaluation)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments or COCO results files to compare")
+    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments, published DETR weights or COCO results files to compare")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="for published DETR weights: a model.* or data.* setting the file cannot tell, e.g. model.dilation=true")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")

@@ -195,8 +195,11 @@ def is_weights_file(location: str) -> bool:
     if storage.is_uri(location):
         import pyarrow.fs as pafs
 
-        fs, path = storage.resolve(location)
-        return fs.get_file_info(path).type == pafs.FileType.File
+        try:
+            fs, path = storage.resolve(location)
+            return fs.get_file_info(path).type == pafs.FileType.File
+        except (OSError, ValueError):  # an unknown scheme, no access: not taken for weights here
+            return False
     path = Path(location)
     if not path.is_file():
         return False

@@ -27,8 +27,10 @@
 Distributions: loguniform (0 < lower < upper), uniform (lower < upper), int (integers, lower <
 upper, both included), choice (a non-empty list), fixed (one value), and `by`: not sampled, a
 value picked per trial by the value of a `choice` key (every choice must have its value, and
-nothing else may be listed), e.g. the pretrained weights that match the trial's backbone. Every tuned key must name a
-field of the experiment's model/data/train sections (or train.lr_backbone_ratio), and every value
+nothing else may be listed), e.g. the pretrained weights that match the trial's backbone. The
+searcher sees a `by` table as a constant and each trial's config carries it whole; apply_sample
+puts the trial's value into its experiment. Every tuned key must name a field of the
+experiment's model/data/train sections (or train.lr_backbone_ratio), and every value
 a distribution can produce at its bounds must pass the experiment's own validation: an unknown
 backbone or a dropout of 1.5 is caught here, naming the file and the key.
 """
