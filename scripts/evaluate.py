@@ -7,9 +7,21 @@ error analysis and a report (report.md, report.json, figures/).
       --compare runs/r101-run/checkpoint_epoch0050 other_detector_results.json
 
 --data defaults to the val shards the run trained with. --compare takes checkpoint directories,
-experiment directories or COCO results JSON files of other detectors; each is scored on the same
-images and shown as a column next to the evaluated one. Runs on the local Ray, or on a cluster
-when RAY_ADDRESS is set (GPU actors when it has GPUs).
+experiment directories, published DETR weights or COCO results JSON files of other detectors;
+each is scored on the same images and shown as a column next to the evaluated one.
+
+Published DETR weights (the reference repository's files, e.g. detr-r50-e632da11.pth, or its
+training checkpoint.pth; a local file, an http(s) URL or an s3://, gs:// URI) are scored as the
+model they were trained as: backbone (R18/34/50/101), hidden size, layers and queries are read
+from the tensors; DC5 from the reference checkpoint's args or the published file name (a "dc5"
+name is DC5, detr-r50-<hash>.pth / detr-r101-<hash>.pth are not), otherwise --set
+model.dilation=true|false is required; the class head is mapped to the data's categories:
+
+  python scripts/evaluate.py --checkpoint detr-r50-e632da11.pth --data coco/val
+  python scripts/evaluate.py --experiment runs/coco_finetune --data coco/val \
+      --compare https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth
+
+Runs on the local Ray, or on a cluster when RAY_ADDRESS is set (GPU actors when it has GPUs).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from detr_ray.data.shards import ShardError
 from detr_ray.evaluation.coco_eval import ResultsError
 from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
-from detr_ray.evaluation.subject import SubjectError, from_checkpoint, from_experiment, resolve
+from detr_ray.evaluation.subject import SubjectError, from_experiment, resolve, subject_for_checkpoint
 from detr_ray.ownership import NotOwnedError
 from detr_ray.train.checkpoint import CheckpointError
 
@@ -37,10 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
-    what.add_argument("--checkpoint", metavar="DIR", help="a checkpoint directory (checkpoint_epochNNNN)")
+    what.add_argument("--checkpoint", metavar="DIR_OR_FILE", help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)")
     p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
     p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory: new, empty or an earlier report's (default: ./evaluation)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments or COCO results files to compare")
+    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments, published DETR weights or COCO results files to compare")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="for published DETR weights: a model.* or data.* setting the file cannot tell, e.g. model.dilation=true")
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
     p.add_argument("--actors", type=int, default=0, help="inference actors (default: one per GPU, else one)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -94,8 +108,16 @@ def main(argv=None) -> int:
     options = EvaluationOptions(out=Path(args.out), data=args.data, inference=cfg, score_threshold=args.score_threshold, worst=args.worst)
     with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
         try:
-            subject = from_experiment(args.experiment, workdir) if args.experiment else from_checkpoint(args.checkpoint, workdir)
-            compare = [resolve(spec, workdir) for spec in args.compare]
+            if args.experiment:
+                subject = from_experiment(args.experiment, workdir)
+            else:
+                subject = subject_for_checkpoint(args.checkpoint, workdir, args.data, args.set)
+            compare = [resolve(spec, workdir, args.data or subject.val, args.set) for spec in args.compare]
+            if args.set and not any(s.kind == "published" for s in [subject, *compare]):
+                raise SubjectError("--set applies to published DETR weights only, and none is evaluated")
+            for s in [subject, *compare]:
+                if s.weights:
+                    print(f"published {s.source}\n  sha256 {s.weights['sha256']}\n  {s.weights['load']['summary']}")
             print(f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}")
             _ray(args.num_cpus)
             report, paths = run_evaluation(subject, options, compare)

@@ -99,6 +99,7 @@ def _comparison_row(scored: Scored, gt: GroundTruth) -> dict:
         "per_category": {row["id"]: row["AP"] for row in per_category(scored.evaluation)},
         "tide": {**{k: v["dAP"] for k, v in t.errors.items()}, "false_positives": t.false_positives_dap, "false_negatives": t.false_negatives_dap},
         "inference": scored.inference.summary() if scored.inference else None,
+        **({"weights": scored.subject.weights} if scored.subject.weights else {}),
     }
 
 

@@ -290,6 +290,7 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
     s = r.subject
     lines += ["| | |", "|---|---|"]
     for label, value in (("evaluated", f"{s.get('kind')} `{s.get('source')}`"), ("checkpoint", f"`{s['checkpoint']}`" if s.get("checkpoint") else None),
+                         ("weights", f"sha256 `{s['weights']['sha256']}`; {s['weights']['load']['summary']}" if s.get("weights") else None),
                          ("trial", s.get("trial")), (f"{s.get('metric')} recorded in training", _num(s.get("best_value")) if s.get("best_value") is not None else None),
                          ("validation data", f"`{r.data.get('val')}`"), ("images / boxes / categories", f"{r.data.get('images')} / {r.data.get('annotations')} / {r.data.get('categories')}")):
         if value is not None:

@@ -16,6 +16,15 @@ trial of trials.json whose checkpoint verifies is taken. A checkpoint is verifie
 manifest when it is chosen (a URI's after it is copied, each URI into a folder of its own), and
 again when it is loaded for scoring, against the manifest recorded then (`Subject.manifest`).
 
+A published DETR file (the reference repository's layout: {"model": state dict}, such as
+detr-r50-e632da11.pth, or its training checkpoint.pth with "args"; a local file, an http(s) URL
+or a storage URI) is scored as the model it was trained as: the architecture is inferred from the
+state dict (weights.infer_model_config), the class head mapped to the val data's categories
+(weights.load_pretrained), and the result saved as a detr-ray checkpoint under the work
+directory, so that inference runs it like any other. Its identity is the file's sha256 (a URI is
+fetched into a folder of its own first); the report records it with the load report (which
+classes mapped by id, by name, or are new).
+
 Training history of a lone checkpoint: its run's TensorBoard scalars (<run>/tensorboard, every
 epoch) if present, else the metrics stored in the run's kept checkpoints.
 
@@ -31,7 +40,8 @@ import json
 import logging
 import math
 import struct
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +62,7 @@ class SubjectError(ValueError):
 @dataclass
 class Subject:
     name: str  # a short label (report title, --compare column)
-    kind: str  # "checkpoint" | "experiment" | "results"
+    kind: str  # "checkpoint" | "experiment" | "results" | "published"
     source: str  # what the user gave
     checkpoint: Path | None = None  # local, verified checkpoint directory
     manifest: dict | None = None  # the checkpoint's manifest as verified: what is scored must match it
@@ -67,6 +77,7 @@ class Subject:
     history: list[dict] = field(default_factory=list)  # per epoch
     trials: list[dict] = field(default_factory=list)
     search: dict = field(default_factory=dict)
+    weights: dict | None = None  # kind "published": sha256, inferred architecture, load report
 
     def describe(self) -> dict:
         """JSON-able summary for the report."""
@@ -81,6 +92,7 @@ class Subject:
             "metric": self.metric,
             "mode": self.mode,
             "best_value": self.best_value,
+            **({"weights": self.weights} if self.weights else {}),
         }
 
 
@@ -165,6 +177,149 @@ def from_checkpoint(location: str, workdir: str | Path, name: str | None = None)
         best_value=state.get("metrics", {}).get("val/AP"),
         history=run_history(directory),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Published DETR weights
+
+PUBLISHED_SECTIONS = {"model", "data"}  # what --set may change of a published file's experiment
+
+
+def is_weights_file(location: str) -> bool:
+    """A DETR weights file rather than a checkpoint/experiment directory or a COCO results JSON:
+    an http(s) URL, a storage URI naming a file, or a local file saved by torch.save (a zip
+    archive or a pickle, never JSON)."""
+    location = str(location)
+    if location.startswith(("http://", "https://")):
+        return True
+    if storage.is_uri(location):
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = storage.resolve(location)
+            return fs.get_file_info(path).type == pafs.FileType.File
+        except (OSError, ValueError):  # an unknown scheme, no access: not taken for weights here
+            return False
+    path = Path(location)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_weights(location: str, workdir: str | Path) -> Path:
+    """A local copy of a weights file: `location` itself, or a URL's / URI's bytes in a folder
+    of that location's own under `workdir` (files are published under the same names)."""
+    location = str(location)
+    if not location.startswith(("http://", "https://")) and not storage.is_uri(location):
+        if not Path(location).is_file():
+            raise SubjectError(f"{location}: no such file")
+        return Path(location)
+    name = location.rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
+    key = hashlib.sha256(location.encode()).hexdigest()[:16]
+    local = Path(workdir) / "weights" / key / name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if location.startswith(("http://", "https://")):
+            import torch
+
+            torch.hub.download_url_to_file(location, str(local), progress=False)
+        else:
+            local.write_bytes(storage.read_bytes(location))
+    except Exception as e:  # HTTP errors, a missing object, a refused connection: say which file
+        raise SubjectError(f"{location}: cannot fetch: {e}") from e
+    return local
+
+
+def from_published(location: str, workdir: str | Path, data: str | None, overrides: list[str] = (), name: str | None = None) -> Subject:
+    """A published DETR file as a subject (module docstring). `data`: the val shards, whose
+    categories the class head is mapped to; `overrides`: "model.key=value" / "data.key=value"
+    settings the file cannot tell (e.g. model.dilation=true) or that replace inferred ones."""
+    from detr_ray.config import apply_overrides
+    from detr_ray.data.shards import read_meta
+    from detr_ray.model import build_model
+    from detr_ray.model.weights import WeightsError, infer_model_config, load_pretrained, read_reference_checkpoint
+
+    location = str(location)
+    if not data:
+        raise SubjectError(f"{location}: a published checkpoint carries no val data; give the val shards (--data)")
+    local = fetch_weights(location, workdir)
+    sha256 = _sha256_file(local)
+    file_name = location.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        given = apply_overrides({"model": {}, "data": {}}, list(overrides))
+    except ConfigError as e:
+        raise SubjectError(str(e)) from e
+    unknown = sorted(set(given) - PUBLISHED_SECTIONS)
+    if unknown:
+        raise SubjectError(f"--set: only model.* and data.* apply to a published checkpoint, not {', '.join(unknown)}")
+    meta = read_meta(data)
+    categories = list(zip(meta.label_to_category_id, meta.label_names))
+    try:
+        sd, args = read_reference_checkpoint(local)
+        architecture = infer_model_config(sd, args=args, name=file_name, given=given["model"])
+        # DETR's val transform (shortest side 800, longest <= 1333): the published figures' own.
+        config = {"model": {**architecture, "num_classes": len(categories)}, "data": {"augment": "coco", **given["data"]},
+                  "train": {"pretrained": location}}
+        exp = experiment_from_dict(config, f"{location}: inferred experiment")
+        model = build_model(exp.model)
+        report = load_pretrained(model, local, categories=categories)
+    except (WeightsError, ConfigError) as e:  # their messages name the file
+        raise SubjectError(str(e)) from e
+    if report.reinitialized:
+        raise SubjectError(
+            f"{location}: cannot be scored on {data}: it would run with freshly initialised "
+            f"{', '.join(sorted(report.reinitialized))} ({'; '.join(report.reinitialized.values())})"
+        )
+    if report.new_classes:
+        log.warning("%s: categories %s of %s are not among its classes: their scores come from a freshly initialised row",
+                    location, [m.name for m in report.new_classes], data)
+    # A folder of its own per subject: the same file may be evaluated twice in one run (a new
+    # class's row is random, so the two saved models can differ).
+    root = Path(workdir) / "published"
+    root.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix=f"{sha256[:16]}-", dir=root)) / "checkpoint"
+    state = ckpt.TrainingState(epoch=0, global_step=0, config=exp.to_dict(), metrics={},
+                               categories={"label_to_category_id": meta.label_to_category_id, "names": meta.label_names})
+    ckpt.save(directory, model, None, None, None, state)
+    return Subject(
+        name=name or file_name,
+        kind="published",
+        source=location,
+        checkpoint=directory,
+        manifest=ckpt.verify(directory),
+        val=data,
+        experiment=exp.to_dict(),
+        weights={
+            "sha256": sha256,
+            "file": str(local),
+            "architecture": architecture,
+            "args": {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "load": {
+                "summary": report.summary(),
+                "loaded": len(report.loaded),
+                "skipped": report.skipped,
+                "reinitialized": report.reinitialized,
+                "classes": [asdict(m) for m in report.classes],
+            },
+        },
+    )
+
+
+def subject_for_checkpoint(location: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> Subject:
+    """--checkpoint: a detr-ray checkpoint directory or a published DETR weights file."""
+    if is_weights_file(location):
+        return from_published(location, workdir, data, overrides)
+    return from_checkpoint(location, workdir)
 
 
 def from_results(path: str | Path, name: str | None = None) -> Subject:
@@ -267,15 +422,21 @@ def _best_trial_checkpoint(trials: list[dict], metric: str, mode: str, where: st
     return directory, manifest, str(t["trial"]), float(value), t.get("config") or {}
 
 
-def resolve(spec: str, workdir: str | Path) -> Subject:
-    """For --compare: a results .json file, an experiment directory or a checkpoint directory."""
+def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> Subject:
+    """For --compare: a results .json file, an experiment directory, a checkpoint directory or a
+    published DETR weights file (scored on `data`, with `overrides`: see from_published)."""
+    if is_weights_file(spec):
+        return from_published(spec, workdir, data, overrides)
     if not storage.is_uri(spec) and Path(spec).is_file():
         return from_results(spec)
     if storage.exists(storage.join(spec, BEST)) or storage.exists(storage.join(spec, TRIALS)):
         return from_experiment(spec, workdir)
     if storage.exists(storage.join(spec, ckpt.MANIFEST)) or storage.exists(storage.join(spec, ckpt.STATE)):
         return from_checkpoint(spec, workdir)
-    raise SubjectError(f"{spec}: not a COCO results file, an experiment directory ({BEST}/{TRIALS}) or a checkpoint directory")
+    raise SubjectError(
+        f"{spec}: not a COCO results file, an experiment directory ({BEST}/{TRIALS}), a checkpoint directory "
+        "or a DETR weights file"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +501,7 @@ def _distribution(spec: Any, key: str):
         return IntDistribution(int(args[0]), int(args[1]))
     if kind == "choice":
         return CategoricalDistribution(list(args))
-    if kind == "fixed":
+    if kind in ("fixed", "by"):  # not a dimension of its own: a constant, or follows a choice
         return None
     raise SubjectError(f"{TRIALS}: search.{key}: unknown distribution {kind!r}")
 

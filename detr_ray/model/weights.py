@@ -38,7 +38,10 @@ its other categories has no class to go to.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -47,6 +50,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -161,11 +165,63 @@ def read_state_dict(source: str | Path) -> dict[str, Tensor]:
     return _read_source(source)[0]
 
 
+def read_reference_checkpoint(source: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """(state dict, the reference training script's `args` as a dict, {} when the file has none)
+    of a DETR file in the reference layout (a local file or URI; see _read_source)."""
+    obj = _read_object(str(source))
+    args = obj.get("args") if isinstance(obj, Mapping) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, Mapping) else {}
+    return _state_dict_of(obj, str(source)), args
+
+
+def _fetch_url(url: str) -> Path:
+    """A downloaded copy of `url` in torch hub's cache, named after the URL's hash as well as its
+    file name: two different files published under the same name never share a cache entry."""
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"{key}-{name}"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as e:
+            raise WeightsError(f"{url}: cannot fetch: {e}") from e
+    return path
+
+
+def _read_object(src: str) -> object:
+    """The unpickled (weights_only) content of a weights file: local path, http(s) URL or a
+    storage URI (s3://, gs://, file://)."""
+    if src.startswith(("http://", "https://")):
+        return _torch_load(_fetch_url(src), src)
+    if storage.is_uri(src):
+        try:
+            data = storage.read_bytes(src)
+        except (OSError, ValueError) as e:  # missing object, a directory, an unknown scheme
+            raise WeightsError(f"{src}: cannot read: {e}") from e
+        return _torch_load(io.BytesIO(data), src)
+    path = Path(src)
+    if not path.is_file():
+        raise WeightsError(f"{src}: no such file")
+    return _torch_load(path, src)
+
+
+def _state_dict_of(obj: object, src: str) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{src}: expected a state dict (or a dict with a 'model' state dict), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(f"{src}: entries that are not tensors: {bad[:5]}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
 def _read_source(source: str | Path) -> tuple[dict[str, Tensor], list[tuple[int, str]] | None]:
     """The state dict and, for a detr-ray checkpoint, the (category id, name) of each label."""
     src = str(source)
     table = None
-    if Path(src).is_dir():
+    if not storage.is_uri(src) and Path(src).is_dir():
         try:
             loaded = ckpt.load(src)
         except ckpt.CheckpointError as e:
@@ -182,24 +238,9 @@ def _read_source(source: str | Path) -> tuple[dict[str, Tensor], list[tuple[int,
         if weights_enum is None or not hasattr(weights_enum, member):
             raise WeightsError(f"{src}: no such torchvision weights (e.g. ResNet50_Weights.IMAGENET1K_V1)")
         obj = getattr(weights_enum, member).get_state_dict(progress=True)
-    elif src.startswith(("http://", "https://")):
-        try:
-            obj = torch.hub.load_state_dict_from_url(src, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(f"{src}: cannot fetch or read: {e}") from e
     else:
-        path = Path(src)
-        if not path.is_file():
-            raise WeightsError(f"{src}: no such file")
-        obj = _torch_load(path, src)
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{src}: expected a state dict (or a dict with a 'model' state dict), got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise WeightsError(f"{src}: entries that are not tensors: {bad[:5]}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}, table
+        obj = _read_object(src)
+    return _state_dict_of(obj, src), table
 
 
 def _is_detr_layout(sd: Mapping[str, Tensor]) -> bool:
@@ -208,6 +249,105 @@ def _is_detr_layout(sd: Mapping[str, Tensor]) -> bool:
 
 def _is_resnet_layout(sd: Mapping[str, Tensor]) -> bool:
     return "conv1.weight" in sd and any(k.startswith("layer1.") for k in sd)
+
+
+# Residual blocks of layer1..layer3 (enough to tell them apart; layer4 is absent with 3 stages)
+# and whether the blocks are bottlenecks (conv3): the backbone of a DETR state dict.
+RESNET_BLOCKS = {
+    ((2, 2, 2), False): "resnet18",
+    ((3, 4, 6), False): "resnet34",
+    ((3, 4, 6), True): "resnet50",
+    ((3, 4, 23), True): "resnet101",
+}
+# The reference repository's default number of attention heads, used by every published model.
+# Weights cannot tell it (the attention projections have the same shape for any head count).
+REFERENCE_NHEADS = 8
+# The published non-DC5 files, e.g. detr-r50-e632da11.pth, detr-r101-2c7b67e5.pth.
+PUBLISHED_NAME = re.compile(r"detr-r(50|101)-[0-9a-f]{8}\.pth", re.IGNORECASE)
+
+
+def infer_model_config(
+    sd: Mapping[str, Tensor], *, args: Mapping | None = None, name: str = "", given: Mapping | None = None
+) -> dict:
+    """The DETRConfig fields (num_classes aside) of the model a DETR state dict in the reference
+    layout was trained as, so that it can be rebuilt and scored.
+
+    From the tensors: backbone (ResNet block counts), backbone_stages, frozen_bn (no BatchNorm
+    step counters), hidden_dim and num_queries (query_embed), enc_layers, dec_layers,
+    dim_feedforward, pre_norm (an encoder norm exists only with pre-norm).
+    Not in the tensors, so decided by, in order: `given` (the user's explicit settings), the
+    reference training checkpoint's `args`, then:
+      * nheads: REFERENCE_NHEADS (8), logged;
+      * dilation (DC5: layer4 dilated instead of strided; same weights either way): False for
+        resnet18/34 (no DC5 exists), True when the file name contains "dc5" (the published
+        detr-r50-dc5-f0fb7ef5.pth, detr-r101-dc5-a2e86def.pth), False when the name is a
+        published non-DC5 one (PUBLISHED_NAME); otherwise WeightsError: it would be a guess.
+    `given` values win over inferred ones; the load then reports any that do not fit the tensors.
+    """
+    args, given = dict(args or {}), dict(given or {})
+    where = name or "checkpoint"
+    if not _is_detr_layout(sd) or "query_embed.weight" not in sd:
+        raise WeightsError(f"{where}: not a DETR state dict in the reference layout (no transformer.*, query_embed.weight)")
+    blocks: dict[int, int] = {}
+    for k in sd:
+        m = re.match(r"backbone\.0\.body\.layer(\d)\.(\d+)\.", k)
+        if m:
+            blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+    counts = tuple(blocks.get(i, 0) for i in (1, 2, 3))
+    bottleneck = f"{BACKBONE_PREFIX}layer1.0.conv3.weight" in sd
+    backbone = RESNET_BLOCKS.get((counts, bottleneck))
+    if backbone is None:
+        raise WeightsError(
+            f"{where}: backbone with {counts} blocks in layer1..3 ({'bottleneck' if bottleneck else 'basic'} blocks) "
+            f"is none of {', '.join(sorted(RESNET_BLOCKS.values()))}"
+        )
+    if args.get("backbone") not in (None, backbone):
+        raise WeightsError(f"{where}: its args say backbone {args['backbone']!r} but its tensors are a {backbone}")
+
+    def count(prefix: str) -> int:
+        found = {int(m[1]) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+        return max(found) + 1 if found else 0
+
+    out = {
+        "backbone": backbone,
+        "backbone_stages": 4 if 4 in blocks else 3,
+        "frozen_bn": not any(k.startswith("backbone.") and k.endswith("num_batches_tracked") for k in sd),
+        "hidden_dim": int(sd["query_embed.weight"].shape[1]),
+        "num_queries": int(sd["query_embed.weight"].shape[0]),
+        "enc_layers": count("transformer.encoder.layers."),
+        "dec_layers": count("transformer.decoder.layers."),
+        "pre_norm": "transformer.encoder.norm.weight" in sd,
+    }
+    ffn = [v for k, v in sd.items() if re.fullmatch(r"transformer\.(en|de)coder\.layers\.0\.linear1\.weight", k)]
+    if ffn:
+        out["dim_feedforward"] = int(ffn[0].shape[0])
+    if "nheads" in given or "nheads" in args:
+        out["nheads"] = int(given.get("nheads", args.get("nheads")))
+    else:
+        out["nheads"] = REFERENCE_NHEADS
+        log.info("%s: nheads is not stored in the weights; using the reference's %d (every published DETR's)", where, REFERENCE_NHEADS)
+    if "dilation" in given:
+        out["dilation"] = bool(given["dilation"])
+    elif "dilation" in args:
+        out["dilation"] = bool(args["dilation"])
+    elif backbone in ("resnet18", "resnet34") or out["backbone_stages"] == 3:
+        out["dilation"] = False
+    elif "dc5" in name.lower():
+        out["dilation"] = True
+    elif PUBLISHED_NAME.fullmatch(name):
+        if PUBLISHED_NAME.fullmatch(name)[1] != backbone.removeprefix("resnet"):
+            raise WeightsError(f"{where}: the name says R{PUBLISHED_NAME.fullmatch(name)[1]} but its tensors are a {backbone}")
+        out["dilation"] = False
+    else:
+        raise WeightsError(
+            f"{where}: cannot tell whether this {backbone} DETR is a DC5 model (layer4 dilated; the weights are "
+            "the same either way) from its name or an 'args' entry; say which with model.dilation=true or "
+            "model.dilation=false (scripts/evaluate.py --set model.dilation=...)"
+        )
+    if "dropout" in args:
+        out["dropout"] = float(args["dropout"])
+    out.update(given)
+    return out
 
 
 def _reset(module: nn.Module) -> None:

@@ -12,6 +12,9 @@
       model.dropout: {uniform: [0.0, 0.2]}
       train.lr_drop: {int: [20, 40]}                        # inclusive bounds
       model.num_queries: {fixed: 100}
+      train.pretrained:         # follows the trial's backbone: the weights file of that backbone
+        by:
+          model.backbone: {resnet50: s3://bucket/detr-r50.pth, resnet101: s3://bucket/detr-r101.pth}
     scheduler:                  # ASHA and the sweep
       metric: val/AP
       mode: max
@@ -22,8 +25,12 @@
       startup_trials: 10        # TPE samples at random until this many trials have finished
 
 Distributions: loguniform (0 < lower < upper), uniform (lower < upper), int (integers, lower <
-upper, both included), choice (a non-empty list), fixed (one value). Every tuned key must name a
-field of the experiment's model/data/train sections (or train.lr_backbone_ratio), and every value
+upper, both included), choice (a non-empty list), fixed (one value), and `by`: not sampled, a
+value picked per trial by the value of a `choice` key (every choice must have its value, and
+nothing else may be listed), e.g. the pretrained weights that match the trial's backbone. The
+searcher sees a `by` table as a constant and each trial's config carries it whole; apply_sample
+puts the trial's value into its experiment. Every tuned key must name a field of the
+experiment's model/data/train sections (or train.lr_backbone_ratio), and every value
 a distribution can produce at its bounds must pass the experiment's own validation: an unknown
 backbone or a dropout of 1.5 is caught here, naming the file and the key.
 """
@@ -37,7 +44,7 @@ from typing import Any
 
 from detr_ray.config import ConfigError, _check_type, DataConfig, DETRConfig, TrainConfig, experiment_from_dict, load_yaml
 
-DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed", "by")
 RATIO_KEY = "train.lr_backbone_ratio"
 SECTIONS = {"model": DETRConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -59,7 +66,7 @@ class SchedulerSpec:
 class Param:
     key: str  # "section.name"
     kind: str  # one of DISTRIBUTIONS
-    args: Any  # [lower, upper] | list of choices | the fixed value
+    args: Any  # [lower, upper] | list of choices | the fixed value | {choice key: {choice: value}}
 
 
 @dataclass
@@ -83,6 +90,8 @@ class SearchSpace:
                 out[p.key] = tune.randint(p.args[0], p.args[1] + 1)  # randint's upper is exclusive
             elif p.kind == "choice":
                 out[p.key] = tune.choice(list(p.args))
+            elif p.kind == "by":  # a constant for the searcher; apply_sample picks the trial's value
+                out[p.key] = {"by": p.args}
             else:
                 out[p.key] = p.args
         return out
@@ -92,6 +101,10 @@ class SearchSpace:
         return apply_sample(self.experiment, sample)
 
 
+def _is_by(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"by"}
+
+
 def apply_sample(experiment: dict, sample: dict[str, Any]) -> dict:
     exp = {section: dict(experiment.get(section) or {}) for section in SECTIONS}
     ratio = None
@@ -99,8 +112,19 @@ def apply_sample(experiment: dict, sample: dict[str, Any]) -> dict:
         if key == RATIO_KEY:
             ratio = value
             continue
+        if _is_by(value):
+            continue
         section, _, name = key.partition(".")
         exp[section][name] = value
+    for key, value in sample.items():  # after the choices they follow are in place
+        if _is_by(value):
+            (by, table), = value["by"].items()
+            by_section, _, by_name = by.partition(".")
+            choice = exp[by_section].get(by_name, getattr(SECTIONS[by_section], by_name))
+            if choice not in table:
+                raise ConfigError(f"{key}: by {by}: no value for {choice!r} (has {', '.join(map(str, table))})")
+            section, _, name = key.partition(".")
+            exp[section][name] = table[choice]
     if ratio is not None:
         lr = exp["train"].get("lr", TrainConfig.lr)
         exp["train"]["lr_backbone"] = float(lr) * float(ratio)
@@ -129,6 +153,11 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
         raise ConfigError(f"{where}: unknown distribution {kind!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     if kind == "fixed":
         return Param(key, kind, args)
+    if kind == "by":
+        if not isinstance(args, dict) or len(args) != 1 or not isinstance(next(iter(args.values())), dict):
+            raise ConfigError(f"{where}.by: expected {{choice key: {{choice: value, ...}}}}, e.g. "
+                              f"{{model.backbone: {{resnet50: r50.pth, resnet101: r101.pth}}}}, got {args!r}")
+        return Param(key, kind, {str(k): dict(v) for k, v in args.items()})
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}.choice: expected a non-empty list, got {args!r}")
@@ -150,6 +179,26 @@ def _extremes(p: Param) -> list[Any]:
     return [p.args] if p.kind == "fixed" else list(p.args)
 
 
+def _check_by(p: Param, params: dict[str, Param], experiment: dict, where: str) -> None:
+    """A `by` parameter follows a `choice` of the same space and has a value for each choice
+    (and none for anything else); each pair must make a valid experiment."""
+    (by, table), = p.args.items()
+    leader = params.get(by)
+    if leader is None or leader.kind != "choice":
+        raise ConfigError(f"{where}.by: {by!r} must be a choice of this search space (the key it follows), "
+                          f"got {leader.kind if leader else 'no such key'}")
+    missing = [c for c in leader.args if c not in table]
+    extra = [k for k in table if k not in leader.args]
+    if missing or extra:
+        raise ConfigError(f"{where}.by.{by}: needs a value for each of {leader.args} and nothing else; "
+                          f"missing {missing}, not a choice {extra}")
+    for choice, value in table.items():
+        try:
+            experiment_from_dict(apply_sample(experiment, {by: choice, p.key: value}), "experiment")
+        except ConfigError as e:
+            raise ConfigError(f"{where}.by.{by}.{choice}: value {value!r} is invalid: {e}") from e
+
+
 def parse_space(data: dict, source: str = "search space") -> SearchSpace:
     unknown = sorted(set(data) - {"experiment", "search", "scheduler"})
     if unknown:
@@ -160,8 +209,14 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
     if not isinstance(search, dict):
         raise ConfigError(f"{source}: search: expected a mapping of section.key to a distribution")
     params = [_parse_param(str(k), v, f"{source}: search.{k}") for k, v in search.items()]
+    by_key = {p.key: p for p in params}
+    for p in params:
+        if p.kind == "by":
+            _check_by(p, by_key, experiment, f"{source}: search.{p.key}")
     # Each bound or choice, alone, must make a valid experiment (names the key on failure).
     for p in params:
+        if p.kind == "by":
+            continue
         for value in _extremes(p):
             try:
                 experiment_from_dict(apply_sample(experiment, {p.key: value}), "experiment")

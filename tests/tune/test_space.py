@@ -70,3 +70,66 @@ def test_int_bounds_are_inclusive():
     space = parse_space({"search": {"train.lr_drop": {"int": [3, 4]}}})
     domain = space.tune_domains()["train.lr_drop"]
     assert {domain.sample() for _ in range(200)} == {3, 4}
+
+
+COCO_FINETUNE = SPACES[0].parent / "coco_finetune.yaml"
+R50 = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"
+R101 = "https://dl.fbaipublicfiles.com/detr/detr-r101-2c7b67e5.pth"
+
+
+def test_coco_finetune_space_starts_each_trial_from_its_backbones_weights():
+    space = load_space(COCO_FINETUNE)
+    p = {x.key: x for x in space.params}
+    assert p["model.backbone"].args == ["resnet50", "resnet101"]
+    assert p["train.pretrained"].kind == "by"
+    assert p["train.lr"].args == [1e-5, 1e-4] and p["train.lr"].kind == "loguniform"
+    assert {"train.lr_backbone_ratio", "train.weight_decay", "train.clip_max_norm", "model.dropout"} <= set(p)
+    epochs = experiment_from_dict(space.experiment).train.epochs
+    assert epochs <= 50 and space.scheduler.grace_period <= 2
+    domains = space.tune_domains()
+    for backbone, weights in (("resnet50", R50), ("resnet101", R101)):
+        exp = experiment_from_dict(space.experiment_for({"model.backbone": backbone, "train.pretrained": domains["train.pretrained"], "train.lr": 3e-5}))
+        assert (exp.model.backbone, exp.train.pretrained) == (backbone, weights)
+    # The record of a sweep (relaunch.sweep_config) parses back into the same space.
+    from detr_ray.relaunch import sweep_config
+
+    again = parse_space(sweep_config(space), "record")
+    assert [(x.key, x.kind, x.args) for x in again.params] == [(x.key, x.kind, x.args) for x in space.params]
+
+
+def test_coco_finetune_documents_a_valid_r50_to_r101_transfer_option():
+    """The commented-out transfer block of coco_finetune.yaml, put in place of train.pretrained:
+    R101 trials take the transformer and heads of the R50 DETR and ImageNet's R101 backbone."""
+    text = COCO_FINETUNE.read_text()
+    block = text.split("# BEGIN r50-to-r101 transfer\n")[1].split("  # END r50-to-r101 transfer")[0]
+    raw = yaml.safe_load(text)
+    del raw["search"]["train.pretrained"]
+    raw["search"].update(yaml.safe_load("\n".join(line.strip().removeprefix("# ") for line in block.splitlines())))
+    space = parse_space(raw, "transfer")
+    domains = space.tune_domains()
+    sample = {k: domains[k] for k in ("train.pretrained", "train.pretrained_backbone")}
+    r101 = experiment_from_dict(space.experiment_for({**sample, "model.backbone": "resnet101"})).train
+    r50 = experiment_from_dict(space.experiment_for({**sample, "model.backbone": "resnet50"})).train
+    assert (r101.pretrained, r101.pretrained_backbone) == (R50, "torchvision")
+    assert (r50.pretrained, r50.pretrained_backbone) == (R50, "")
+
+
+@pytest.mark.parametrize(
+    "search,needle",
+    [
+        ({"train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}}}, "'model.backbone' must be a choice of this search space"),
+        ({"model.backbone": {"choice": ["resnet50", "resnet101"]}, "train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}}},
+         "search.train.pretrained.by.model.backbone: needs a value for each of ['resnet50', 'resnet101'] and nothing else; missing ['resnet101']"),
+        ({"model.backbone": {"choice": ["resnet50"]}, "train.pretrained": {"by": {"model.backbone": {"resnet50": "a", "resnet18": "b"}}}},
+         "not a choice ['resnet18']"),
+        ({"model.backbone": {"choice": ["resnet50"]}, "model.dropout": {"by": {"model.backbone": {"resnet50": 1.5}}}},
+         "search.model.dropout.by.model.backbone.resnet50: value 1.5 is invalid"),
+        ({"train.lr": {"loguniform": [1e-5, 1e-4]}, "train.pretrained": {"by": {"train.lr": {"x": "a"}}}}, "got loguniform"),
+        ({"train.pretrained": {"by": "model.backbone"}}, "search.train.pretrained.by: expected {choice key:"),
+    ],
+)
+def test_invalid_by_tables_name_file_and_key(tmp_path, search, needle):
+    f = _write(tmp_path, {"search": search})
+    with pytest.raises(ConfigError) as e:
+        load_space(f)
+    assert str(f) in str(e.value) and needle in str(e.value)
