@@ -82,6 +82,7 @@ def _experiment(args, arch: str):
     raw.setdefault("train", {}).update(
         epochs=args.epochs, eval_every=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, tensorboard=False, max_failures=0,
+        keep_checkpoints=args.epochs,  # every epoch's metrics stay readable (Result.metrics_dataframe)
     )
     return experiment_from_dict(apply_overrides(raw, args.set), args.config or "demo experiment")
 
@@ -116,7 +117,8 @@ def train_all(args, storage: str) -> list[dict]:
         wall = time.perf_counter() - start
         if result.error:
             raise RuntimeError(f"{arch}: training failed: {result.error}")
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        history = list({int(h["epoch"]): h for h in records}.values())
         checkpoint, value = best_checkpoint(result.path, "val/AP", "max")
         if checkpoint is None:
             raise RuntimeError(f"{arch}: no verified checkpoint with val/AP in {result.path}")
