@@ -17,6 +17,19 @@ import yaml
 T = TypeVar("T")
 
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# model.arch: DETR (ours) or a torchvision detector, built by detr_ray/model/detectors.py.
+DETECTOR_ARCHS = (
+    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet101_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+    "retinanet_resnet50_fpn_v2", "retinanet_resnet50_fpn", "retinanet_resnet101_fpn",
+    "fcos_resnet50_fpn", "fcos_resnet101_fpn",
+)
+ARCHS = ("detr", *DETECTOR_ARCHS)
+# Settings only DETR reads; a torchvision detector (model.arch) ignores them, and its run logs which.
+DETR_ONLY_SETTINGS = {
+    "model": ("backbone", "dilation", "backbone_stages", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+              "dim_feedforward", "dropout", "num_queries", "aux_loss", "pre_norm", "train_backbone", "frozen_bn"),
+    "train": ("eos_coef", "cost_class", "cost_bbox", "cost_giou", "calibrate_frozen_bn"),
+}
 
 
 class ConfigError(ValueError):
@@ -29,8 +42,12 @@ class DETRConfig:
 
     `num_classes` counts the dataset's classes; the class head has num_classes + 1 outputs, the
     last one being "no object". COCO checkpoints use num_classes=91 (max category id + 1).
+
+    `arch` other than "detr" picks a torchvision detector (DETECTOR_ARCHS), which reads only
+    num_classes of this section (DETR_ONLY_SETTINGS lists what it ignores).
     """
 
+    arch: str = "detr"
     backbone: str = "resnet50"
     dilation: bool = False  # DC5: dilate the last ResNet stage instead of striding it
     # ResNet stages used: 4 (DETR: features of layer4, stride 32) or 3 (features of layer3, stride
@@ -54,6 +71,8 @@ class DETRConfig:
     frozen_bn: bool = True
 
     def validate(self, where: str = "model") -> "DETRConfig":
+        if self.arch not in ARCHS:
+            raise ConfigError(f"{where}.arch: unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.backbone not in RESNET_BACKBONES:
             raise ConfigError(
                 f"{where}.backbone: unknown backbone {self.backbone!r}; "
@@ -300,11 +319,18 @@ def experiment_from_dict(data: Mapping[str, Any] | None, where: str = "config") 
     unknown = sorted(set(data) - {"model", "data", "train"})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: model, data, train")
-    return ExperimentConfig(
+    exp = ExperimentConfig(
         model=from_dict(DETRConfig, data.get("model"), f"{where}.model"),
         data=from_dict(DataConfig, data.get("data"), f"{where}.data"),
         train=from_dict(TrainConfig, data.get("train"), f"{where}.train"),
     )
+    if exp.model.arch != "detr" and exp.train.pretrained_backbone:
+        # A weights source is never silently dropped: refused, not ignored.
+        raise ConfigError(
+            f"{where}.train.pretrained_backbone: loads ImageNet weights into DETR's backbone; model.arch="
+            f"{exp.model.arch} takes whole-detector weights through train.pretrained only"
+        )
+    return exp
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> dict:

@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="inference device (auto: GPUs when the cluster has them)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="detections drawn on the worst images")
     p.add_argument("--worst", type=int, default=6, help="how many worst images / categories to show")
+    p.add_argument("--latency-images", type=int, default=20, help="val images timed at batch 1 per checkpoint (0: no cost columns)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -89,6 +90,14 @@ def _print_summary(report, paths: dict) -> None:
     print(f"\nTIDE (AP50 {t.base_ap50:.3f}): dAP50 per error type (count)")
     for name, e in t.errors.items():
         print(f"  {name:15s} {e['dAP']:+.3f} ({e['count']})")
+    costs = [(report.title, report.efficiency)] + [(o["name"], o.get("efficiency")) for o in others]
+    if any(e for _, e in costs):
+        print("\ncost (measured here): parameters, GFLOPs at the val resolution, latency batch 1 p50/p90, training images/s")
+        for name, e in costs:
+            if e:
+                ips = f"{e['train_images_per_s']:.1f}" if e["train_images_per_s"] is not None else "n/a"
+                print(f"  {name:{width}s} {e['arch']:28s} {e['parameters'] / 1e6:7.2f} M {e['gflops']:8.2f} GFLOPs "
+                      f"{e['latency_ms']['p50']:8.1f} / {e['latency_ms']['p90']:.1f} ms  {ips} img/s")
     if report.inference:
         inf = report.inference
         print(f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} {inf['device']} actor(s)")
@@ -105,7 +114,8 @@ def main(argv=None) -> int:
         use_gpu={"auto": None, "gpu": True, "cpu": False}[args.device],
         progress=not args.no_progress,
     )
-    options = EvaluationOptions(out=Path(args.out), data=args.data, inference=cfg, score_threshold=args.score_threshold, worst=args.worst)
+    options = EvaluationOptions(out=Path(args.out), data=args.data, inference=cfg, score_threshold=args.score_threshold, worst=args.worst,
+                                latency_images=args.latency_images)
     with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
         try:
             if args.experiment:

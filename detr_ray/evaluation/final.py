@@ -6,6 +6,8 @@
                -> analysis (TIDE, COCO breakdown, PR curves, IoU of true positives, worst images)
     --compare  -> the same inference and scoring for each other subject (or its results file),
                   on the same images: compare/<name>.json and a column in each table
+    checkpoints-> what each costs, measured here (efficiency.py): parameters, GFLOPs, batch-1
+                  latency p50/p90, and the training images/s its run recorded
                -> report.md, report.json, figures/ (report.py)
 
 The numbers in the report are pycocotools' own on `ground_truth.json` and `detections.json`.
@@ -27,6 +29,7 @@ from detr_ray.data.images import decode_rgb
 from detr_ray.data.shards import coco_ground_truth, read_rows
 from detr_ray.evaluation.analysis import Analysis, GroundTruth, analyze, tide
 from detr_ray.evaluation.coco_eval import Evaluation, ap_per_iou, as_coco, evaluate, load_results, per_category, write_results
+from detr_ray.evaluation.efficiency import measure
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
 from detr_ray.evaluation.report import Report, write_report
 from detr_ray.evaluation.subject import Subject, SubjectError, parameter_importances
@@ -46,6 +49,7 @@ class EvaluationOptions:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     score_threshold: float = 0.5  # for the worst-image pictures
     worst: int = 6  # images with the most errors, and lowest-AP categories, shown
+    latency_images: int = 20  # val images timed one by one per checkpoint (0: no cost measurement)
 
 
 @dataclass
@@ -55,20 +59,25 @@ class Scored:
     results: list[dict]
     evaluation: Evaluation
     inference: Inference | None = None
+    efficiency: dict | None = None
 
 
-def score(subject: Subject, val: str, gt, results_file: Path, cfg: InferenceConfig) -> Scored:
+def score(subject: Subject, val: str, gt, results_file: Path, cfg: InferenceConfig, latency_images: int = 0) -> Scored:
     """Detections of `subject` on `val` (inference, or its own results file), written to and read
-    back from `results_file`, scored by pycocotools against `gt`."""
-    inference = None
+    back from `results_file`, scored by pycocotools against `gt`; a checkpoint's cost measured
+    on `latency_images` val images (0: not measured)."""
+    inference = efficiency = None
     if subject.kind == "results":
         results_file = subject.results_file
     else:
-        inference = run_inference(load_detector(subject.checkpoint, subject.manifest), val, cfg)
+        detector = load_detector(subject.checkpoint, subject.manifest)
+        inference = run_inference(detector, val, cfg)
         write_results(results_file, inference.results)
+        if latency_images:
+            efficiency = measure(detector, val, images=latency_images)
     results = load_results(results_file)
     evaluation = evaluate(gt, results, prefix="", source=str(results_file))
-    return Scored(subject, results_file, results, evaluation, inference)
+    return Scored(subject, results_file, results, evaluation, inference, efficiency)
 
 
 def _slug(name: str) -> str:
@@ -99,6 +108,7 @@ def _comparison_row(scored: Scored, gt: GroundTruth) -> dict:
         "per_category": {row["id"]: row["AP"] for row in per_category(scored.evaluation)},
         "tide": {**{k: v["dAP"] for k, v in t.errors.items()}, "false_positives": t.false_positives_dap, "false_negatives": t.false_negatives_dap},
         "inference": scored.inference.summary() if scored.inference else None,
+        "efficiency": scored.efficiency,
         **({"weights": scored.subject.weights} if scored.subject.weights else {}),
     }
 
@@ -113,7 +123,7 @@ def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[S
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(gt_dict))
     gt = as_coco(gt_dict)
 
-    main = score(subject, val, gt, out / RESULTS_FILE, options.inference)
+    main = score(subject, val, gt, out / RESULTS_FILE, options.inference, options.latency_images)
     analysis = analyze(main.evaluation, main.results, score_threshold=options.score_threshold, worst_k=options.worst)
 
     rows, names = [], {subject.name}
@@ -124,7 +134,7 @@ def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[S
             name += "'"
         names.add(name)
         other.name = name
-        scored = score(other, val, gt, out / "compare" / f"{_slug(name)}.json", options.inference)
+        scored = score(other, val, gt, out / "compare" / f"{_slug(name)}.json", options.inference, options.latency_images)
         rows.append(_comparison_row(scored, index))
 
     n_boxes = sum(1 for a in gt_dict["annotations"] if not a.get("iscrowd"))
@@ -137,6 +147,7 @@ def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[S
         per_category=per_category(main.evaluation),
         analysis=analysis,
         inference=main.inference.summary() if main.inference else None,
+        efficiency=main.efficiency,
         files={"results": str(main.results_file.relative_to(out)) if main.results_file.is_relative_to(out) else str(main.results_file), "ground_truth": GROUND_TRUTH_FILE},
         config=subject.experiment,
         hyperparameters=subject.hyperparameters,

@@ -5,8 +5,9 @@
                                                            each) when the cluster has GPUs, else CPU
                    -> driver: one row per image, a tqdm progress bar, results sorted by image id
 
-Each actor pads its batch (the training collate), normalizes, runs DETR and `postprocess`: every
-query becomes a detection, as DETR does, with the dataset's own category ids. The weights travel
+Each actor pads its batch (the training collate), normalizes and runs the checkpoint's model
+through detectors.predict (DETR: every query becomes a detection, as DETR does; a torchvision
+detector: its own detections), with the dataset's own category ids. The weights travel
 once through the object store (`ray.put`), so actors on other nodes need no access to the
 checkpoint's files. Undecodable images are counted and get no detections.
 """
@@ -128,14 +129,14 @@ class Predictor:
     def __init__(self, model_config: dict, weights: Any, label_to_category_id: list[int], use_gpu: bool, threads: int):
         import ray
 
-        from detr_ray.model import build_model
+        from detr_ray.model.detectors import build
 
         if isinstance(weights, ray.ObjectRef):
             weights = ray.get(weights)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
-        model = build_model(from_dict(DETRConfig, model_config, "model"))
+        model = build(from_dict(DETRConfig, model_config, "model"))
         model.load_state_dict(weights)
         self.model = model.to(self.device).eval()
         self.label_to_category_id = label_to_category_id
@@ -144,16 +145,14 @@ class Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from detr_ray.data.pipeline import collate
         from detr_ray.evaluation.coco_eval import detections_to_results
-        from detr_ray.model import postprocess
+        from detr_ray.model.detectors import predict
         from detr_ray.train.step import normalize
 
         out: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
         per_image: dict[int, list[dict]] = {}
         images, mask, targets = collate(batch)
         if targets:
-            outputs = self.model(normalize(images.to(self.device)), mask.to(self.device))
-            sizes = torch.stack([t["orig_size"] for t in targets])
-            dets = postprocess(outputs, sizes, self.label_to_category_id)
+            dets = predict(self.model, normalize(images.to(self.device)), mask.to(self.device), targets, self.label_to_category_id)
             for r in detections_to_results([t["image_id"] for t in targets], dets):
                 per_image.setdefault(r["image_id"], []).append(r)
         for image_id, skipped in zip(batch.column("image_id").to_pylist(), batch.column("skipped").to_pylist()):

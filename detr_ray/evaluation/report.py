@@ -61,6 +61,7 @@ class Report:
     trials: list[dict] = field(default_factory=list)
     importances: dict | str | None = None
     comparison: list[dict] = field(default_factory=list)
+    efficiency: dict | None = None  # efficiency.measure of the evaluated checkpoint
     images: dict[int, np.ndarray] = field(default_factory=dict)  # worst images, HWC uint8
 
     @property
@@ -85,6 +86,7 @@ def to_json(report: Report, figures: dict[str, str] | None = None) -> dict:
         "trials": report.trials,
         "importances": report.importances,
         "comparison": report.comparison,
+        "efficiency": report.efficiency,
         "figures": figures or {},
     }
 
@@ -310,6 +312,8 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
     header = ["metric", "", r.title] + [o["name"] for o in others]
     lines += _table(header, [[m, METRIC_HELP[m], r.metrics.get(m)] + [o["metrics"].get(m) for o in others] for m in METRIC_ROWS])
 
+    lines += _cost(r)
+
     lines += ["### AP at each IoU threshold", ""]
     lines += _table(["IoU", "AP"], [[k, v] for k, v in r.ap_per_iou.items()])
     lines += _figure(rel, "pr_overall", "precision-recall per IoU threshold")
@@ -379,6 +383,29 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
         else:
             lines += [str(r.importances), ""]
     return "\n".join(lines)
+
+
+def _cost(r: Report) -> list[str]:
+    """The cost table: one column per checkpoint measured in this run (efficiency.py)."""
+    columns = [(r.title, r.efficiency)] + [(o["name"], o.get("efficiency")) for o in r.comparison]
+    if not any(e for _, e in columns):
+        return []
+    first = next(e for _, e in columns if e)
+
+    def row(label, get):
+        return [label] + [get(e) if e else "" for _, e in columns]
+
+    lines = ["### Cost", "", f"Measured in this run on {first['device']} ({first['threads']} threads), one val image at a time "
+             "after the val transform; training images/s as the run recorded it (its last epoch, all workers).", ""]
+    return lines + _table(["", *(name for name, _ in columns)], [
+        row("architecture", lambda e: e["arch"]),
+        row("parameters (M)", lambda e: e["parameters"] / 1e6),
+        row("GFLOPs (val resolution)", lambda e: e["gflops"]),
+        row("val resolution (mean h x w)", lambda e: f"{e['resolution'][0]:.0f} x {e['resolution'][1]:.0f}"),
+        row("latency p50, batch 1 (ms)", lambda e: e["latency_ms"]["p50"]),
+        row("latency p90, batch 1 (ms)", lambda e: e["latency_ms"]["p90"]),
+        row("training images/s", lambda e: e["train_images_per_s"]),
+    ])
 
 
 def _plain(v: Any) -> str:

@@ -31,7 +31,7 @@ from detr_ray.config import ExperimentConfig, experiment_from_dict
 from detr_ray.data.pipeline import DetectionBatches, derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
-from detr_ray.model import build_criterion, build_model, load_pretrained, postprocess
+from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer, normalize
@@ -172,18 +172,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     meta = read_meta(train_uri)
     model_cfg = replace(exp.model, num_classes=meta.num_classes)
+    is_detr = model_cfg.arch == "detr"
+    if rank == 0:
+        detectors.ignored_settings(exp)
     torch.manual_seed(tcfg.seed)
-    model = build_model(model_cfg)
+    model = detectors.build(model_cfg)
     pretrained_backbone = False
     for source in (tcfg.pretrained, tcfg.pretrained_backbone):
         if source:
-            report = load_pretrained(model, source, categories=list(zip(meta.label_to_category_id, meta.label_names)))
+            report = detectors.load_weights(model, source, categories=list(zip(meta.label_to_category_id, meta.label_names)))
             pretrained_backbone |= any(k.startswith("backbone.") for k in report.loaded)
-    calibrate = tcfg.calibrate_frozen_bn and model_cfg.frozen_bn and not pretrained_backbone
+    calibrate = is_detr and tcfg.calibrate_frozen_bn and model_cfg.frozen_bn and not pretrained_backbone
 
     precision = resolve_precision(tcfg.precision, device)
     model = ray.train.torch.prepare_model(model)
-    criterion = build_criterion(model_cfg, tcfg.cost_class, tcfg.cost_bbox, tcfg.cost_giou, tcfg.eos_coef).to(device)
+    criterion = build_criterion(model_cfg, tcfg.cost_class, tcfg.cost_bbox, tcfg.cost_giou, tcfg.eos_coef).to(device) if is_detr else None
     optimizer = build_optimizer(model, tcfg.lr, tcfg.lr_backbone, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg)
     step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
@@ -362,9 +365,7 @@ def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch:
     results, shown, ids = [], [], []
     batches = DetectionBatches.from_config(val_shard, exp.data, train=False, device=device)
     for images, mask, targets in batches:
-        outputs = model(normalize(images), mask)
-        sizes = torch.stack([t["orig_size"] for t in targets])
-        dets = postprocess(outputs, sizes)
+        dets = detectors.predict(model, normalize(images), mask, targets)
         ids += [t["image_id"] for t in targets]
         results += detections_to_results([t["image_id"] for t in targets], dets, meta.label_to_category_id)
         if writer is not None and len(shown) < exp.train.tensorboard_images:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from detr_ray.model.criterion import SetCriterion
-from detr_ray.model.detr import parameter_groups
+from detr_ray.model.detectors import computes_own_loss, parameter_groups
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,8 +46,8 @@ def normalize(images: Tensor, channels_last: bool = False) -> Tensor:
 def build_optimizer(
     model: nn.Module, lr: float, lr_backbone: float, weight_decay: float, fused: bool | None = None
 ) -> torch.optim.AdamW:
-    """AdamW with two groups (backbone at lr_backbone, everything else at lr), DETR-style.
-    fused=None picks the fused kernel on CUDA."""
+    """AdamW with two groups (backbone at lr_backbone, everything else at lr), DETR-style, for
+    any model.arch (detectors.parameter_groups). fused=None picks the fused kernel on CUDA."""
     groups = parameter_groups(model, lr, lr_backbone)
     if fused is None:
         fused = next(model.parameters()).is_cuda
@@ -67,7 +67,7 @@ class TrainStep:
     def __init__(
         self,
         model: nn.Module,
-        criterion: SetCriterion,
+        criterion: SetCriterion | None,  # None: the model computes its own losses (detectors.py)
         optimizer: torch.optim.Optimizer,
         options: StepOptions | None = None,
     ):
@@ -77,7 +77,8 @@ class TrainStep:
         self.options = options or StepOptions()
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.criterion.to(self.device)
+        if self.criterion is not None:
+            self.criterion.to(self.device)
         if self.device.type == "cuda":
             # Process-wide switches, set both ways: "fp32" keeps PyTorch's defaults (fp32 matmuls,
             # cuDNN free to use TF32 in convolutions), "tf32" allows TF32 in matmuls too.
@@ -95,6 +96,10 @@ class TrainStep:
             {"labels": t["labels"].to(self.device, non_blocking=True), "boxes": t["boxes"].to(self.device, non_blocking=True)}
             for t in targets
         ]
+        if computes_own_loss(self.model):  # a torchvision detector: its own losses, summed
+            with autocast_context(self.device, self.options.precision):
+                losses = {k: v.float() for k, v in self.model(x, mask, targets).items()}
+            return sum(losses.values()), losses
         with autocast_context(self.device, self.options.precision):
             outputs = self.model(x, mask)
         losses = self.criterion(outputs, targets)  # fp32: the criterion casts its inputs
