@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 from detr_ray.config import ConfigError
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     from detr_ray import local_ray
     from detr_ray.serve.app import ServeOptions, start, stop
 
+    workdir = tempfile.TemporaryDirectory(prefix="detr-serve-")  # copies of checkpoints behind URIs
     try:
         options = ServeOptions(
             max_batch_size=args.max_batch_size,
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
             score_threshold=args.score_threshold,
             **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         ).validate()
-        spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint)
+        spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint, workdir=workdir.name)
     except (SubjectError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,15 +67,15 @@ def manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None = None, workdir: str | Path | None = None) -> ModelSpec:
+def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None = None, workdir: str | Path) -> ModelSpec:
     """The verified checkpoint to serve: `checkpoint` itself, or an experiment's best.json
     checkpoint (the best trial of trials.json whose checkpoint verifies, when that one does not),
-    chosen exactly as evaluate.py chooses it. SubjectError / CheckpointError otherwise."""
+    chosen exactly as evaluate.py chooses it. SubjectError / CheckpointError otherwise. `workdir`
+holds copies of checkpoints behind URIs."""
     from detr_ray.evaluation import subject
 
     if (experiment is None) == (checkpoint is None):
         raise ValueError("give exactly one of experiment, checkpoint")
-    workdir = workdir or tempfile.mkdtemp(prefix="detr-serve-")
     if checkpoint is not None:
         if not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file():
             raise subject.SubjectError(
@@ -87,17 +87,36 @@ def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None =
         except ckpt.CheckpointError as e:
             raise subject.SubjectError(str(e)) from e
         trial = None
+        location = checkpoint
     else:
         chosen = subject.from_experiment(experiment, workdir)
         directory, manifest, trial = chosen.checkpoint, chosen.manifest, chosen.trial
+        location = _chosen_location(experiment, chosen) or str(directory)
     identity = {
         "source": experiment or checkpoint,
-        "checkpoint": str(directory),
+        "checkpoint": location,
         "manifest_sha256": manifest_sha256(manifest),
     }
     if trial is not None:
         identity["trial"] = trial
-    return ModelSpec(str(directory), manifest, identity)
+    log.info("serving checkpoint %s (verified copy %s)", location, directory)
+    # replicas fetch the checkpoint from where it lives (a URI works on every node), not from
+    # this process's copy, and load it only if it still matches `manifest`
+    return ModelSpec(location, manifest, identity)
+
+
+def _chosen_location(experiment: str, chosen) -> str | None:
+    """Where the experiment's chosen checkpoint lives (its trial's record, else best.json's)."""
+    from detr_ray.evaluation import subject
+
+    record = next((t for t in chosen.trials if str(t.get("trial")) == chosen.trial), None)
+    if record and record.get("checkpoint"):
+        return str(record["checkpoint"])
+    try:
+        best = subject._read_json(subject.storage.join(experiment, subject.BEST))
+    except (FileNotFoundError, subject.SubjectError):
+        return None
+    return str(best.get("checkpoint")) if isinstance(best, dict) and best.get("checkpoint") else None
 
 
 @dataclass
@@ -223,8 +242,8 @@ class ServedModel:
         from detr_ray.evaluation.subject import fetch_checkpoint
 
         self.spec = spec
-        workdir = workdir or tempfile.mkdtemp(prefix="detr-serve-")
-        directory, _ = fetch_checkpoint(spec.location, workdir)
+        self._workdir = tempfile.TemporaryDirectory(prefix="detr-serve-")  # a URI's copy, removed with this object
+        directory, _ = fetch_checkpoint(spec.location, workdir or self._workdir.name)
         self.detector = load_detector(directory, spec.manifest)  # refuses any other weights than the chosen ones
         self.predictor = Predictor(to_dict(self.detector.model), self.detector.weights, self.detector.label_to_category_id, use_gpu, threads)
         self.device = str(self.predictor.device)
