@@ -132,6 +132,11 @@ class DetectionService:
         self.batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         log.info("serving %s on %s", self.model.identity, self.model.device)
 
+    def __del__(self):  # Serve calls it when the replica stops: end the decoding processes
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None:
+            decoder.close()
+
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "model": self.model.identity}

@@ -1,18 +1,22 @@
 """What a detection endpoint serves, and the request path with no HTTP in it.
 
-    choose_checkpoint(experiment | checkpoint)   -> a verified checkpoint and its identity
-    ServedModel(spec)                            -> the checkpoint loaded again and re-verified
-                                                    against the manifest chosen above
-    model.prepare(body)                          -> one decoded, val-transformed image, or a
-                                                    RequestError saying why not (never raises
-                                                    anything else for bad bytes)
-    model.predict([prepared, ...])               -> per image, every query's detection
+    choose_checkpoint(experiment=... | checkpoint=...)   the checkpoint to serve, chosen and
+                                    verified as evaluate.py does it, and its identity
+    ServedModel(spec)               loads it again (in each replica) only if it still matches the
+                                    manifest verified when it was chosen
+    prepare_image(body, ...)        one request's bytes -> val-transformed pixels, or a
+                                    RequestError saying why not; IsolatedDecoder runs it in a
+                                    child process
+    ServedModel.predict([...])      a batch -> every query's detection per image
+    ServedModel.answer(...)         one image's JSON answer, filtered by score
 
-The image path is evaluate.py's, function for function: `decode_rgb` (EXIF rule of images.py,
-with the stored size as the "annotation": the pixels are used as stored), the val
-`DetectionTransform` of the run's own transform config, then the inference `Predictor` (pad into
-a batch with a mask, normalize, DETR, postprocess, COCO xywh in pixels of the original image).
-Boxes therefore refer to the image's pixels as stored in the file.
+The image path is evaluate.py's, function for function: `decode_rgb` (images.py; its EXIF rule
+with the stored size as the "annotation", so the pixels are used as stored and the tag is
+ignored), the run's own val `DetectionTransform`, then the inference `Predictor` (pad into a
+batch with a mask, normalize, DETR, postprocess, COCO xywh in pixels of the image as stored).
+As in evaluate.py, an image's detections depend slightly on what it is batched with (the padding
+up to the batch's largest image reaches the backbone); alone in its batch, an image gets exactly
+evaluate.py's detections with --batch-size 1.
 """
 
 from __future__ import annotations
