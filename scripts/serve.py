@@ -83,13 +83,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
         local_ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    # after ray.init, which installs a SIGTERM handler that aborts the process
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     started = None  # set once the app is deployed: `start` undoes its own half-done work
     try:
         started = start(spec, options, host=args.host, port=args.port, name=args.name, request_timeout_s=args.request_timeout)

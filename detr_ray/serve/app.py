@@ -24,8 +24,8 @@ Replicas: one per GPU (one GPU each) when the cluster has GPUs, else one CPU rep
 `cpus_per_replica` CPUs (as many torch threads); `num_replicas` or an autoscaling range instead.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI, behind serve.ingress, must see the `Request`
+# annotation itself to pass the request in.
 import asyncio
 import logging
 import math

@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -25,9 +26,10 @@ from PIL import Image
 
 from detr_ray.data.shards import shard_files
 from detr_ray.evaluation.inference import InferenceConfig, load_detector, run_inference
-from detr_ray.serve.model import manifest_sha256
+from detr_ray.evaluation.subject import SubjectError
+from detr_ray.serve.model import choose_checkpoint, manifest_sha256
 from detr_ray.train import checkpoint as ckpt
-from tests.evaluation.conftest import local_ray, tiny_run  # noqa: F401  (module fixtures: one Ray, the tiny run)
+from tests.evaluation.conftest import local_ray, make_experiment, tiny_run  # noqa: F401  (module fixtures: one Ray, the tiny run)
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_BODY = 2**20  # --max-body-mb 1
@@ -265,6 +267,24 @@ def test_model_describes_what_is_loaded(server, tiny_run):
     t = detector.transform
     assert model["input"]["resize"] == {"shortest_side": t.val_scale, "max_size": t.max_size}
     assert model["batching"]["max_batch_size"] == 4 and model["device"] == "cpu"
+
+
+def test_experiment_serves_its_best_verified_checkpoint(tiny_run, tmp_path):
+    """--experiment chooses as evaluate.py does: best.json's checkpoint, else the best trial whose
+    checkpoint verifies; a file is not a checkpoint."""
+    run = dict(tiny_run)
+    for key in ("checkpoint", "checkpoint_epoch1"):
+        run[key] = str(shutil.copytree(tiny_run[key], tmp_path / "run" / Path(tiny_run[key]).name))
+    experiment = make_experiment(tmp_path / "sweep", run)
+    spec = choose_checkpoint(experiment=str(experiment), workdir=tmp_path / "work")
+    assert spec.location == run["checkpoint"] and spec.identity["trial"] == "t1"
+    assert spec.identity["manifest_sha256"] == manifest_sha256(ckpt.verify(run["checkpoint"]))
+    with open(Path(run["checkpoint"]) / "model.pt", "ab") as f:
+        f.write(b"\0")  # the best trial's checkpoint no longer verifies
+    spec = choose_checkpoint(experiment=str(experiment), workdir=tmp_path / "work")
+    assert spec.location == run["checkpoint_epoch1"] and spec.identity["trial"] == "t2"
+    with pytest.raises(SubjectError, match="a file"):
+        choose_checkpoint(checkpoint=str(Path(run["checkpoint_epoch1"]) / "model.pt"), workdir=tmp_path / "work")
 
 
 def test_sigterm_stops_the_app_cleanly(server):
