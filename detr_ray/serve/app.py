@@ -106,15 +106,19 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
     from email import policy
     from email.parser import BytesParser
 
-    message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
+    try:
+        message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        parts = list(message.iter_parts()) if message.is_multipart() else []
+        part = next((p for p in parts if p.get_param("name", header="content-disposition") == "image"), None)
+        part = part or next((p for p in parts if p.get_filename()), None)
+        payload = part.get_payload(decode=True) if part is not None else None
+    except Exception as e:  # the parser is lenient; whatever it still refuses is the request's fault
+        raise RequestError(400, f"malformed multipart/form-data body: {type(e).__name__}: {e}") from None
+    if not parts:
         raise RequestError(400, "malformed multipart/form-data body (no parts; is the boundary right?)")
-    parts = list(message.iter_parts())
-    part = next((p for p in parts if p.get_param("name", header="content-disposition") == "image"), None)
-    part = part or next((p for p in parts if p.get_filename()), None)
     if part is None:
         raise RequestError(400, "multipart/form-data body has no field named 'image' and no file part")
-    return part.get_payload(decode=True) or b""
+    return payload or b""
 
 
 api = FastAPI(title="detr-ray detection", docs_url=None, redoc_url=None)
@@ -130,6 +134,7 @@ class DetectionService:
         self.decoder = IsolatedDecoder(self.model.detector.transform, self.options.decode_processes)
         self.batch.set_max_batch_size(self.options.max_batch_size)
         self.batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
+        self.batches = {"batches": 0, "images": 0, "largest": 0}  # of this replica, for GET /model
         log.info("serving %s on %s", self.model.identity, self.model.device)
 
     def __del__(self):  # Serve calls it when the replica stops: end the decoding processes
@@ -143,7 +148,8 @@ class DetectionService:
 
     @api.get("/model")
     def describe(self) -> dict:
-        return {**self.model.describe(), "batching": {"max_batch_size": self.options.max_batch_size, "batch_wait_timeout_s": self.options.batch_wait_timeout_s}}
+        batching = {"max_batch_size": self.options.max_batch_size, "batch_wait_timeout_s": self.options.batch_wait_timeout_s, "so_far": self.batches}
+        return {**self.model.describe(), "batching": batching}
 
     @api.post("/detect")
     async def detect(self, request: Request):
@@ -178,6 +184,9 @@ class DetectionService:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # set from the options in __init__
     async def batch(self, images: list) -> list[list[dict]]:
+        self.batches["batches"] += 1
+        self.batches["images"] += len(images)
+        self.batches["largest"] = max(self.batches["largest"], len(images))
         return await asyncio.to_thread(self.model.predict, images)
 
 

@@ -181,8 +181,12 @@ def test_concurrent_requests_are_batched_and_answered_each_their_own(server, val
         Image.open(io.BytesIO(data)).convert("RGB").resize((90, 70)).save(buffer, "JPEG")
         images.append(buffer.getvalue())
     alone = [client.detect(data)[1]["detections"] for data in images]
+    before = client.request("GET", "/model")[1]["batching"]["so_far"]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda data: client.detect(data), images * 2))
+    after = client.request("GET", "/model")[1]["batching"]["so_far"]
+    assert after["images"] - before["images"] == 8
+    assert after["batches"] - before["batches"] < 8 and after["largest"] > 1  # some requests shared a forward pass
     for k, (status, answer) in enumerate(together):
         assert status == 200, answer
         expected = alone[k % len(images)]
