@@ -107,6 +107,8 @@ def main(argv=None) -> int:
             subject = from_experiment(args.experiment, workdir, choose=args.choose) if args.experiment else from_checkpoint(args.checkpoint, workdir)
             compare = [resolve(spec, workdir) for spec in args.compare]
             print(f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}")
+            if subject.front:
+                print(f"  trial {subject.trial} of a Pareto front of {len(subject.front)}" + (f", chosen by {subject.choice!r}" if subject.choice else ""))
             _ray(args.num_cpus)
             report, paths = run_evaluation(subject, options, compare)
         except ERRORS as e:

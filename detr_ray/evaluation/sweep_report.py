@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 STOPPED = "stopped early (ASHA)"
 STATUS_COLOURS = {"completed": "C0", STOPPED: "C1", "error": "C3"}
@@ -161,6 +162,7 @@ def _curves(data: dict, trials: list[dict]) -> Figure:
         handles.append(ax.scatter([], [], marker="o", facecolor="none", edgecolor="green", label="ASHA rung: kept"))
     if stopped:
         handles.append(ax.scatter([], [], marker="x", color="red", label="ASHA rung: stopped"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=metric, title=f"Learning curves of {len(trials)} trials (dotted: ASHA rungs)")
     ax.grid(alpha=0.3)
     if handles:
