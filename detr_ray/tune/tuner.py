@@ -580,6 +580,8 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
         }
         if df is not None and not df.empty and "trial_id" in df:
             row["trial"] = str(df["trial_id"].iloc[-1])
+        elif (result.metrics or {}).get("trial_id"):  # a trial that failed before reporting
+            row["trial"] = str(result.metrics["trial_id"])
         if df is not None and not df.empty and "epoch" in df and metric in df:
             df = df.sort_values("epoch").drop_duplicates("epoch", keep="last")
             row["epochs"] = int(df["epoch"].max())
