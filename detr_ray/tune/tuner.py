@@ -196,6 +196,8 @@ class PruningOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)  # logs the repeat
         if trial_id not in self._ot_trials:
             return
+        if result and not error:  # Tune does not pass a result that stops a trial to on_trial_result
+            self.on_trial_result(trial_id, result)
         ran = int((result or {}).get("epoch", 0))
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if not error and result and ran >= self.max_epochs and any(result.get(m) is None for m in metrics):

@@ -192,7 +192,8 @@ def test_a_trial_proposed_after_the_last_saved_state_is_not_left_running(tmp_pat
     restored.on_trial_complete("a", {"epoch": 3, "val/AP": 0.3})
     restored.on_trial_complete("b", error=True)
     trials = {t.user_attrs[study.TUNE_ID]: t for t in study.load(spec, "s").trials}
-    assert trials["a"].state == TrialState.COMPLETE and trials["a"].intermediate_values == {1: 0.1, 2: 0.2}
+    # The result that ends a trial (Tune passes it to on_trial_complete only) is its last epoch's value.
+    assert trials["a"].state == TrialState.COMPLETE and trials["a"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
     assert trials["b"].state == TrialState.FAIL
     assert trials["lost"].state == TrialState.FAIL and trials["lost"].user_attrs["lost_in_restore"]
 
