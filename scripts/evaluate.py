@@ -6,6 +6,12 @@ error analysis and a report (report.md, report.json, figures/).
   python scripts/evaluate.py --experiment s3://bucket/sweeps/r50 --data s3://bucket/coco/val \
       --compare runs/r101-run/checkpoint_epoch0050 other_detector_results.json
 
+A sweep with several objectives leaves a Pareto front in best.json; --choose picks the member to
+evaluate, e.g. --choose "max val/AP subject to model/parameters<=2e6" or --choose val/AP (refused
+without one when the front has more than one member). For a sweep the report adds its study:
+optimisation history, parallel coordinates, every trial's learning curve with ASHA's rungs,
+parameter importances, compute spent against a full-budget grid, and the Pareto front.
+
 --data defaults to the val shards the run trained with. --compare takes checkpoint directories,
 experiment directories, published DETR weights or COCO results JSON files of other detectors;
 each is scored on the same images and shown as a column next to the evaluated one.
@@ -50,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
     what.add_argument("--checkpoint", metavar="DIR_OR_FILE", help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)")
+    p.add_argument("--choose", metavar="RULE", help="a Pareto front's member to evaluate: '[max|min] METRIC "
+                   "[subject to METRIC<=NUMBER [and ...]]' (several objectives only)")
     p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
     p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory: new, empty or an earlier report's (default: ./evaluation)")
     p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments, published DETR weights or COCO results files to compare")
@@ -118,8 +126,10 @@ def main(argv=None) -> int:
                                 latency_images=args.latency_images)
     with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
         try:
+            if args.choose and not args.experiment:
+                raise SubjectError("--choose picks a member of an experiment's Pareto front: it needs --experiment")
             if args.experiment:
-                subject = from_experiment(args.experiment, workdir)
+                subject = from_experiment(args.experiment, workdir, choose=args.choose)
             else:
                 subject = subject_for_checkpoint(args.checkpoint, workdir, args.data, args.set)
             compare = [resolve(spec, workdir, args.data or subject.val, args.set) for spec in args.compare]
@@ -129,6 +139,8 @@ def main(argv=None) -> int:
                 if s.weights:
                     print(f"published {s.source}\n  sha256 {s.weights['sha256']}\n  {s.weights['load']['summary']}")
             print(f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}")
+            if subject.front:
+                print(f"  trial {subject.trial} of a Pareto front of {len(subject.front)}" + (f", chosen by {subject.choice!r}" if subject.choice else ""))
             _ray(args.num_cpus)
             report, paths = run_evaluation(subject, options, compare)
         except ERRORS as e:

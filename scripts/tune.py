@@ -13,6 +13,13 @@ differs from that is refused (exit code 2, listing each differing key, stored ->
 --resume-as-stored to restore it with the stored configuration anyway, or choose a new --name.
 On a cluster set RAY_ADDRESS (ray job submit does) or pass --address.
 
+The sweep's Optuna study (every trial's parameters, per-epoch values and state) is kept in
+<storage>/<name>/optuna.journal, or in --study-storage (an RDB URL such as
+postgresql://user@db-host/optuna, or a journal file path; required when --storage is s3:// or
+gs://); `optuna-dashboard <that storage>` shows it while the sweep runs and after.
+--warm-start <earlier sweep directory, journal file or RDB URL> gives a new sweep's TPE the
+results of that study's trials that lie inside this search space (the others are listed, with why).
+
 Trust: restoring unpickles Tune's state from <storage>/<name> in this process, so whoever can
 write there can run code here. Use storage that only you (on a cluster: the head) can write;
 README "Running on a cluster" (IAM) gives the policy that keeps worker nodes out of it.
@@ -30,6 +37,7 @@ import time
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
 from detr_ray.data.pipeline import resolve_shards
 from detr_ray.data.storage import join
+from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
 
@@ -55,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
     p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/factor of the trials at each rung")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fixed experiment value")
+    p.add_argument("--study-storage", help="Optuna storage of the sweep's study: an RDB URL (postgresql://..., "
+                   "sqlite:////abs/path.db) or a journal file; default: <storage>/<name>/optuna.journal")
+    p.add_argument("--warm-start", metavar="SWEEP_OR_STORAGE", help="seed TPE with the results of an earlier sweep's "
+                   "study (its directory, a journal file or an RDB URL) whose parameters lie inside this space")
+    p.add_argument("--warm-start-study", metavar="NAME", help="the study to warm-start from, when the storage holds several")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     return p.parse_args(argv)
@@ -129,7 +142,8 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent,
-                            as_stored=args.resume_as_stored)
+                            as_stored=args.resume_as_stored, study_storage=args.study_storage,
+                            warm_start=args.warm_start, warm_start_study=args.warm_start_study)
         if args.resume and not sweep.restored:
             print(f"error: --resume but there is no sweep at {sweep.experiment_dir}", file=sys.stderr)
             return 2
@@ -142,6 +156,13 @@ def main(argv=None) -> int:
         f"up to {sweep.concurrency} at once\nTensorBoard: tensorboard --logdir {sweep.experiment_dir}",
         flush=True,
     )
+    if sweep.study_storage:
+        print(f"Optuna study {sweep.study_name!r}: {study.dashboard_command(sweep.study_storage)}  (http://127.0.0.1:8080)", flush=True)
+    if sweep.warm is not None:
+        warm = sweep.warm
+        print(f"warm start from {warm.source} (study {warm.study}): {len(warm.used)} trials used, {len(warm.ignored)} ignored")
+        for number, why in warm.ignored:
+            print(f"  ignored trial {number}: {why}")
     results = sweep.fit()
     rows, best = summarize(results, space)
     exp = experiment_from_dict(space.experiment)
@@ -154,6 +175,17 @@ def main(argv=None) -> int:
     if leaks:
         print(f"\nWARNING: Ray left {len(leaks)} finished trials' placement groups behind; they were removed: {leaks}")
     print(f"\ntrials: {written['trials']}")
+    if space.scheduler.objectives:
+        front = json.loads(open(written["best"]).read()) if "best" in written and "://" not in written["best"] else []
+        if "best" not in written:
+            print("no trial ran all its epochs with a verified checkpoint: no Pareto front", file=sys.stderr)
+            return 1
+        print(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in study.objectives(space).items())}: "
+              f"{len(front) or 'see'} trial(s)\nbest: {written['best']}")
+        for member in front:
+            print(f"  {member['trial']}: " + ", ".join(f"{k} {v:.4g}" for k, v in member["values"].items()))
+        print(f"evaluate one: python scripts/evaluate.py --experiment {sweep.experiment_dir} --choose \"max {space.scheduler.metric}\"")
+        return 0
     if best is None:
         print("no trial produced a verified checkpoint", file=sys.stderr)
         return 1

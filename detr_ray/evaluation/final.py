@@ -31,6 +31,7 @@ from detr_ray.evaluation.analysis import Analysis, GroundTruth, analyze, tide
 from detr_ray.evaluation.coco_eval import Evaluation, ap_per_iou, as_coco, evaluate, load_results, per_category, write_results
 from detr_ray.evaluation.efficiency import measure
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
+from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.report import Report, write_report
 from detr_ray.evaluation.subject import Subject, SubjectError, parameter_importances
 from detr_ray.ownership import claim
@@ -154,6 +155,7 @@ def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[S
         history=subject.history,
         trials=subject.trials,
         importances=parameter_importances(subject) if subject.kind == "experiment" else None,
+        sweep=sweep_report.summarize(subject) if subject.kind == "experiment" else None,
         comparison=rows,
         images=_pixels(val, analysis),
     )

@@ -7,7 +7,9 @@ their own (the Markdown links the figures by relative path).
                     the run's configuration and training curves, and for a sweep all trials and
                     Optuna's parameter importances
     figures/        pr_overall.png, pr_worst_categories.png, coco_breakdown.png, tide.png,
-                    tp_iou.png, training.png, worst_false_positives.png, worst_false_negatives.png
+                    tp_iou.png, training.png, worst_false_positives.png, worst_false_negatives.png;
+                    for a sweep sweep_history.png, sweep_parallel.png, sweep_curves.png,
+                    sweep_importances.png, sweep_front.png (sweep_report.py)
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend).
 """
@@ -26,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.analysis import ERROR_TYPES, REC_THRS, STAGES, Analysis
 from detr_ray.evaluation.coco_eval import METRIC_NAMES
 
@@ -60,6 +63,7 @@ class Report:
     history: list[dict] = field(default_factory=list)
     trials: list[dict] = field(default_factory=list)
     importances: dict | str | None = None
+    sweep: dict | None = None  # sweep_report.summarize: history, compute, ASHA, Pareto front
     comparison: list[dict] = field(default_factory=list)
     efficiency: dict | None = None  # efficiency.measure of the evaluated checkpoint
     images: dict[int, np.ndarray] = field(default_factory=dict)  # worst images, HWC uint8
@@ -85,6 +89,7 @@ def to_json(report: Report, figures: dict[str, str] | None = None) -> dict:
         "history": report.history,
         "trials": report.trials,
         "importances": report.importances,
+        "sweep": report.sweep,
         "comparison": report.comparison,
         "efficiency": report.efficiency,
         "figures": figures or {},
@@ -135,6 +140,8 @@ def _draw_figures(r: Report, out: Path) -> dict[str, Path]:
         figures["pr_worst_categories"] = _save(_pr_worst(a), out / "pr_worst_categories.png")
     if any(any(k in h for k, _ in HISTORY_CURVES) for h in r.history):
         figures["training"] = _save(_training(r.history), out / "training.png")
+    if r.sweep:
+        figures.update(sweep_report.save_figures(r.sweep, r.trials, r.sweep.get("search") or {}, r.importances, out, _save))
     for key, title in (("false_positives", "most false positives"), ("false_negatives", "most missed boxes")):
         entries = getattr(a.worst, key)
         if entries:
@@ -382,6 +389,8 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
             lines += _table(["parameter", "importance"], [[k, v] for k, v in r.importances.items()])
         else:
             lines += [str(r.importances), ""]
+    if r.sweep:
+        lines += sweep_report.markdown(r.sweep, rel, _table, _figure, _num)
     return "\n".join(lines)
 
 

@@ -78,6 +78,9 @@ class Subject:
     trials: list[dict] = field(default_factory=list)
     search: dict = field(default_factory=dict)
     weights: dict | None = None  # kind "published": sha256, inferred architecture, load report
+    front: list[dict] = field(default_factory=list)  # several objectives: best.json's Pareto front
+    choice: str | None = None  # the rule that chose this member of the front
+    sweep: dict = field(default_factory=dict)  # trials.json without its trials (objectives, asha, study, ...)
 
     def describe(self) -> dict:
         """JSON-able summary for the report."""
@@ -93,6 +96,7 @@ class Subject:
             "mode": self.mode,
             "best_value": self.best_value,
             **({"weights": self.weights} if self.weights else {}),
+            **({"front": self.front, "choice": self.choice} if self.front else {}),
         }
 
 
@@ -330,7 +334,35 @@ def from_results(path: str | Path, name: str | None = None) -> Subject:
     return Subject(name=name or path.stem, kind="results", source=str(path), results_file=path)
 
 
-def from_experiment(location: str, workdir: str | Path, name: str | None = None) -> Subject:
+def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: str) -> tuple[dict, list[dict]]:
+    """(the chosen entry, the front) of best.json: a front (a list) needs a rule when it has more
+    than one member; a single best (a dict) takes none."""
+    from detr_ray import pareto
+
+    if isinstance(best, dict):
+        if choose:
+            raise SubjectError(f"{where}: one best trial (a sweep of one objective): --choose applies to a Pareto front")
+        return best, []
+    if not isinstance(best, list) or not best or not all(isinstance(e, dict) and isinstance(e.get("values"), dict) for e in best):
+        raise SubjectError(f"{where}: expected a JSON object, or a non-empty list of Pareto-front entries with 'values'")
+    if choose is None:
+        if len(best) > 1:
+            listed = "\n".join(f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best)
+            raise SubjectError(
+                f"{where}: a Pareto front of {len(best)} trials ({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
+                f"choose one with --choose, e.g. --choose \"max {next(iter(objectives))}\" or "
+                f"--choose \"max val/AP subject to model/parameters<=N\":\n{listed}"
+            )
+        return best[0], best
+    try:
+        return pareto.choose(best, choose, objectives), best
+    except pareto.RuleError as e:
+        raise SubjectError(f"{where}: {e}") from e
+
+
+def from_experiment(location: str, workdir: str | Path, name: str | None = None, choose: str | None = None) -> Subject:
+    """The best trial's best checkpoint of the sweep at `location`; with several objectives, the
+    member of the Pareto front that `choose` (pareto.py's rule) picks."""
     location = str(location)
     best_loc, trials_loc = storage.join(location, BEST), storage.join(location, TRIALS)
     best = trials_doc = None
@@ -359,14 +391,18 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
         metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
         mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
 
-    chosen = None
+    chosen, front = None, []
+    if best is None and choose:
+        raise SubjectError(f"{location}: no {BEST}: no Pareto front to choose from")
     if best is not None:
-        if not isinstance(best, dict):
-            raise SubjectError(f"{best_loc}: expected a JSON object, got {type(best).__name__}")
+        objectives = (trials_doc or {}).get("objectives") if isinstance(trials_doc, dict) else None
+        best, front = _choose(best, choose, objectives or {metric: mode}, best_loc)
         ckpt_loc = _field(best, "checkpoint", str, best_loc)
         try:
             chosen = fetch_checkpoint(ckpt_loc, workdir)
         except ckpt.CheckpointError as e:
+            if front:  # another trial would answer another rule: refuse instead
+                raise SubjectError(f"{best_loc}: the chosen trial {best.get('trial')}'s checkpoint: {e}") from e
             if trials_doc is None:
                 raise SubjectError(f"{best_loc}.checkpoint: {e}") from e
             log.warning("%s.checkpoint does not verify, taking the best trial of %s whose checkpoint does: %s", best_loc, TRIALS, e)
@@ -407,6 +443,9 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None)
         history=history,
         trials=trials,
         search=search,
+        front=front,
+        choice=choose,
+        sweep={k: v for k, v in trials_doc.items() if k != "trials"} if isinstance(trials_doc, dict) else {},
     )
 
 

@@ -177,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         detectors.ignored_settings(exp)
     torch.manual_seed(tcfg.seed)
     model = detectors.build(model_cfg)
+    parameters = sum(p.numel() for p in model.parameters())  # a sweep may minimise it (model/parameters)
     pretrained_backbone = False
     for source in (tcfg.pretrained, tcfg.pretrained_backbone):
         if source:
@@ -247,6 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["epoch"] = done
         metrics["global_step"] = global_step
         metrics["train/start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
+        metrics["model/parameters"] = parameters
         if rank == 0:
             log.info(
                 "epoch %d/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s, data wait %.0f%%",

@@ -23,6 +23,11 @@
       num_samples: 8
       seed: 0
       startup_trials: 10        # TPE samples at random until this many trials have finished
+      objectives: {model/parameters: min}   # optional: more objectives -> a Pareto front
+
+Several objectives: `metric` stays the primary one (ASHA stops trials on it alone, checkpoints
+are ranked by it); `objectives` names the others, each a metric the trainer reports with max or
+min. The sweep then returns the Pareto front of its finished trials instead of one best trial.
 
 Distributions: loguniform (0 < lower < upper), uniform (lower < upper), int (integers, lower <
 upper, both included), choice (a non-empty list), fixed (one value), and `by`: not sampled, a
@@ -60,6 +65,7 @@ class SchedulerSpec:
     # TPE proposes at random until this many trials have finished (Optuna's default, 10, means
     # a sweep of 8 trials never uses TPE at all).
     startup_trials: int = 10
+    objectives: dict = field(default_factory=dict)  # more objectives {metric: "max"|"min"} besides `metric`
 
 
 @dataclass
@@ -230,6 +236,12 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
     for name in ("grace_period", "num_samples", "startup_trials"):
         if getattr(scheduler, name) < 1:
             raise ConfigError(f"{source}: scheduler.{name}: must be >= 1, got {getattr(scheduler, name)}")
+    if not isinstance(scheduler.objectives, dict):
+        raise ConfigError(f"{source}: scheduler.objectives: expected {{metric: max|min}}, got {scheduler.objectives!r}")
+    for name, mode in scheduler.objectives.items():
+        if not isinstance(name, str) or mode not in ("max", "min") or name == scheduler.metric:
+            raise ConfigError(f"{source}: scheduler.objectives.{name}: expected a metric other than scheduler.metric "
+                              f"({scheduler.metric}) with max or min, got {mode!r}")
     if scheduler.reduction_factor < 2:
         raise ConfigError(f"{source}: scheduler.reduction_factor: must be >= 2, got {scheduler.reduction_factor}")
     return SearchSpace(source, experiment, params, scheduler)

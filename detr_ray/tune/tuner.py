@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,15 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from detr_ray import relaunch
+from detr_ray import pareto, relaunch
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
-from detr_ray.tune.scheduler import asha_with_state
 from detr_ray.tune.space import SearchSpace, apply_sample
+from detr_ray.tune import study
+from detr_ray.tune.scheduler import RungKeepingASHA, asha_with_state
+from detr_ray.tune.study import TUNE_ID, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -133,28 +136,119 @@ def plan_concurrency(cluster: dict[str, float], needs: TrialNeeds, requested: in
 class PruningOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna a trial ASHA stopped early was PRUNED (its intermediate
     values kept), not COMPLETE with a truncated score, and reports intermediate values by epoch,
-    which stays monotonic when a trial resumes after a restore."""
+    which stays monotonic when a trial resumes after a restore.
 
-    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int, startup_trials: int = 10):
-        super().__init__(metric=metric, mode=mode, sampler=TPESampler(seed=seed, n_startup_trials=startup_trials))
+    With `study_storage` (see detr_ray/tune/study.py) the study lives in that storage under
+    `study_name`, and the searcher's saved state holds only the storage spec, the study name and
+    the Optuna trial ids of Tune's trials: a restored sweep reopens the study there and goes on
+    with the same trials. A trial the storage holds as RUNNING that the saved state does not know
+    was proposed after the last saved experiment state; Tune forgets that trial too, so it is
+    marked FAIL (user attribute `lost_in_restore`) instead of staying RUNNING forever.
+
+    Several objectives (`objectives`, besides `metric`): Optuna keeps no intermediate values for
+    those, so the per-epoch values go to the trial's user attribute `history`; ASHA stops trials
+    on `metric` alone and they are told PRUNED like single-objective ones."""
+
+    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int, startup_trials: int = 10,
+                 objectives: dict[str, str] | None = None, study_storage: str | None = None, study_name: str | None = None):
+        objectives = dict(objectives or {})
+        super().__init__(
+            metric=[metric, *objectives] if objectives else metric,
+            mode=[mode, *objectives.values()] if objectives else mode,
+            sampler=TPESampler(seed=seed, n_startup_trials=startup_trials),
+            study_name=study_name,
+        )
+        self.primary = metric
         self.max_epochs = max_epochs
+        self.study_storage = study_storage
         self.reported: dict[str, set[int]] = {}  # trial id -> epochs already told to Optuna
+        self.histories: dict[str, list[dict]] = {}  # several objectives: trial id -> per-epoch values
+
+    def _setup_study(self, mode):
+        if self.study_storage is not None:
+            self._storage = open_storage(self.study_storage)
+        super()._setup_study(mode)
+
+    def suggest(self, trial_id: str):
+        new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if new and self.study_storage is not None:
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID, trial_id)
+        return params
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or self.metric not in result or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials or self.primary not in result or trial_id not in self._ot_trials:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         seen = self.reported.setdefault(trial_id, set())
-        if step not in seen:  # a resumed trial may repeat an epoch's result
+        if step in seen:  # a resumed trial may repeat an epoch's result
+            return
+        seen.add(step)
+        if isinstance(self.metric, list):
+            history = self.histories.setdefault(trial_id, [])
+            history.append({"epoch": step, **{m: result.get(m) for m in self.metric}})
+            self._ot_trials[trial_id].set_user_attr("history", history)
+        else:
             self._ot_trials[trial_id].report(result[self.metric], step)
-            seen.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)  # logs the repeat
+        if trial_id not in self._ot_trials:
+            return
+        if result and not error:  # Tune does not pass a result that stops a trial to on_trial_result
+            self.on_trial_result(trial_id, result)
         ran = int((result or {}).get("epoch", 0))
-        if error or trial_id in self._completed_trials or not result or self.metric not in result or ran >= self.max_epochs:
-            return super().on_trial_complete(trial_id, result, error)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if not error and result and ran >= self.max_epochs and any(result.get(m) is None for m in metrics):
+            log.error("trial %s finished without reporting %s: told FAIL", trial_id, [m for m in metrics if result.get(m) is None])
+            error, result = True, None
+        if error or not result or self.primary not in result or ran >= self.max_epochs:
+            return super().on_trial_complete(trial_id, None if error else result, error)
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
+
+    # Tune pickles the searcher into tuner.pkl and, with every experiment state, into
+    # searcher-state-*.pkl. With a storage, what is pickled is where the study is, not the study.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if state.get("study_storage") is not None:
+            state["_storage"] = None
+            state["_ot_study"] = None
+            state["_ot_trials"] = {t: ot._trial_id for t, ot in self._ot_trials.items()}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if state.get("study_storage") is not None and state.get("_ot_trials"):
+            self._reopen()
+
+    def save(self, checkpoint_path: str):
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str):
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        if isinstance(state, dict):
+            self.__setstate__(state)
+        else:
+            super().restore(checkpoint_path)
+
+    def _reopen(self) -> None:
+        import optuna
+
+        self._storage = open_storage(self.study_storage)
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler,
+                                           pruner=optuna.pruners.NopPruner())
+        known = dict(self._ot_trials)
+        self._ot_trials = {t: optuna.trial.Trial(self._ot_study, i) for t, i in known.items() if t not in self._completed_trials}
+        for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen._trial_id not in known.values():
+                log.warning("Optuna trial %d (Tune trial %s) was proposed after the last saved sweep state and is lost "
+                            "with the restore: marked FAIL", frozen.number, frozen.user_attrs.get(TUNE_ID))
+                self._storage.set_trial_user_attr(frozen._trial_id, "lost_in_restore", True)
+                self._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
 
 
 class PlacementGroupWatch(tune.Callback):
@@ -267,6 +361,15 @@ class Sweep:
     restored: bool
     concurrency: int
     watch: Any
+    study_storage: str | None = None  # where the Optuna study is (None: random search, or a sweep older than studies)
+    study_name: str | None = None
+    warm: Any = None  # study.WarmStart of a warm-started sweep
+
+    @property
+    def scheduler(self):
+        """The sweep's ASHA (a restored sweep's own, with its rungs) or None."""
+        sched = getattr(getattr(getattr(self.tuner, "_local_tuner", None), "_tune_config", None), "scheduler", None)
+        return sched if isinstance(sched, RungKeepingASHA) else None
 
     def fit(self):
         """Runs the sweep; afterwards checks that no trial's Train placement group remains."""
@@ -308,6 +411,9 @@ def build_sweep(
     search: str = "optuna",
     early_stopping: bool = True,
     as_stored: bool = False,
+    study_storage: str | None = None,
+    warm_start: str | None = None,
+    warm_start_study: str | None = None,
 ) -> Sweep:
     """The sweep `name` under `storage_path`. When it already exists and `resume` is set, it is
     restored: unfinished trials continue from their checkpoints, finished ones are kept, and the
@@ -317,7 +423,13 @@ def build_sweep(
     restores the sweep with the recorded space (the returned Sweep's `space`).
 
     `search`: "optuna" (TPE) or "random" (Tune's random sampling, a baseline);
-    `early_stopping`: ASHA, or every trial runs all its epochs (a baseline)."""
+    `early_stopping`: ASHA, or every trial runs all its epochs (a baseline).
+
+    The Optuna study lives in `study_storage` (default: the journal next to the sweep; see
+    detr_ray/tune/study.py), named after the sweep, and a restore continues it (the storage a
+    sweep started with is recorded in STUDY_RECORD; another one is refused). `warm_start`: a
+    new sweep's study first gets the results of that earlier sweep's (or storage's) trials that
+    lie inside `space` (study.warm_start); a restored sweep keeps the study it has."""
     import ray
 
     check_space(space)
@@ -336,11 +448,18 @@ def build_sweep(
         if not resume:
             raise SweepError(f"{exp_dir} already holds a sweep; resume it or choose another --name")
         space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
+        recorded = study.read_record(exp_dir)
+        if warm_start:
+            raise SweepError(f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)")
+        if study_storage and (recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]):
+            raise SweepError(f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
+                             f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)")
         log.info("restoring the sweep at %s", exp_dir)
         tuner = tune.Tuner.restore(
             exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
         )
-        return Sweep(tuner, space, exp_dir, True, concurrency, watch)
+        return Sweep(tuner, space, exp_dir, True, concurrency, watch, **(
+            {"study_storage": recorded["spec"], "study_name": recorded["study"]} if recorded else {}))
     if storage.exists(exp_dir):
         raise SweepError(f"{exp_dir} exists but is not a restorable sweep; choose another --name")
     if as_stored:
@@ -350,10 +469,23 @@ def build_sweep(
         raise SweepError(f"search: choose optuna or random, got {search!r}")
     sched = space.scheduler
     epochs = experiment_from_dict(space.experiment).train.epochs
+    spec, warm = None, None
     if search == "optuna":
+        try:
+            spec = study.default_storage(exp_dir, study_storage)
+            warm = study.warm_start(warm_start, space, warm_start_study) if warm_start else None
+            ot_study = study.create_study(spec, name, space)
+        except study.StudyError as e:
+            raise SweepError(str(e)) from e
+        if warm is not None:
+            study.seed(ot_study, warm)
         search_alg = PruningOptunaSearch(
-            metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs, startup_trials=sched.startup_trials
+            metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs, startup_trials=sched.startup_trials,
+            objectives=sched.objectives, study_storage=spec, study_name=name,
         )
+        log.info("Optuna study %r in %s; watch it with: %s", name, study.shown(spec), study.dashboard_command(spec))
+    elif warm_start or study_storage or sched.objectives:
+        raise SweepError("--warm-start, --study-storage and several objectives need the Optuna search")
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -386,15 +518,18 @@ def build_sweep(
     log.info("sweep %s: %d trials, up to %d at once, each holding %s", name, sched.num_samples, concurrency, needs)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     relaunch.record_sweep(exp_dir, space)  # right after the Tuner wrote its state there: restorable from now on
-    return Sweep(tuner, space, exp_dir, False, concurrency, watch)
+    if spec is not None:
+        study.write_record(exp_dir, spec, name)
+    return Sweep(tuner, space, exp_dir, False, concurrency, watch, spec, name if spec else None, warm)
+
 
 
 # --------------------------------------------------------------------------------------------
 # Results
 
 
-HISTORY_PREFIXES = ("train/", "val/")
-HISTORY_KEYS = ("epoch", "lr", "lr_backbone")
+HISTORY_PREFIXES = ("train/", "val/", "model/")
+HISTORY_KEYS = ("epoch", "lr", "lr_backbone", "time_this_iter_s", "time_total_s")  # times: the report's compute spent
 
 
 def _status(result, ran: int, epochs: int) -> str:
@@ -447,6 +582,8 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
         }
         if df is not None and not df.empty and "trial_id" in df:
             row["trial"] = str(df["trial_id"].iloc[-1])
+        elif (result.metrics or {}).get("trial_id"):  # a trial that failed before reporting
+            row["trial"] = str(result.metrics["trial_id"])
         if df is not None and not df.empty and "epoch" in df and metric in df:
             df = df.sort_values("epoch").drop_duplicates("epoch", keep="last")
             row["epochs"] = int(df["epoch"].max())
@@ -460,6 +597,8 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
         if row["best"] is None and row["history"]:  # no checkpoint left: the best reported value
             values = [h[metric] for h in row["history"] if isinstance(h.get(metric), (int, float))]
             row["best"] = (max if mode == "max" else min)(values) if values else None
+        if space.scheduler.objectives:  # every objective at the trial's best checkpoint's epoch
+            row["values"] = {metric: row["best"], **{m: best_row_value(row, metric, m) for m in space.scheduler.objectives}}
         rows.append(row)
         if row["checkpoint"] and (best is None or better(row["best"], best["best"])):
             best = row
@@ -474,28 +613,58 @@ def best_row_value(row: dict, metric: str, key: str) -> float | None:
     return min(epochs, key=lambda h: abs(h[metric] - row["best"]))[key]
 
 
+def pareto_front(rows: list[dict], space: SearchSpace) -> list[dict]:
+    """Several objectives: the trials that ran all their epochs, have a verified checkpoint and
+    that no other such trial beats in every objective (ASHA-stopped trials did not finish: their
+    values are not comparable)."""
+    finished = [r for r in rows if r["checkpoint"] and r["status"] == "completed" and r.get("values")]
+    return pareto.front(finished, study.objectives(space))
+
+
 def write_summary(sweep: Sweep, rows: list[dict], best: dict | None, data: dict[str, str]) -> dict[str, str]:
-    """Writes trials.json (and best.json when a best trial exists); returns their locations."""
+    """Writes trials.json (and best.json when a best trial exists: with several objectives, the
+    Pareto front as a list); returns their locations."""
     space = sweep.space
     common = {"metric": space.scheduler.metric, "mode": space.scheduler.mode}
+    scheduler = sweep.scheduler
+    run = run_resources(experiment_from_dict(space.experiment))
     trials = {
         **common,
+        "objectives": study.objectives(space),
         "search": {p.key: {p.kind: p.args} for p in space.params},
+        "epochs": experiment_from_dict(space.experiment).train.epochs,
+        "resources": {"gpus_per_trial": run.gpus, "cpus_per_trial": run.cpus},
+        "study": {"storage": study.shown(sweep.study_storage), "name": sweep.study_name,
+                  "dashboard": study.dashboard_command(sweep.study_storage)} if sweep.study_storage else None,
+        "warm_start": sweep.warm.describe() if sweep.warm is not None else None,
+        # ASHA's records (rungs: [[milestone epoch, {trial: value there}], ...] per bracket) for the report
+        "asha": {**scheduler.get_state(), "metric": space.scheduler.metric, "reduction_factor": scheduler._reduction_factor,
+                 "max_t": scheduler._max_t} if scheduler is not None else None,
         "leaked_placement_groups": read_leaks(sweep.watch.record),
         "trials": rows,
     }
     out = {"trials": storage.join(sweep.experiment_dir, "trials.json")}
     storage.write_bytes_atomic(out["trials"], json.dumps(trials, indent=2, default=str).encode())
-    if best is not None:
-        payload = {
+
+    def entry(row: dict) -> dict:
+        return {
             **common,
-            "trial": best["trial"],
-            "value": best["best"],
-            "config": best["config"],
-            "experiment": apply_sample(space.experiment, best["config"]),
-            "checkpoint": best["checkpoint"],
+            "trial": row["trial"],
+            "value": row["best"],
+            **({"values": row["values"]} if "values" in row else {}),
+            "config": row["config"],
+            "experiment": apply_sample(space.experiment, row["config"]),
+            "checkpoint": row["checkpoint"],
             "data": data,
         }
+
+    payload = None
+    if space.scheduler.objectives:
+        members = pareto_front(rows, space)
+        payload = [entry(r) for r in members] if members else None
+    elif best is not None:
+        payload = entry(best)
+    if payload is not None:
         out["best"] = storage.join(sweep.experiment_dir, "best.json")
         storage.write_bytes_atomic(out["best"], json.dumps(payload, indent=2, default=str).encode())
     return out

@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
+from detr_ray.tune.study import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -90,6 +93,14 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(tmp_path):
     best = json.loads((exp_dir / "best.json").read_text())
     ckpt.verify(best["checkpoint"])
     assert "evaluate it: python scripts/evaluate.py --experiment" in second.stdout
+    # The Optuna study went on across the kill: one Optuna trial per Tune trial, none left RUNNING
+    # (one proposed after the last saved state, if any, is marked FAIL and is no Tune trial).
+    study = optuna.load_study(study_name="kill-test", storage=open_storage(str(exp_dir / "optuna.journal")))
+    counted = [t for t in study.trials if not t.user_attrs.get("lost_in_restore")]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in counted) == sorted(t["trial"] for t in trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert f"optuna-dashboard {exp_dir / 'optuna.journal'}" in second.stdout
 
 
 @pytest.mark.timeout(120)

@@ -2,8 +2,8 @@
 every trial's Train placement group is released, and best.json names a verified checkpoint."""
 
 import json
-import pickle
 
+import optuna
 import pytest
 import ray
 from optuna.trial import TrialState
@@ -13,6 +13,7 @@ from detr_ray.config import ConfigError
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.tune.space import parse_space
+from detr_ray.tune.study import open_storage
 from detr_ray.tune.tuner import (
     DRIVER_RESOURCE,
     PruningOptunaSearch,
@@ -178,8 +179,7 @@ def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ra
     assert len(trials["trials"]) == 4 and trials["search"] == {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}}
 
     # Optuna saw ASHA's stops as pruned trials, not as finished ones with truncated scores.
-    searcher_state = next((tmp_path / "sweeps" / "fast").glob("searcher-state-*.pkl"))
-    study = pickle.loads(searcher_state.read_bytes())["_ot_study"]
+    study = optuna.load_study(study_name="fast", storage=open_storage(str(tmp_path / "sweeps" / "fast" / "optuna.journal")))
     states = [t.state for t in study.trials]
     assert states.count(TrialState.PRUNED) == len(stopped)
     assert states.count(TrialState.COMPLETE) == 4 - len(stopped)
