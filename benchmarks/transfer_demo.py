@@ -7,7 +7,7 @@ demo's AP in fewer epochs? Three runs, one after the other, on one local Ray:
   3. fine-tuning: the same experiment, same shards and seed, with train.pretrained = (1):
      rectangle and triangle map by id, ellipse is new.
 
-    python benchmarks/transfer_demo.py [--epochs 8] [--pretrain-epochs 8]
+    python benchmarks/transfer_demo.py [--epochs 8] [--pretrain-epochs 6]
 
 Prints val/AP per epoch of (2) and (3), the epochs each needs to reach (2)'s final val/AP and
 their ratio, and the wall times (fine-tuning with and without the pre-training); writes
@@ -28,15 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import ray  # noqa: E402
 import ray.train  # noqa: E402
 
+from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data import demo  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
+from detr_ray.model import build_model, load_pretrained  # noqa: E402
+from detr_ray.train import checkpoint as ckpt  # noqa: E402
+from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS, ensure_demo_pretrained, pretrain_experiment  # noqa: E402
+from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer  # noqa: E402
 
 
 class EpochLog(ray.train.UserCallback):
@@ -54,8 +61,6 @@ class EpochLog(ray.train.UserCallback):
 
 
 def train_run(exp: dict, name: str, storage: str) -> dict:
-    from detr_ray.train.trainer import build_trainer
-
     log_path = os.path.join(storage, f"{name}.jsonl")
     start = time.time()
     build_trainer(exp, name=name, storage_path=storage, callbacks=[EpochLog(log_path)]).fit()
@@ -73,15 +78,11 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=8, help="epochs of the from-scratch and the fine-tuning run")
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_EPOCHS)
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "transfer_demo.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from detr_ray.model import build_model, load_pretrained
-    from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, ensure_demo_pretrained, pretrain_experiment
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
 
     exp = copy.deepcopy(DEMO_EXPERIMENT)
     exp["train"].update(epochs=args.epochs, tensorboard=False)
@@ -92,14 +93,8 @@ def main() -> int:
         start = time.time()
         checkpoint = ensure_demo_pretrained(os.path.join(work, "pretrained"), experiment=pretrain_experiment(args.pretrain_epochs))
         pretrain_s = round(time.time() - start, 1)
-        from detr_ray.train import checkpoint as ckpt
-
         pre_state = ckpt.load(checkpoint).state
         # What the fine-tuning run's loop logs when it loads the checkpoint, computed here for the record.
-        from dataclasses import replace
-
-        from detr_ray.config import experiment_from_dict
-
         names = [(c["id"], c["name"]) for c in demo.CATEGORIES]
         model = build_model(replace(experiment_from_dict(exp).model, num_classes=len(names)))
         report = load_pretrained(model, checkpoint, categories=names)

@@ -57,7 +57,7 @@ DEFAULT_CATEGORIES = (1, 2)  # rectangle, triangle: ellipse is the category the 
 SOURCE = {"num_train": 600, "num_val": 150, "seed": 1, "image_sizes": (64, 96), "shard_size": 64}
 # The demo experiment (scripts/train.py's default), so its --pretrained loads every tensor; the
 # data is the subset's shards (set by `ensure_demo_pretrained`), augmented as the demo is.
-PRETRAIN_EPOCHS = 8
+PRETRAIN_EPOCHS = 6
 # Every path (relative to root) this module writes outside source/, for the check before a rebuild.
 _GENERATED = re.compile(
     r"subset(/annotations(/instances_(train|val)\.json(\.tmp)?)?"
