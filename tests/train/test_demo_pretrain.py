@@ -78,7 +78,31 @@ def test_fine_tuning_on_all_categories_maps_the_subset_by_id_and_the_rest_as_new
     assert torch.equal(w[:2], source["class_embed.weight"][:2]) and torch.equal(b[:2], source["class_embed.bias"][:2])
     assert torch.equal(w[3], source["class_embed.weight"][2])  # no-object stays no-object
     assert not torch.equal(w[2], source["class_embed.weight"][2])  # ellipse: freshly initialised
-    assert torch.equal(model.state_dict()["transformer.decoder.norm.weight"], source["transformer.decoder.norm.weight"])
+    own = model.state_dict()
+    for key in ("transformer.decoder.norm.weight", "backbone.0.body.layer1.0.conv1.weight", "backbone.0.body.bn1.running_mean"):
+        assert torch.equal(own[key], source[key]), key
+    assert not report.reinitialized and not any(k.startswith("backbone.") for k in report.skipped)
+
+
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_a_trainable_batchnorm_checkpoint_loads_its_backbone(tmp_path, frozen_bn):
+    """A detr-ray checkpoint of a trainable-BatchNorm model (the demo's) carries BatchNorm step
+    counters; the backbone still loads, into a trainable- or a frozen-BatchNorm model."""
+    cfg = DETRConfig(**{**tiny_experiment()["model"], "num_classes": 2})
+    torch.manual_seed(0)
+    source = build_model(cfg)
+    with torch.no_grad():
+        for p in source.backbone.parameters():
+            p.add_(0.5)
+    state = ckpt.TrainingState(epoch=1, global_step=1, config={}, categories={"label_to_category_id": [1, 2], "names": ["rectangle", "triangle"]})
+    ckpt.save(tmp_path / "ckpt", source, None, None, None, state)
+    model = build_model(replace(cfg, num_classes=3, frozen_bn=frozen_bn))
+    report = load_pretrained(model, tmp_path / "ckpt", categories=ALL_CATEGORIES)
+    src, own = source.state_dict(), model.state_dict()
+    backbone = [k for k in own if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    assert backbone and all(torch.equal(own[k], src[k]) for k in backbone)
+    assert set(backbone) <= set(report.loaded)
+    assert [m.name for m in report.new_classes] == ["ellipse"]
 
 
 @pytest.mark.timeout(60)
