@@ -156,6 +156,7 @@ def main() -> int:
             "wall_s": pretrain_s,
             "val_AP_on_its_categories": pre_state.metrics.get("val/AP"),
             "load_report": report.summary(),
+            "backbone_tensors_loaded": sum(k.startswith("backbone.") for k in report.loaded),
             "mapped_by_id": [m.name for m in report.mapped_by_id],
             "new_classes": [m.name for m in report.new_classes],
         },
