@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory):
     run = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=200)
     assert run.returncode == 0, run.stderr[-3000:]
     path = str(root / "checkpoint")
-    assert f"pre-trained demo model" in run.stdout and f"--pretrained {path}" in run.stdout, run.stdout
+    assert "pre-trained demo model" in run.stdout and f"--pretrained {path}" in run.stdout, run.stdout
     return root, path
 
 
