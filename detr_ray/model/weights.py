@@ -501,8 +501,13 @@ def _map_class_head(model, sd, target, table, categories, report) -> dict[str, T
 def _load_detr(model, sd, target, source, include_backbone, report) -> LoadReport:
     sd = dict(sd)
     not_loaded = set()  # model keys that keep the model's own values
+    # BatchNorm step counters say nothing about whether a backbone fits: a trainable-BatchNorm
+    # source (frozen_bn=False) has them, a FrozenBatchNorm2d model keeps none.
+    for k in [k for k in sd if k.endswith("num_batches_tracked") and k not in target]:
+        report.skipped[k] = "BatchNorm step counter; FrozenBatchNorm2d keeps none"
+        del sd[k]
     own_bb = {k for k in target if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
-    src_bb = {k for k in sd if k.startswith("backbone.")}
+    src_bb = {k for k in sd if k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
     backbone_fits = src_bb == own_bb and all(sd[k].shape == target[k].shape for k in own_bb)
     if not include_backbone or not backbone_fits:
         why = (
@@ -513,7 +518,7 @@ def _load_detr(model, sd, target, source, include_backbone, report) -> LoadRepor
         )
         if include_backbone:
             log.warning("%s: %s", source, why)
-        for k in src_bb:
+        for k in [k for k in sd if k.startswith("backbone.")]:
             report.skipped[k] = why
             del sd[k]
         not_loaded |= own_bb
