@@ -15,7 +15,7 @@ Weights are random (speed does not depend on them); the checkpoint is a real one
 val shortest side 80): the per-request cost of Serve is most of the total. --model coco: DETR R50
 in the COCO configuration on 640x480 JPEGs (shortest side 800): what a GPU machine should run.
 
-    python benchmarks/serve.py                                    # CPU, ~3 minutes on 2 cores
+    python benchmarks/serve.py                                    # CPU, ~2.5 minutes on 2 cores
     python benchmarks/serve.py --model coco --device gpu --concurrency 1 8 32 --max-batch-size 16 \
         --requests 2000 --seconds 60                               # a GPU machine
 
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=32, help="distinct JPEGs, cycled")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--requests", type=int, default=400, help="most requests per concurrency level (and in-process images)")
-    p.add_argument("--seconds", type=float, default=25.0, help="most seconds per concurrency level (and in-process run)")
+    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per concurrency level (and in-process run)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU replica's CPUs = torch threads, also in process")
