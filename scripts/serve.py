@@ -3,6 +3,7 @@
   python scripts/serve.py --experiment runs/demo-sweep               # the sweep's best checkpoint
   python scripts/serve.py --checkpoint runs/detr-demo/checkpoint_epoch0010 --port 8080
   RAY_ADDRESS=auto python scripts/serve.py --experiment s3://bucket/sweeps/r50   # on a cluster
+  python scripts/serve.py --checkpoint detr-r50-e632da11.pth --data coco/val  # published weights
 
   curl -s --data-binary @photo.jpg -H 'Content-Type: image/jpeg' 'http://127.0.0.1:8000/detect?score_threshold=0.7'
   curl -s -F image=@photo.jpg http://127.0.0.1:8000/detect
@@ -12,6 +13,9 @@ The checkpoint is chosen and verified (manifest hashes) as evaluate.py chooses i
 replica loads it again only if it still matches that manifest. Listens on 127.0.0.1 unless
 --host says otherwise. On a cluster (--address or RAY_ADDRESS), a local checkpoint directory must
 be readable on every node that runs a replica (shared storage), or give a URI.
+Published DETR weights are read as evaluate.py reads them (architecture from the tensors, class
+head mapped to the categories of --data); each replica converts the file itself and serves it only
+if its sha256 is the one chosen at start. Categories the file has no class for are refused.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
-    what.add_argument("--checkpoint", metavar="DIR_OR_URI", help="a checkpoint directory (checkpoint_epochNNNN)")
+    what.add_argument("--checkpoint", metavar="DIR_FILE_OR_URI",
+                      help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)")
+    p.add_argument("--data", metavar="SHARDS", help="published weights: the shards whose categories (_meta.json) the class head is mapped to")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="published weights: a setting the file cannot tell, e.g. model.dilation=true")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
@@ -78,7 +86,8 @@ def main(argv=None) -> int:
             score_threshold=args.score_threshold,
             **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         ).validate()
-        spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint, workdir=workdir.name)
+        spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint, workdir=workdir.name,
+                                 data=args.data, overrides=args.set)
     except (SubjectError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

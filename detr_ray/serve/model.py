@@ -61,6 +61,10 @@ class ModelSpec:
     location: str
     manifest: dict
     identity: dict  # source, checkpoint, manifest_sha256, trial, ... (returned with every answer)
+    # Published DETR weights: {"source", "data", "overrides", "sha256"}. Each replica converts the
+    # file itself (a converted copy on the driver's disk is not on the other nodes) and serves it
+    # only if the file it read has the sha256 chosen here.
+    published: dict | None = None
 
 
 def manifest_sha256(manifest: dict) -> str:
@@ -71,20 +75,30 @@ def manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None = None, workdir: str | Path) -> ModelSpec:
+def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None = None, workdir: str | Path,
+                      data: str | None = None, overrides: list[str] = ()) -> ModelSpec:
     """The verified checkpoint to serve: `checkpoint` itself, or an experiment's best.json
     checkpoint (the best trial of trials.json whose checkpoint verifies, when that one does not),
     chosen exactly as evaluate.py chooses it. SubjectError / CheckpointError otherwise. `workdir`
-holds copies of checkpoints behind URIs."""
+    holds copies of checkpoints behind URIs.
+
+    `checkpoint` may also be published DETR weights (a file, URL or URI, as evaluate.py takes
+    them): `data` then names the shards whose categories (_meta.json) the class head is mapped to,
+    and `overrides` what the file cannot tell (model.dilation=...). Every category must map to one
+    of the file's classes: a new class's row would be random, different in every replica."""
     from detr_ray.evaluation import subject
 
     if (experiment is None) == (checkpoint is None):
         raise ValueError("give exactly one of experiment, checkpoint")
+    if checkpoint is not None and subject.is_weights_file(checkpoint):
+        return _choose_published(checkpoint, workdir, data, list(overrides))
+    if data is not None or overrides:
+        raise subject.SubjectError("--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings")
     if checkpoint is not None:
         if not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file():
             raise subject.SubjectError(
-                f"{checkpoint}: a file; serving takes a detr-ray checkpoint directory (checkpoint_epochNNNN) "
-                "or an experiment directory (--experiment)"
+                f"{checkpoint}: a file that is not DETR weights; serving takes a detr-ray checkpoint directory "
+                "(checkpoint_epochNNNN), published DETR weights (with --data) or an experiment directory (--experiment)"
             )
         try:
             directory, manifest = subject.fetch_checkpoint(checkpoint, workdir)
@@ -107,6 +121,23 @@ holds copies of checkpoints behind URIs."""
     # replicas fetch the checkpoint from where it lives (a URI works on every node), not from
     # this process's copy, and load it only if it still matches `manifest`
     return ModelSpec(location, manifest, identity)
+
+
+def _choose_published(location: str, workdir: str | Path, data: str | None, overrides: list[str]) -> ModelSpec:
+    from detr_ray.evaluation import subject
+
+    published = subject.from_published(location, Path(workdir) / "chosen", data, overrides)
+    new = [c["name"] for c in published.weights["load"]["classes"] if c["how"] == "new"]
+    if new:
+        raise subject.SubjectError(
+            f"{location}: categories {new} of {data} are not among its classes; serving them would answer with "
+            "freshly initialised rows (different in every replica). Fine-tune it on this data first, then serve that checkpoint"
+        )
+    identity = {"source": location, "checkpoint": location, "weights_sha256": published.weights["sha256"],
+                "manifest_sha256": manifest_sha256(published.manifest)}
+    log.info("serving published weights %s (sha256 %s) on the categories of %s", location, published.weights["sha256"], data)
+    return ModelSpec(location, published.manifest, identity,
+                     published={"source": location, "data": data, "overrides": overrides, "sha256": published.weights["sha256"]})
 
 
 def _chosen_location(experiment: str, chosen) -> str | None:
@@ -247,12 +278,26 @@ class ServedModel:
 
         self.spec = spec
         self._workdir = tempfile.TemporaryDirectory(prefix="detr-serve-")  # a URI's copy, removed with this object
-        directory, _ = fetch_checkpoint(spec.location, workdir or self._workdir.name)
-        self.detector = load_detector(directory, spec.manifest)  # refuses any other weights than the chosen ones
+        if spec.published:
+            directory, manifest = self._convert_published(spec.published, workdir or self._workdir.name)
+        else:
+            directory, _ = fetch_checkpoint(spec.location, workdir or self._workdir.name)
+            manifest = spec.manifest
+        self.detector = load_detector(directory, manifest)  # refuses any other weights than the chosen ones
         self.predictor = Predictor(to_dict(self.detector.model), self.detector.weights, self.detector.label_to_category_id, use_gpu, threads)
         self.device = str(self.predictor.device)
         self.detector.weights = None  # the predictor's model holds them
         self._label_of = {c: i for i, c in enumerate(self.detector.label_to_category_id)}
+
+    @staticmethod
+    def _convert_published(published: dict, workdir: str | Path) -> tuple[Path, dict]:
+        from detr_ray.evaluation.subject import SubjectError, from_published
+
+        subject = from_published(published["source"], workdir, published["data"], published["overrides"])
+        if subject.weights["sha256"] != published["sha256"]:
+            raise SubjectError(f"{published['source']}: its sha256 is now {subject.weights['sha256']}, "
+                               f"not {published['sha256']} as when it was chosen; not serving other weights")
+        return subject.checkpoint, subject.manifest
 
     @property
     def identity(self) -> dict:
