@@ -9,6 +9,11 @@ Sources (`load_pretrained(model, source, categories=...)`):
   * "torchvision" (the backbone's ImageNet weights DETR used, downloaded through torchvision) or
     "torchvision:ResNet101_Weights.IMAGENET1K_V2" for an explicit weights enum member.
 
+Local files, http(s) URLs (downloaded once into torch hub's cache, under a name that includes
+the URL's hash) and storage URIs (s3://, gs://, file://, read through pyarrow) are read alike.
+`infer_model_config` tells the architecture a reference-layout DETR state dict was trained as
+(scripts/evaluate.py scores published checkpoints with it).
+
 Every tensor of the source is accounted for: loaded, or skipped with a logged reason. Heads that
 depend on the dataset or the backbone (class head, input projection, object queries) are
 re-initialised when their shapes differ; a DETR checkpoint whose backbone is another ResNet
