@@ -58,7 +58,9 @@ def measure(detector: Detector, val_uri: str, *, images: int = 20, warmup: int =
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(detector.model)
     model.load_state_dict(detector.weights)
-    model.to(dev).eval()
+    # No parameter requires grad: FlopCounterMode's module tracker hooks the autograd graph of
+    # every module input, and a parameter passed as one (DETR's queries) has none under no_grad.
+    model.to(dev).eval().requires_grad_(False)
     samples = _val_images(detector, val_uri, images)
     if not samples:
         raise ValueError(f"{val_uri}: no decodable val image to measure {detector.checkpoint} on")

@@ -43,7 +43,7 @@ def _experiment(root, **train):
     exp = copy.deepcopy(DEMO_EXPERIMENT)
     exp["model"]["arch"] = ARCH
     exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
-    exp["train"].update(epochs=1, max_steps_per_epoch=1, max_failures=0, cpus_per_worker=1.0, tensorboard=False, **train)
+    exp["train"].update({"epochs": 1, "max_steps_per_epoch": 1, "max_failures": 0, "cpus_per_worker": 1.0, "tensorboard": False, **train})
     return exp
 
 
