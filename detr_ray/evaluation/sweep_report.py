@@ -277,7 +277,8 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     if asha:
         rungs = sorted({m for bracket in asha.get("rungs") or [] for m, _ in bracket})
         lines += [f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} (of {asha.get('max_t')}), "
-                  f"reduction factor {asha.get('reduction_factor')}, {asha.get('num_stopped')} trials stopped.", ""]
+                  f"reduction factor {asha.get('reduction_factor')}; it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
+                  f"of {len(data['history'])} trials before the last epoch.", ""]
     else:
         lines += ["No ASHA records in trials.json (no early stopping, or a sweep older than these records).", ""]
     lines += figure(rel, "sweep_curves", "learning curves with ASHA rungs")
