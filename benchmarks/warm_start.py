@@ -42,7 +42,7 @@ def run(space, name: str, storage: str, data: dict, **kwargs) -> dict:
     sweep = build_sweep(space, name=name, storage_path=storage, resume=False, **kwargs)
     rows, best = summarize(sweep.fit(), space)
     write_summary(sweep, rows, best, data)
-    by_order = sorted(rows, key=lambda r: int(str(r["trial"]).rsplit("_", 1)[-1]))
+    by_order = rows  # Tune's results come in the order it created the trials
     return {
         "sweep": name,
         "trials": len(rows),

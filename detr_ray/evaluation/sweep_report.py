@@ -31,15 +31,9 @@ def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def _order(trial_id: str) -> tuple:
-    """Tune's trial ids end in a counter (…_00003): creation order."""
-    tail = str(trial_id).rsplit("_", 1)[-1]
-    return (0, int(tail), "") if tail.isdigit() else (1, 0, str(trial_id))
-
-
 def summarize(subject) -> dict | None:
     """The sweep section's data (JSON-able), None when the subject is not a sweep."""
-    trials = sorted((t for t in subject.trials if t.get("trial")), key=lambda t: _order(t["trial"]))
+    trials = [t for t in subject.trials if t.get("trial")]  # trials.json lists them in the order Tune created them
     if not trials:
         return None
     sweep = subject.sweep or {}
@@ -140,7 +134,7 @@ def _curves(data: dict, trials: list[dict]) -> Figure:
     for m in milestones:
         ax.axvline(m, color="grey", ls=":", lw=0.8)
     kept = stopped = False
-    for i, t in enumerate(sorted(trials, key=lambda t: _order(t["trial"]))):
+    for i, t in enumerate(trials):
         points = [(h["epoch"], h[metric]) for h in t.get("history") or [] if _number(h.get(metric)) is not None]
         if not points:
             continue
@@ -283,7 +277,8 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     if asha:
         rungs = sorted({m for bracket in asha.get("rungs") or [] for m, _ in bracket})
         lines += [f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} (of {asha.get('max_t')}), "
-                  f"reduction factor {asha.get('reduction_factor')}, {asha.get('num_stopped')} trials stopped.", ""]
+                  f"reduction factor {asha.get('reduction_factor')}; it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
+                  f"of {len(data['history'])} trials before the last epoch.", ""]
     else:
         lines += ["No ASHA records in trials.json (no early stopping, or a sweep older than these records).", ""]
     lines += figure(rel, "sweep_curves", "learning curves with ASHA rungs")
