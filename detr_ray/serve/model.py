@@ -90,6 +90,9 @@ def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None =
 
     if (experiment is None) == (checkpoint is None):
         raise ValueError("give exactly one of experiment, checkpoint")
+    if (checkpoint is not None and not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file()
+            and (Path(checkpoint).parent / ckpt.MANIFEST).is_file()):
+        raise subject.SubjectError(f"{checkpoint}: a file of the checkpoint directory {Path(checkpoint).parent}; give the directory")
     if checkpoint is not None and subject.is_weights_file(checkpoint):
         return _choose_published(checkpoint, workdir, data, list(overrides))
     if data is not None or overrides:
