@@ -12,6 +12,9 @@ instead (shards.write_shards).
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -57,3 +60,25 @@ def claim(directory: str | Path, owner_name: str, ignore: Iterable[str] = ()) ->
     except FileExistsError:
         return claim(path, owner_name, ignore)
     return path
+
+
+def remove_generated(root: Path, names: Iterable[str], generated: re.Pattern, refusal: str) -> None:
+    """Deletes root/<name> for each of `names` (files or directories a generator wrote into a root
+    it claimed) after checking that every path there, relative to root, matches `generated`.
+    Anything else (a user's file, a symbolic link) is a NotOwnedError naming it plus `refusal`,
+    and nothing is removed."""
+    tops = [root / name for name in names]
+    for top in tops:
+        found = [top] if top.is_symlink() or top.is_file() else []
+        if top.is_dir() and not top.is_symlink():
+            found.append(top)
+            for parent, dirs, files in os.walk(top):
+                found += [Path(parent, name) for name in dirs + files]
+        for path in found:
+            if path.is_symlink() or not generated.fullmatch(path.relative_to(root).as_posix()):
+                raise NotOwnedError(f"{path}: {refusal}")
+    for top in tops:
+        if top.is_dir():
+            shutil.rmtree(top)
+        elif top.exists():
+            top.unlink()

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import ShardError, read_meta, write_shards
-from detr_ray.ownership import MARKER, NotOwnedError, claim, owner
+from detr_ray.ownership import MARKER, claim, owner, remove_generated
 
 logger = logging.getLogger(__name__)
 
@@ -208,26 +207,11 @@ def _demo_params(shards: Path) -> dict[str, Any] | None:
 
 
 def _remove_generated(root: Path) -> None:
-    """Deletes train/, val/ and raw/ under root, which the generator marked as its own, after
-    checking that every file there is one the generator writes; anything else (a user's file, a
-    symbolic link) is a NotOwnedError naming it, and nothing is removed."""
-    tops = [root / name for name in ("train", "val", "raw")]
-    for top in tops:
-        found = [top] if top.is_symlink() else []
-        if top.is_dir() and not found:
-            for parent, dirs, files in os.walk(top):
-                found += [Path(parent, name) for name in dirs + files]
-        for path in found:
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink() or not _GENERATED.fullmatch(rel):
-                raise NotOwnedError(
-                    f"{path}: not written by the demo generator; refusing to regenerate the demo data "
-                    f"in {root}, nothing was removed. Move it away, or point DETR_RAY_DEMO_DIR / "
-                    "data.demo_root at another directory."
-                )
-    for top in tops:
-        if top.exists():
-            shutil.rmtree(top)
+    """Deletes train/, val/ and raw/ under root, which the generator marked as its own, only if
+    every file there is one the generator writes (ownership.remove_generated)."""
+    remove_generated(root, ("train", "val", "raw"), _GENERATED,
+                     f"not written by the demo generator; refusing to regenerate the demo data in {root}, "
+                     "nothing was removed. Move it away, or point DETR_RAY_DEMO_DIR / data.demo_root at another directory.")
 
 
 def ensure_demo_shards(

@@ -42,7 +42,7 @@ from detr_ray.config import experiment_from_dict
 from detr_ray.data import demo
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import write_shards
-from detr_ray.ownership import NotOwnedError, claim
+from detr_ray.ownership import claim, remove_generated
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import DEMO_EXPERIMENT
 
@@ -167,29 +167,11 @@ def _cached(root: Path, wanted: dict[str, Any]) -> str | None:
 
 
 def _remove_generated(root: Path) -> None:
-    """Deletes subset/, checkpoint/ and recipe.json under root (marked as this module's) after
-    checking that every file there is one this module writes; anything else (a user's file, a
-    symbolic link) is a NotOwnedError naming it, and nothing is removed."""
-    tops = [root / name for name in ("subset", "checkpoint", RECIPE_FILE)]
-    for top in tops:
-        found = [top] if top.is_symlink() or top.is_file() else []
-        if top.is_dir() and not top.is_symlink():
-            found.append(top)
-            for parent, dirs, files in os.walk(top):
-                found += [Path(parent, name) for name in dirs + files]
-        for path in found:
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink() or not _GENERATED.fullmatch(rel):
-                raise NotOwnedError(
-                    f"{path}: not written by the demo pre-training; refusing to rebuild the pre-trained "
-                    f"demo model in {root}, nothing was removed. Move it away, or point "
-                    "DETR_RAY_DEMO_PRETRAINED_DIR at another directory."
-                )
-    for top in tops:
-        if top.is_dir():
-            shutil.rmtree(top)
-        elif top.exists():
-            top.unlink()
+    """Deletes subset/, checkpoint/ and recipe.json under root (marked as this module's) only if
+    every file there is one this module writes (ownership.remove_generated)."""
+    remove_generated(root, ("subset", "checkpoint", RECIPE_FILE), _GENERATED,
+                     f"not written by the demo pre-training; refusing to rebuild the pre-trained demo model in {root}, "
+                     "nothing was removed. Move it away, or point DETR_RAY_DEMO_PRETRAINED_DIR at another directory.")
 
 
 def _train(root: Path, wanted: dict[str, Any]) -> str:
