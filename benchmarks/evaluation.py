@@ -4,7 +4,7 @@
   (a) COCOeval: a synthetic ground truth of 5,000 images (640x480, 80 categories in 12
       supercategories, ~7.3 boxes per image as val2017) and 100 detections per image (a few
       jittered copies of each box, right class 80% of the time, the rest background), scored by
-      detr_ray.evaluation.coco_eval.evaluate (pycocotools + our checks and TP IoUs): seconds;
+      detr_ray.coco_eval.evaluate (pycocotools + our checks and TP IoUs): seconds;
   (b) the error analysis (TIDE, the COCO breakdown's three extra COCOevals, PR curves, worst
       images) on the first --analysis-images images of the same set: seconds;
   (c) inference: DETR R50 in the COCO configuration (91 classes, 100 queries; random weights:
@@ -67,7 +67,7 @@ def synthetic_coco(images: int, dets_per_image: int, seed: int = 0) -> tuple[dic
 
 
 def time_cocoeval(gt: dict, results: list[dict]) -> dict:
-    from detr_ray.evaluation.coco_eval import as_coco, evaluate
+    from detr_ray.coco_eval import as_coco, evaluate
 
     start = time.perf_counter()
     coco = as_coco(gt)
@@ -80,7 +80,7 @@ def time_cocoeval(gt: dict, results: list[dict]) -> dict:
 
 def time_analysis(gt: dict, results: list[dict], images: int) -> dict:
     from detr_ray.evaluation import analysis as A
-    from detr_ray.evaluation.coco_eval import evaluate
+    from detr_ray.coco_eval import evaluate
 
     keep = set(range(1, images + 1))
     sub_gt = {"images": [i for i in gt["images"] if i["id"] in keep], "annotations": [a for a in gt["annotations"] if a["image_id"] in keep], "categories": gt["categories"]}

@@ -27,7 +27,8 @@ import torch
 
 from detr_ray.model import DETRConfig, build_criterion, build_model
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
-from detr_ray.train.step import StepOptions, TrainStep, build_optimizer, normalize
+from detr_ray.model.predict import normalize
+from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from detr_ray.config import ConfigError
 from detr_ray.data.shards import ShardError
-from detr_ray.evaluation.coco_eval import ResultsError
+from detr_ray.coco_eval import ResultsError
 from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
 from detr_ray.evaluation.subject import SubjectError, from_experiment, resolve, subject_for_checkpoint

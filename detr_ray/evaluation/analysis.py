@@ -50,7 +50,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_ray.evaluation.coco_eval import Evaluation, _quiet, as_coco
+from detr_ray.coco_eval import Evaluation, _quiet, as_coco
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def measure(detector: Detector, val_uri: str, *, images: int = 20, warmup: int =
     from torch.utils.flop_counter import FlopCounterMode
 
     from detr_ray.model.detectors import build, predict
-    from detr_ray.train.step import normalize
+    from detr_ray.model.predict import normalize
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(detector.model)

@@ -5,9 +5,10 @@
                                                            each) when the cluster has GPUs, else CPU
                    -> driver: one row per image, a tqdm progress bar, results sorted by image id
 
-Each actor pads its batch (the training collate), normalizes and runs the checkpoint's model
-through detectors.predict (DETR: every query becomes a detection, as DETR does; a torchvision
-detector: its own detections), with the dataset's own category ids. The weights travel
+Each actor pads its batch (the training collate) and runs the checkpoint's model through
+model/predict.py's predict_batch, the path validation during training takes too (DETR: every
+query becomes a detection, as DETR does; a torchvision detector: its own detections), with the
+dataset's own category ids. The weights travel
 once through the object store (`ray.put`), so actors on other nodes need no access to the
 checkpoint's files. Undecodable images are counted and get no detections.
 """
@@ -144,16 +145,13 @@ class Predictor:
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
         from detr_ray.data.pipeline import collate
-        from detr_ray.evaluation.coco_eval import detections_to_results
-        from detr_ray.model.detectors import predict
-        from detr_ray.train.step import normalize
+        from detr_ray.model.predict import predict_batch
 
         out: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
         per_image: dict[int, list[dict]] = {}
         images, mask, targets = collate(batch)
         if targets:
-            dets = predict(self.model, normalize(images.to(self.device)), mask.to(self.device), targets, self.label_to_category_id)
-            for r in detections_to_results([t["image_id"] for t in targets], dets):
+            for r in predict_batch(self.model, images, mask, targets, self.label_to_category_id).results:
                 per_image.setdefault(r["image_id"], []).append(r)
         for image_id, skipped in zip(batch.column("image_id").to_pylist(), batch.column("skipped").to_pylist()):
             found = per_image.get(image_id, [])

@@ -30,7 +30,7 @@ from matplotlib.patches import Rectangle
 
 from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.analysis import ERROR_TYPES, REC_THRS, STAGES, Analysis
-from detr_ray.evaluation.coco_eval import METRIC_NAMES
+from detr_ray.coco_eval import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 

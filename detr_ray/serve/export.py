@@ -53,7 +53,7 @@ class Exportable(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        from detr_ray.train.step import normalize
+        from detr_ray.model.predict import normalize
 
         out = self.model(normalize(images), mask)
         return out["pred_logits"], out["pred_boxes"]
@@ -108,7 +108,7 @@ def export_detector(detector, identity: dict, out: str | Path) -> dict:
     from detr_ray.config import to_dict
     from detr_ray.model import build_model
     from detr_ray.ownership import claim
-    from detr_ray.train.step import IMAGENET_MEAN, IMAGENET_STD
+    from detr_ray.model.predict import IMAGENET_MEAN, IMAGENET_STD
 
     out = claim(out, "export")
     model = build_model(detector.model)

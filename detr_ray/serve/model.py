@@ -309,7 +309,7 @@ class ServedModel:
     def describe(self) -> dict:
         """What is loaded (GET /model)."""
         from detr_ray.config import to_dict
-        from detr_ray.train.step import IMAGENET_MEAN, IMAGENET_STD
+        from detr_ray.model.predict import IMAGENET_MEAN, IMAGENET_STD
 
         t = self.detector.transform
         return {

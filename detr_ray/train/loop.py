@@ -27,14 +27,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from detr_ray.coco_eval import evaluate
 from detr_ray.config import ExperimentConfig, experiment_from_dict
 from detr_ray.data.pipeline import DetectionBatches, derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
-from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
 from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
+from detr_ray.model.predict import normalize, predict_batch
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.step import StepOptions, TrainStep, build_optimizer, normalize
+from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -362,19 +363,10 @@ def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch:
     Every val image must be inferred exactly once (the val split is split without dropping rows:
     trainer.py); rank 0 checks that against the ground truth and fails the run otherwise, as
     val/AP would be scored on the wrong set of images."""
-    was_training = model.training
-    model.eval()
-    results, shown, ids = [], [], []
-    batches = DetectionBatches.from_config(val_shard, exp.data, train=False, device=device)
-    for images, mask, targets in batches:
-        dets = detectors.predict(model, normalize(images), mask, targets)
-        ids += [t["image_id"] for t in targets]
-        results += detections_to_results([t["image_id"] for t in targets], dets, meta.label_to_category_id)
-        if writer is not None and len(shown) < exp.train.tensorboard_images:
-            shown += [(images[i], targets[i], dets[i]) for i in range(min(len(targets), exp.train.tensorboard_images - len(shown)))]
-    model.train(was_training)
+    keep = exp.train.tensorboard_images if writer is not None else 0
+    results, ids, skipped, shown = infer_val_part(model, val_shard, exp.data, device, meta.label_to_category_id, keep)
     rank, world = _world()
-    mine = (results, ids, batches.skipped)
+    mine = (results, ids, skipped)
     parts = [mine]
     if world > 1:
         parts = [None] * world if rank == 0 else None
@@ -393,6 +385,27 @@ def _validate(model: nn.Module, val_shard, exp, device, gt, meta, writer, epoch:
     if writer is not None:
         _draw_predictions(writer, shown, meta, epoch)
     return {**evaluate(gt, results).metrics, "val/images": len(scored), "val/skipped_images": skipped}, ids
+
+
+def infer_val_part(model: nn.Module, val_shard, data_cfg, device, label_to_category_id, keep_images: int = 0):
+    """This worker's part of the val split through the predictor that evaluation's batch
+    inference uses too (model/predict.py). Returns (COCO result dicts, the image ids inferred,
+    the number of undecodable images skipped, up to `keep_images` (image, target, detections)
+    for TensorBoard)."""
+    was_training = model.training
+    model.eval()
+    results, shown, ids = [], [], []
+    batches = DetectionBatches.from_config(val_shard, data_cfg, train=False, device=device)
+    with torch.no_grad():
+        for images, mask, targets in batches:
+            predicted = predict_batch(model, images, mask, targets, label_to_category_id)
+            ids += [t["image_id"] for t in targets]
+            results += predicted.results
+            if len(shown) < keep_images:
+                dets = predicted.detections
+                shown += [(images[i], targets[i], dets[i]) for i in range(min(len(targets), keep_images - len(shown)))]
+    model.train(was_training)
+    return results, ids, batches.skipped, shown
 
 
 def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch, global_step, rank) -> None:

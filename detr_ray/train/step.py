@@ -15,9 +15,8 @@ from torch import Tensor, nn
 
 from detr_ray.model.criterion import SetCriterion
 from detr_ray.model.detectors import computes_own_loss, parameter_groups
+from detr_ray.model.predict import normalize
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 
@@ -30,17 +29,6 @@ class StepOptions:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
-
-
-def normalize(images: Tensor, channels_last: bool = False) -> Tensor:
-    """uint8 [B,3,H,W] (any memory layout) -> float32 normalized with ImageNet statistics, on the
-    images' device, in channels-last layout if asked, else contiguous. The layout change rides on
-    the dtype conversion: no extra copy."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    x = images.to(torch.float32, memory_format=layout)
-    return x.sub_(mean).div_(std)
 
 
 def build_optimizer(

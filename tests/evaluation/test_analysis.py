@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from detr_ray.evaluation import analysis as A
-from detr_ray.evaluation.coco_eval import evaluate
+from detr_ray.coco_eval import evaluate
 from tests.evaluation.synthetic import coco_ap50, coco_eval, coco_matches, error_zoo, random_dataset
 
 

@@ -8,7 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detr_ray.evaluation.coco_eval import ResultsError, detections_to_results, evaluate
+from detr_ray.coco_eval import ResultsError, evaluate
+from detr_ray.model.predict import detections_to_results
 
 
 def _gt():
@@ -86,7 +87,7 @@ def test_detections_to_results_maps_labels_and_boxes():
 
 
 def test_per_category_and_per_iou_are_pycocotools_arrays():
-    from detr_ray.evaluation.coco_eval import ap_per_iou, per_category
+    from detr_ray.coco_eval import ap_per_iou, per_category
 
     gt = _gt()
     results = _noisy_results(gt, seed=1)
@@ -108,7 +109,7 @@ def test_per_category_and_per_iou_are_pycocotools_arrays():
 
 
 def test_results_file_round_trip_and_errors(tmp_path):
-    from detr_ray.evaluation.coco_eval import load_results, write_results
+    from detr_ray.coco_eval import load_results, write_results
 
     results = _noisy_results(_gt(), seed=2)
     path = write_results(tmp_path / "r.json", results)

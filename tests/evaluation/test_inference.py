@@ -11,10 +11,10 @@ import torch
 
 from detr_ray.data.shards import coco_ground_truth, read_rows
 from detr_ray.data.transforms import DetectionTransform
-from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
+from detr_ray.coco_eval import evaluate
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError, load_detector, run_inference
 from detr_ray.model import build_model, postprocess
-from detr_ray.train.step import normalize
+from detr_ray.model.predict import detections_to_results, normalize
 
 pytestmark = pytest.mark.timeout(400)
 

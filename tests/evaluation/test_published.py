@@ -20,7 +20,7 @@ from detr_ray.evaluation.inference import load_detector
 from detr_ray.evaluation.subject import SubjectError, from_published, is_weights_file, resolve
 from detr_ray.model import build_model
 from detr_ray.model.weights import WeightsError, infer_model_config
-from detr_ray.train.step import normalize
+from detr_ray.model.predict import normalize
 from tests.conftest import random_batch, tiny_config
 from tests.data.conftest import make_coco
 

@@ -3,7 +3,7 @@ import math
 import torch
 
 from detr_ray.model import HungarianMatcher, SetCriterion, build_criterion, build_model
-from detr_ray.train.step import normalize
+from detr_ray.model.predict import normalize
 from tests.conftest import random_batch, tiny_config
 
 

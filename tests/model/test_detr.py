@@ -3,7 +3,7 @@ import torch
 
 from detr_ray.config import ConfigError
 from detr_ray.model import DETRConfig, build_model
-from detr_ray.train.step import normalize
+from detr_ray.model.predict import normalize
 from tests.conftest import random_batch, tiny_config
 
 

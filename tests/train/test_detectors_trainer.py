@@ -12,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.evaluation.coco_eval import METRIC_NAMES
+from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_checkpoint

@@ -25,7 +25,7 @@ def first_step_gradients(config):
     import ray.train.torch
 
     from detr_ray.model import build_criterion, build_model
-    from detr_ray.train.step import normalize
+    from detr_ray.model.predict import normalize
     from tests.conftest import random_batch, tiny_config
 
     ctx = ray.train.get_context()

@@ -14,6 +14,9 @@ For the final evaluation report, `per_category(ev)` gives AP/AP50/AP75/AR100 and
 category and `ap_per_iou(ev)` the AP at each IoU threshold 0.50..0.95, both read from the same
 COCOeval arrays that produced the 12 numbers. `write_results` / `load_results` store a result set
 as the COCO results JSON that pycocotools' `COCO.loadRes` reads.
+
+It sits at the package's top, below train/ and evaluation/, because validation during training
+scores with it as the evaluation report does; the result dicts come from model/predict.py.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from typing import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.ops import box_convert
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +80,6 @@ def as_coco(gt: COCO | dict) -> COCO:
     coco.dataset = gt
     _quiet(coco.createIndex)
     return coco
-
-
-def detections_to_results(
-    image_ids: Sequence[int], detections: Sequence[dict], label_to_category_id: Sequence[int] | None = None
-) -> list[dict]:
-    """postprocess() output (xyxy pixels) -> COCO result dicts (xywh pixels), one per query."""
-    results = []
-    for image_id, det in zip(image_ids, detections):
-        boxes = det["boxes"].detach().cpu().double()
-        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
-        labels = det["labels"].detach().cpu().tolist()
-        scores = det["scores"].detach().cpu().tolist()
-        for box, label, score in zip(xywh, labels, scores):
-            category = label_to_category_id[label] if label_to_category_id is not None else label
-            results.append({"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)})
-    return results
 
 
 def check_results(gt: COCO, results: Sequence[dict], source: str = "results") -> None:
