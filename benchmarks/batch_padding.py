@@ -28,7 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from detr_ray.data.pipeline import DECODED_SCHEMA, DetectionBatches  # noqa: E402
+from detr_ray.data.batches import DetectionBatches  # noqa: E402
+from detr_ray.data.decode import DECODED_SCHEMA  # noqa: E402
 from detr_ray.data.transforms import DetectionTransform, TransformConfig  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "batch_padding.json"

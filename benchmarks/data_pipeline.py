@@ -169,7 +169,8 @@ def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int, d
     import ray
     import ray.data
 
-    from detr_ray.data.pipeline import DetectionBatches, train_dataset
+    from detr_ray.data.batches import DetectionBatches
+    from detr_ray.data.datasets import train_dataset
     from detr_ray.local_ray import init as init_local_ray
 
     shards = root / "shards"

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from detr_ray.data.pipeline import resolve_shards
+    from detr_ray.data.datasets import resolve_shards
     from detr_ray.data.shards import read_meta
 
     if not ray.is_initialized():

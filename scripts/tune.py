@@ -35,7 +35,7 @@ import sys
 import time
 
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
-from detr_ray.data.pipeline import resolve_shards
+from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.storage import join
 from detr_ray.tune import study
 from detr_ray.tune.space import parse_space

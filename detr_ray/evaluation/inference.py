@@ -125,7 +125,7 @@ def check_categories(detector: Detector, shards_uri: str) -> None:
 
 
 class Predictor:
-    """Ray Data actor: decoded rows (pipeline.DECODED_SCHEMA) -> PREDICTION_SCHEMA rows."""
+    """Ray Data actor: decoded rows (decode.DECODED_SCHEMA) -> PREDICTION_SCHEMA rows."""
 
     def __init__(self, model_config: dict, weights: Any, label_to_category_id: list[int], use_gpu: bool, threads: int):
         import ray
@@ -144,7 +144,7 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from detr_ray.data.pipeline import collate
+        from detr_ray.data.collate import collate
         from detr_ray.model.predict import predict_batch
 
         out: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
@@ -197,7 +197,7 @@ def run_inference(detector: Detector, shards_uri: str, cfg: InferenceConfig | No
     import ray
     from ray.data import ActorPoolStrategy
 
-    from detr_ray.data.pipeline import val_dataset
+    from detr_ray.data.datasets import val_dataset
 
     cfg = (cfg or InferenceConfig()).validate()
     check_categories(detector, shards_uri)

@@ -154,7 +154,7 @@ def _checkpoint_state(directory: Path) -> dict:
 
 def _val_from_config(config: dict, where: str) -> str:
     """The val shards a run's config points at (the demo's, generated if missing)."""
-    from detr_ray.data.pipeline import resolve_shards
+    from detr_ray.data.datasets import resolve_shards
 
     try:
         exp = experiment_from_dict(config, where)

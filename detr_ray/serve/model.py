@@ -336,7 +336,7 @@ class ServedModel:
     def predict(self, images: list[Prepared]) -> list[list[dict]]:
         """Every query's detection per image (Predictor: pad, normalize, DETR, postprocess):
         [{"category_id", "score", "bbox": COCO xywh pixels of the original image}], query order."""
-        from detr_ray.data.pipeline import DECODED_SCHEMA
+        from detr_ray.data.decode import DECODED_SCHEMA
 
         rows = {
             "image_id": list(range(len(images))),

@@ -29,7 +29,8 @@ from torch import nn
 
 from detr_ray.coco_eval import evaluate
 from detr_ray.config import ExperimentConfig, experiment_from_dict
-from detr_ray.data.pipeline import DetectionBatches, derive_seed
+from detr_ray.data.batches import DetectionBatches
+from detr_ray.data.decode import derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
@@ -225,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tcfg.epochs):
         # What this worker draws in an epoch (dropout, the local shuffle) follows from (seed,
         # epoch, rank), the same in every run with this seed and after a resume. Model init drew
-        # from the seed above; augmentation is drawn in the decode tasks (pipeline.py).
+        # from the seed above; augmentation is drawn in the decode tasks (data/decode.py).
         torch.manual_seed(derive_seed(tcfg.seed, "torch", epoch, rank))
         shuffle_seed = derive_seed(tcfg.seed, "shuffle", epoch, rank)
         batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detr_ray.config import ExperimentConfig, experiment_from_dict
-from detr_ray.data.pipeline import build_datasets, resolve_shards
+from detr_ray.data.datasets import build_datasets, resolve_shards
 from detr_ray.data.storage import is_uri
 
 log = logging.getLogger(__name__)

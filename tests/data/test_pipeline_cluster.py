@@ -7,7 +7,8 @@ import pytest
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from detr_ray.data.pipeline import DetectionBatches, train_dataset
+from detr_ray.data.batches import DetectionBatches
+from detr_ray.data.datasets import train_dataset
 from tests.data.conftest import AUGMENT, CORRUPT_ID, make_shards
 
 

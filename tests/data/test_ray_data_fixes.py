@@ -121,7 +121,7 @@ def test_a_ray_the_fixes_do_not_fit_gets_a_warning_naming_its_version(monkeypatc
 
 _PATCHED = """
 import json, ray.data
-import detr_ray.data.pipeline  # installs the fixes on import in a process with Ray Data loaded
+import detr_ray.data.decode  # installs the fixes on import in a process with Ray Data loaded
 from ray.data._internal.execution import streaming_executor_state as state
 from ray.data._internal.execution.resource_manager import ResourceManager
 print(json.dumps([type(state.ray).__name__, bool(getattr(ResourceManager, "_detr_ray_prompt_limits", False))]))

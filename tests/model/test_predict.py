@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detr_ray.config import DataConfig, to_dict
-from detr_ray.data.pipeline import DECODED_SCHEMA
+from detr_ray.data.decode import DECODED_SCHEMA
 from detr_ray.evaluation.inference import PREDICTION_SCHEMA, Predictor
 from detr_ray.model import build_model
 from detr_ray.train.loop import infer_val_part

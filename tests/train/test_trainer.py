@@ -13,7 +13,7 @@ import ray
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.config import experiment_from_dict
-from detr_ray.data.pipeline import resolve_shards
+from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.shards import read_shard_table
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
