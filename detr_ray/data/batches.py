@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from detr_ray.config import DataConfig
-from detr_ray.data.collate import _collate_rows, _Row, _rows, shape_group
+from detr_ray.data.collate import Row, collate_rows, image_rows, shape_group
 from detr_ray.data.decode import keep_freed_memory
 
 
@@ -117,17 +117,17 @@ class DetectionBatches:
     def _batches(self, rng: random.Random | None) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
         """Collated CPU batches of one pass; counts skipped and delivered images."""
         fill = max(self.shuffle_buffer, self.batch_size)
-        buffer: list[_Row] = []  # arrival order; drawn from at random when shuffling
-        groups: dict[Any, list[_Row]] = {}  # drawn rows waiting for a batch of their shape group
+        buffer: list[Row] = []  # arrival order; drawn from at random when shuffling
+        groups: dict[Any, list[Row]] = {}  # drawn rows waiting for a batch of their shape group
 
-        def draw() -> _Row:
+        def draw() -> Row:
             if rng is None:
                 return buffer.pop(0)
             j = rng.randrange(len(buffer))  # swap the drawn row with the last one, then pop it
             buffer[j], buffer[-1] = buffer[-1], buffer[j]
             return buffer.pop()
 
-        def place(row: _Row) -> list[_Row] | None:
+        def place(row: Row) -> list[Row] | None:
             key = shape_group(row.height, row.width) if self.group_shapes else None
             group = groups.setdefault(key, [])
             group.append(row)
@@ -137,7 +137,7 @@ class DetectionBatches:
             batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch_batches
         )
         for block in blocks:
-            rows, skipped = _rows(block)
+            rows, skipped = image_rows(block)
             self.skipped += skipped
             buffer += rows
             while len(buffer) >= fill:
@@ -153,9 +153,9 @@ class DetectionBatches:
             if len(rest) - k >= self.batch_size or not self.drop_last:
                 yield self._deliver(rest[k : k + self.batch_size])
 
-    def _deliver(self, rows: list[_Row]):
+    def _deliver(self, rows: list[Row]):
         self.images += len(rows)
-        return _collate_rows(rows)
+        return collate_rows(rows)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
         keep_freed_memory()  # a fresh batch buffer per batch: see there

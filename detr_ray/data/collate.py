@@ -22,10 +22,10 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from detr_ray.data.decode import _NO_PIXELS
+from detr_ray.data.decode import NO_PIXELS
 
 
-class _Row(NamedTuple):
+class Row(NamedTuple):
     """One decoded image, its pixels still a view into the Arrow block that holds them."""
 
     image_id: int
@@ -53,12 +53,12 @@ def _pixel_views(batch: Any) -> list[np.ndarray]:
         chunk = chunk.cast(pa.large_binary()) if chunk.type != pa.large_binary() else chunk
         _, offsets_buf, data_buf = chunk.buffers()
         offsets = np.frombuffer(offsets_buf, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else _NO_PIXELS
+        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else NO_PIXELS
         views += [data[offsets[i] : offsets[i + 1]] for i in range(len(chunk))]
     return views
 
 
-def _rows(batch: Any) -> tuple[list[_Row], int]:
+def image_rows(batch: Any) -> tuple[list[Row], int]:
     """(the rows that hold an image, the number of skipped rows) of a DECODED_SCHEMA batch (an
     Arrow table or a dict of numpy arrays). Pixels are not copied."""
     skipped = _column(batch, "skipped")
@@ -66,12 +66,12 @@ def _rows(batch: Any) -> tuple[list[_Row], int]:
         _column(batch, "image_id"), _pixel_views(batch), _column(batch, "height"), _column(batch, "width"),
         _column(batch, "orig_height"), _column(batch, "orig_width"), _column(batch, "boxes"), _column(batch, "labels"),
     )
-    rows = [_Row(int(i), px, int(h), int(w), int(oh), int(ow), b, lab)
+    rows = [Row(int(i), px, int(h), int(w), int(oh), int(ow), b, lab)
             for (i, px, h, w, oh, ow, b, lab), s in zip(columns, skipped) if not s]
     return rows, len(skipped) - len(rows)
 
 
-def _collate_rows(rows: list[_Row]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+def collate_rows(rows: list[Row]) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """Pads rows into (images, mask, targets): the one copy of each image's pixels."""
     max_h = max((r.height for r in rows), default=0)
     max_w = max((r.width for r in rows), default=0)
@@ -114,5 +114,5 @@ def shape_group(height: int, width: int) -> tuple[bool, int]:
 def collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """Pads a batch of decoded rows (an Arrow table or a dict of numpy arrays, DECODED_SCHEMA)
     into (images, mask, targets); skipped rows are left out."""
-    return _collate_rows(_rows(batch)[0])
+    return collate_rows(image_rows(batch)[0])
 

@@ -51,7 +51,7 @@ DECODED_SCHEMA = pa.schema(
 )
 
 
-_NO_PIXELS = np.zeros(0, dtype=np.uint8)  # the image of a skipped row
+NO_PIXELS = np.zeros(0, dtype=np.uint8)  # the image of a skipped row
 
 
 class ShardRowError(RuntimeError):
@@ -127,7 +127,7 @@ def decode_augment(
     paths = batch.column("path").to_pylist() if "path" in batch.column_names else ["?"] * batch.num_rows
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
 
-    def emit(image_id, image=_NO_PIXELS, size=(0, 0), orig=(0, 0), boxes=(), labels=(), skipped=False):
+    def emit(image_id, image=NO_PIXELS, size=(0, 0), orig=(0, 0), boxes=(), labels=(), skipped=False):
         out["image_id"].append(image_id)
         out["image"].append(image)
         out["height"].append(size[0])

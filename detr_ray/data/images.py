@@ -1,4 +1,4 @@
-"""Encoded image bytes -> pixels, one rule for conversion (shards.py) and training (pipeline.py).
+"""Encoded image bytes -> pixels, one rule for conversion (shards.py) and training (decode.py).
 
 - Size limit: `stored_size` reads only the header (Pillow), so an image declaring more pixels
   than a limit is refused before any pixel buffer is allocated; Pillow itself refuses more than

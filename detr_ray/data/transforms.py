@@ -121,7 +121,7 @@ class ScaleCropScale:
     resized once to the final size. Cheaper (no intermediate full-image resize) and sharper (one
     interpolation), and boxes follow the pixels exactly. The crop is made channels-last dense
     before resizing, so that the resize takes its fast uint8 path and the output stays HWC in
-    memory (see pipeline.py)."""
+    memory (see decode.py)."""
 
     def __init__(self, crop_scales, min_size: int, max_size: int, scales, max_long: int | None):
         self.crop_scales, self.min_size, self.max_size = list(crop_scales), min_size, max_size
@@ -160,7 +160,7 @@ def _plan_scale_crop(height, width, crop_scales, min_size, max_size, scales, max
 
 def _dense_hwc(image: Tensor) -> Tensor:
     """The same [..., 3, H, W] image, its memory made dense channels-last (HWC), so that the uint8
-    resize takes its fast path and its output stays HWC (see pipeline.py)."""
+    resize takes its fast path and its output stays HWC (see collate.py)."""
     return image.movedim(-3, -1).contiguous().movedim(-1, -3)
 
 
