@@ -15,10 +15,11 @@ both); images/s is the best pass of each, and the CPU time of all processes invo
 raylet, GCS and workers included for (a)) per delivered image is reported too, as it is less
 sensitive to other load. Writes benchmarks/results/data_pipeline.json with the CPU count.
 
-    python benchmarks/data_pipeline.py [--images 640] [--rounds 3] [--batch-size 8] [--no-ray-data-fixes]
+    python benchmarks/data_pipeline.py [--images 640] [--rounds 3] [--batch-size 8] [--no-scheduling-patch]
 
---no-ray-data-fixes runs (a) without detr_ray.data.ray_data_fixes (DETR_RAY_DATA_FIXES=0, set
-before Ray starts so that its worker processes inherit it): the ablation that measures them.
+--no-scheduling-patch (formerly --no-ray-data-fixes) runs (a) without
+detr_ray.data.ray_data_scheduling_patch (DETR_RAY_DATA_SCHEDULING_PATCH=0, set before Ray starts so
+that its worker processes inherit it): the ablation that measures it.
 """
 
 from __future__ import annotations
@@ -201,13 +202,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--decode-num-cpus", type=float, default=1.0, help="CPU reservation of one decode task")
-    p.add_argument("--no-ray-data-fixes", action="store_true",
-                   help="run (a) without detr_ray.data.ray_data_fixes (ablation)")
+    p.add_argument("--no-scheduling-patch", "--no-ray-data-fixes", dest="no_scheduling_patch", action="store_true",
+                   help="run (a) without detr_ray.data.ray_data_scheduling_patch (ablation; --no-ray-data-fixes: its former name)")
     args = p.parse_args(argv)
-    if args.no_ray_data_fixes:  # before anything imports the pipeline or starts Ray
-        from detr_ray.data import ray_data_fixes
+    if args.no_scheduling_patch:  # before anything imports the pipeline or starts Ray
+        from detr_ray.data import ray_data_scheduling_patch
 
-        os.environ[ray_data_fixes.ENV_SWITCH] = "0"
+        os.environ[ray_data_scheduling_patch.ENV_SWITCH] = "0"
     cpus = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
     cfg = TransformConfig.coco()
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_images(Path(tmp), args.images)
         print(f"{args.images} JPEGs, {cpus} CPUs, batch {args.batch_size}, {args.rounds} rounds, "
-              f"ray_data_fixes {'off' if args.no_ray_data_fixes else 'on'}")
+              f"ray_data_scheduling_patch {'off' if args.no_scheduling_patch else 'on'}")
         # DataLoader first, so that its workers are forks of this process and not of Ray's.
         passes = {"b": dataloader_pipeline(root, cfg, args.batch_size, cpus)}
         passes["a"] = ray_pipeline(root, cfg, args.batch_size, cpus, args.decode_num_cpus)
@@ -238,9 +239,9 @@ def main(argv=None) -> int:
           f"{cpu_ms['b']:.1f} CPU-ms/image (median)")
     print(f"ratio (a)/(b): {ratio:.2f}x images/s, {cpu_ms['b'] / cpu_ms['a']:.2f}x CPU efficiency")
     dataloader, pipeline = best["b"], best["a"]
-    from detr_ray.data import ray_data_fixes
+    from detr_ray.data import ray_data_scheduling_patch
 
-    ray_data_fixes_in_place = ray_data_fixes.installed()
+    ray_data_scheduling_patch_in_place = ray_data_scheduling_patch.installed()
 
     import ray
     import torchvision
@@ -257,8 +258,8 @@ def main(argv=None) -> int:
         "batch_size": args.batch_size,
         "timed_rounds": args.rounds,
         "transforms": "DETR COCO train recipe (TransformConfig.coco())",
-        "ray_data_fixes": not args.no_ray_data_fixes,
-        "ray_data_fixes_in_place": ray_data_fixes_in_place,  # as found in this driver after the runs
+        "ray_data_scheduling_patch": not args.no_scheduling_patch,
+        "ray_data_scheduling_patch_in_place": ray_data_scheduling_patch_in_place,  # as found in this driver after the runs
         "ray_data_pipeline_images_per_s": round(pipeline, 2),
         "torch_dataloader_pil_images_per_s": round(dataloader, 2),
         "ratio": round(ratio, 3),

@@ -78,8 +78,8 @@ class DetectionBatches:
     background thread, `prefetch_batches` batches ahead.
 
     After (or during) a pass, `skipped` is the number of corrupt images skipped in that pass and
-    `images` the number delivered. Both count this worker's part only: sum them over the workers
-    for the epoch's totals. Batches are full except the last of a pass (dropped with
+    `delivered` the number of images delivered. Both count this worker's part only: sum them over
+    the workers for the epoch's totals. Batches are full except the last of a pass (dropped with
     `drop_last`). Tensors are moved to `device` (non_blocking; targets' tensors too).
 
         batches = DetectionBatches.from_config(ray.train.get_dataset_shard("train"), cfg, train=True)
@@ -97,7 +97,7 @@ class DetectionBatches:
     prefetch_batches: int = 2
     device: str | torch.device = "cpu"
     skipped: int = field(default=0, init=False)
-    images: int = field(default=0, init=False)
+    delivered: int = field(default=0, init=False)
     _passes: int = field(default=0, init=False, repr=False)
 
     @classmethod
@@ -154,13 +154,13 @@ class DetectionBatches:
                 yield self._deliver(rest[k : k + self.batch_size])
 
     def _deliver(self, rows: list[Row]):
-        self.images += len(rows)
+        self.delivered += len(rows)
         return collate_rows(rows)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, list[dict[str, Any]]]]:
         keep_freed_memory()  # a fresh batch buffer per batch: see there
         self.skipped = 0
-        self.images = 0
+        self.delivered = 0
         self._passes += 1
         rng = None
         if self.shuffle_buffer:

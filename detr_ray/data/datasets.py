@@ -34,9 +34,9 @@ first batch of an epoch came after 0.9-1.5 s and only ~1.5 cores were busy):
   had separate CPU reservations, and one decode task ran until every read had finished.
 - decoded output blocks of OUTPUT_BLOCK_BYTES (16 MiB, not Ray's 128 MiB): a task hands its first
   rows over after one decode batch instead of after most of its block.
-- ray_data_fixes: an execution's resource limits arrive at its first scheduling steps instead of
-  after one second (until then Ray Data 2.60 runs one task at a time), and a finished task's CPU
-  goes to the next task at once instead of at the scheduling loop's 0.1 s timeout.
+- ray_data_scheduling_patch: an execution's resource limits arrive at its first scheduling steps
+  instead of after one second (until then Ray Data 2.60 runs one task at a time), and a finished
+  task's CPU goes to the next task at once instead of at the scheduling loop's 0.1 s timeout.
 - no copy of the pixels in the decode task (one Arrow chunk per image), and glibc keeps freed
   buffers (`keep_freed_memory`) in decoding and batching processes instead of faulting in fresh
   zeroed pages for every image and batch.
@@ -49,7 +49,7 @@ from __future__ import annotations
 from typing import Any
 
 from detr_ray.config import DataConfig
-from detr_ray.data import ray_data_fixes
+from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.data.decode import READ_COLUMNS, decode_blocks
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import TransformConfig
@@ -74,7 +74,7 @@ def detection_dataset(
     import ray.data
     from ray.data import DataContext, FileShuffleConfig
 
-    ray_data_fixes.install()
+    ray_data_scheduling_patch.install()
     meta = read_meta(shards_uri)
     augment.validate()
     rows = sum(s["rows"] for s in meta.shards)

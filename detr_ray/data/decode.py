@@ -11,9 +11,9 @@ Each image's augmentation is drawn from (seed, epoch, image id) when the dataset
 and glibc keeps freed buffers (`keep_freed_memory`) in decoding and batching processes instead
 of faulting in fresh zeroed pages for every image and batch.
 
-Importing this module in a process with Ray Data loaded installs ray_data_fixes: Ray Train's
-SplitCoordinator imports it when it unpickles a dataset (decode_blocks lives here), and it runs
-the executions of `get_dataset_shard`.
+Importing this module in a process with Ray Data loaded installs ray_data_scheduling_patch: Ray
+Train's SplitCoordinator imports it when it unpickles a dataset (decode_blocks lives here), and
+it runs the executions of `get_dataset_shard`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from detr_ray.data import ray_data_fixes
+from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.data.images import decode_rgb
 from detr_ray.data.transforms import DetectionTransform, TransformConfig
 
@@ -197,5 +197,5 @@ def _large_binary(arrays: list[np.ndarray]) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=pa.large_binary())
 
 
-if "ray.data" in sys.modules:  # a process that may run executions (see ray_data_fixes)
-    ray_data_fixes.install()
+if "ray.data" in sys.modules:  # a process that may run executions (see ray_data_scheduling_patch)
+    ray_data_scheduling_patch.install()

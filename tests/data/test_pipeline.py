@@ -147,7 +147,7 @@ def test_train_epochs_deliver_every_good_image_once_and_count_the_corrupt_one(sh
                 assert ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all() and t["boxes"].shape == (len(t["labels"]), 4)
                 seen.append(t["image_id"])
         assert sorted(seen) == [100, 101, 102, 104, 105]
-        assert batches.skipped == 1 and batches.images == 5
+        assert batches.skipped == 1 and batches.delivered == 5
     # the read and the decode ran as one task per block (see the pipeline's docstring)
     assert "ReadParquet->MapBatches(decode_blocks)" in ds.stats()
 
@@ -207,10 +207,10 @@ def test_detection_batches_order_shuffle_batch_sizes_and_pixels(ray_local):
     # no shuffle buffer: arrival order, full batches but the last, the skipped row counted
     in_order = DetectionBatches(ds, batch_size=3)
     ids, sizes = one_pass(in_order)
-    assert ids == sorted(expected) and sizes == [3] * 13 and in_order.skipped == 1 and in_order.images == 39
+    assert ids == sorted(expected) and sizes == [3] * 13 and in_order.skipped == 1 and in_order.delivered == 39
     dropped = DetectionBatches(ds, batch_size=5, drop_last=True)
     ids, sizes = one_pass(dropped)
-    assert ids == sorted(expected)[:35] and sizes == [5] * 7 and dropped.images == 35
+    assert ids == sorted(expected)[:35] and sizes == [5] * 7 and dropped.delivered == 35
 
     # shuffle buffer: every image once per pass, a different order each pass, reproducible by seed
     shuffled = DetectionBatches(ds, batch_size=4, shuffle_buffer=16, shuffle_seed=7)
@@ -248,7 +248,7 @@ def test_shape_groups_batch_one_orientation_and_size_together(ray_local):
         batches = DetectionBatches(ds, batch_size=4, shuffle_buffer=8, shuffle_seed=1, group_shapes=group_shapes)
         out = [(images.shape, [tuple(t["size"].tolist()) for t in targets], [t["image_id"] for t in targets])
                for images, _, targets in batches]
-        assert batches.skipped == 1 and batches.images == 39
+        assert batches.skipped == 1 and batches.delivered == 39
         return out
 
     grouped, mixed = one_pass(True), one_pass(False)

@@ -1,4 +1,5 @@
-"""Two fixes for Ray Data 2.60's scheduling on small machines, installed by detr_ray.data.pipeline.
+"""A patch of Ray Data 2.60's internals that makes its scheduling prompt on small machines: two
+fixes, installed when a dataset is built (datasets.py) and when decode.py is imported.
 
 1. Prompt resource limits at the start of every execution. What happens without it: a
 streaming execution learns the resources it may use from Ray Data's autoscaling coordinator (an
@@ -25,15 +26,16 @@ still waits the full timeout, so an idle loop costs no more than before. A wait 
 timeout is passed to Ray unchanged: it returns `num_returns` ready refs, as `ray.wait` promises.
 
 Both must be installed in the process that runs the execution: the driver for a plain dataset
-iteration, Ray Train's SplitCoordinator actor for `get_dataset_shard`. pipeline.py installs them
-when it is imported in a process that has Ray Data loaded; the coordinator imports pipeline.py
+iteration, Ray Train's SplitCoordinator actor for `get_dataset_shard`. decode.py installs them
+when it is imported in a process that has Ray Data loaded; the coordinator imports decode.py
 when it unpickles the dataset (decode_blocks lives there), so it is covered too.
 
 Both rely on Ray Data internals (checked for Ray 2.60). A Ray whose internals differ is left
 alone, with a WARNING naming the Ray version and the fix that did not apply; the pipeline still
-works, at Ray's own pace. `DETR_RAY_DATA_FIXES=0` turns both off (to measure them, or to rule
-them out); set it where Ray's workers see it too (their environment or the job's runtime_env
-env_vars), since the Train coordinator installs them in its own process.
+works, at Ray's own pace. `DETR_RAY_DATA_SCHEDULING_PATCH=0` turns both off (to measure them, or
+to rule them out; the older name `DETR_RAY_DATA_FIXES=0` works too); set it where Ray's workers see
+it too (their environment or the job's runtime_env env_vars), since the Train coordinator installs
+them in its own process.
 """
 
 from __future__ import annotations
@@ -46,18 +48,21 @@ import time
 logger = logging.getLogger(__name__)
 
 PROMPT_WINDOW_S = 5.0
-ENV_SWITCH = "DETR_RAY_DATA_FIXES"  # "0", "false", "off" or "no": install nothing
+ENV_SWITCH = "DETR_RAY_DATA_SCHEDULING_PATCH"  # "0", "false", "off" or "no": install nothing
+OLD_ENV_SWITCH = "DETR_RAY_DATA_FIXES"  # the same switch under its former name, still honoured
 _INSTALLED_FLAG = "_detr_ray_prompt_limits"
 _warned: set[str] = set()
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    """False when ENV_SWITCH (or, when that is unset, OLD_ENV_SWITCH) says off."""
+    value = os.environ.get(ENV_SWITCH, os.environ.get(OLD_ENV_SWITCH, "1"))
+    return value.strip().lower() not in ("0", "false", "off", "no")
 
 
 def install() -> bool:
     """Installs both fixes (once per process). Returns whether both are in place: False when
-    turned off by DETR_RAY_DATA_FIXES=0, or when Ray's internals differ from the expected ones
+    turned off by DETR_RAY_DATA_SCHEDULING_PATCH=0, or when Ray's internals differ from the expected ones
     (then Ray is left alone and a WARNING says which fix did not apply)."""
     if not enabled():
         return False
@@ -80,7 +85,7 @@ def _cannot_install(fix: str, why: str) -> bool:
         import ray
 
         logger.warning(
-            "detr_ray ray_data_fixes: %s not installed on Ray %s (%s); Ray Data runs at its own pace "
+            "detr_ray.data.ray_data_scheduling_patch: %s not installed on Ray %s (%s); Ray Data runs at its own pace "
             "(written for Ray 2.60; %s=0 silences this)", fix, ray.__version__, why, ENV_SWITCH,
         )
     return False

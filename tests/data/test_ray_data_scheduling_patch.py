@@ -1,7 +1,8 @@
-"""ray_data_fixes: an execution uses its CPUs from its start (not after Ray Data's first
+"""ray_data_scheduling_patch: an execution uses its CPUs from its start (not after Ray Data's first
 one-second refresh of its resource limits), and a finished task's CPU goes to the next task at
 once (not at the scheduling loop's 0.1 s timeout). ray.wait's contract holds; a Ray the fixes do
-not fit gets a WARNING; DETR_RAY_DATA_FIXES=0 turns them off."""
+not fit gets a WARNING; DETR_RAY_DATA_SCHEDULING_PATCH=0 (or its former name,
+DETR_RAY_DATA_FIXES=0) turns them off."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import ray
 import ray.data
 
-from detr_ray.data import ray_data_fixes
+from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.local_ray import init as init_local_ray
 
 TASK_S = 0.3
@@ -53,7 +54,7 @@ def _run_tasks(n: int = 6):
 
 @pytest.mark.timeout(180)
 def test_an_execution_runs_tasks_on_every_cpu_from_its_start(ray_two_cpus):
-    assert ray_data_fixes.install() and ray_data_fixes.install()  # idempotent
+    assert ray_data_scheduling_patch.install() and ray_data_scheduling_patch.install()  # idempotent
     _run_tasks()  # warm-up: worker processes and imports
     starts, gaps = _run_tasks()
     # Without the fix Ray Data's budget is zero until the first refresh (1 s), so tasks run one
@@ -65,7 +66,7 @@ def test_an_execution_runs_tasks_on_every_cpu_from_its_start(ray_two_cpus):
 
 @pytest.mark.timeout(180)
 def test_a_finished_tasks_cpu_goes_to_the_next_task_at_once(ray_two_cpus):
-    assert ray_data_fixes.install()
+    assert ray_data_scheduling_patch.install()
     _, gaps = _run_tasks(10)
     # Without the fix, a task ending while the other still runs is seen at the 0.1 s timeout
     # and the next one starts a step or two later (0.1-0.3 s); with it, in a few ms.
@@ -83,9 +84,9 @@ def _sleep(seconds: float) -> float:
 def test_the_patched_wait_keeps_ray_waits_contract(ray_two_cpus):
     from ray.data._internal.execution import streaming_executor_state as state
 
-    assert ray_data_fixes.install()
+    assert ray_data_scheduling_patch.install()
     patched = state.ray
-    assert isinstance(patched, ray_data_fixes._PromptWait)
+    assert isinstance(patched, ray_data_scheduling_patch._PromptWait)
     ray.get([_sleep.remote(0) for _ in range(3)])  # warm workers: the durations below are the tasks'
     # No timeout: blocks until num_returns refs are ready, however staggered.
     refs = [_sleep.remote(s) for s in (1.2, 0.05, 0.6)]
@@ -103,15 +104,15 @@ def test_a_ray_the_fixes_do_not_fit_gets_a_warning_naming_its_version(monkeypatc
     from ray.data._internal.execution import streaming_executor_state as state
     from ray.data._internal.execution.resource_manager import ResourceManager
 
-    monkeypatch.setattr(ray_data_fixes, "_warned", set(), raising=False)  # warned once per process
-    monkeypatch.delattr(ResourceManager, ray_data_fixes._INSTALLED_FLAG, raising=False)
+    monkeypatch.setattr(ray_data_scheduling_patch, "_warned", set(), raising=False)  # warned once per process
+    monkeypatch.delattr(ResourceManager, ray_data_scheduling_patch._INSTALLED_FLAG, raising=False)
     monkeypatch.delattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S")
     monkeypatch.setattr(state, "ray", ray)
     monkeypatch.delattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S")
     original = ResourceManager.get_global_limits
-    with caplog.at_level(logging.WARNING, logger=ray_data_fixes.__name__):
-        assert not ray_data_fixes.install()
-        assert not ray_data_fixes.install()
+    with caplog.at_level(logging.WARNING, logger=ray_data_scheduling_patch.__name__):
+        assert not ray_data_scheduling_patch.install()
+        assert not ray_data_scheduling_patch.install()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings  # one per fix, not one per dataset
     for fix, message in zip(("prompt resource limits", "prompt task completion"), warnings):
@@ -135,5 +136,7 @@ def test_the_environment_switch_installs_nothing():
                              text=True, timeout=100, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    assert patched(DETR_RAY_DATA_FIXES="1") == ["_PromptWait", True]
-    assert patched(DETR_RAY_DATA_FIXES="0") == ["module", False]
+    assert patched(DETR_RAY_DATA_SCHEDULING_PATCH="1") == ["_PromptWait", True]
+    assert patched(DETR_RAY_DATA_SCHEDULING_PATCH="0") == ["module", False]
+    assert patched(DETR_RAY_DATA_FIXES="0") == ["module", False]  # the former name
+    assert patched(DETR_RAY_DATA_FIXES="0", DETR_RAY_DATA_SCHEDULING_PATCH="1") == ["_PromptWait", True]  # the new name wins
