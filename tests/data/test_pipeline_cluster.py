@@ -10,6 +10,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from detr_ray.data.pipeline import DetectionBatches, train_dataset
 from tests.data.conftest import AUGMENT, CORRUPT_ID, make_shards
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def cluster():

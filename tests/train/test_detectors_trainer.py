@@ -80,6 +80,7 @@ def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
     assert json.loads(paths["report.json"].read_text())["efficiency"]["arch"] == ARCH
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(400)
 def test_a_sweep_chooses_between_detr_and_a_torchvision_detector(demo_root, tmp_path):
     experiment = _experiment(demo_root, max_steps_per_epoch=2, cpus_per_worker=0.5)

@@ -143,6 +143,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(600)
 def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ray, tmp_path):
     root = tmp_path / "demo"
