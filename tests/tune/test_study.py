@@ -66,7 +66,10 @@ def _run(space, name: str, storage: Path, **kwargs):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, Ray Train's PlacementGroupCleaner sees (state API) that a finished trial's
+    # controller is gone and frees its placement group at once; without it the group waits for the
+    # sweep's watch (RELEASE_GRACE_S, 20 s), and on 2 CPUs the next trial waits with it.
+    init_local_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
