@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: venv test tune clean
+.PHONY: venv test test-fast tune clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The inner loop: everything but the multi-node cluster, the sweeps and end-to-end scripts, and the
+# fault suite (pyproject.toml's markers); `make test` (CI) runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not (cluster or sweep or faults or slow)"
 
 clean:
 	rm -rf $(VENV)

@@ -33,6 +33,7 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 pytestmark = [
+    pytest.mark.cluster,
     pytest.mark.timeout(900),
     pytest.mark.skipif(not (BIN / "ray").exists() or not (shutil.which("setsid") and shutil.which("pgrep")),
                        reason="needs the venv's ray, setsid and pgrep"),

@@ -11,6 +11,8 @@ from detr_ray.data.batches import DetectionBatches
 from detr_ray.data.datasets import train_dataset
 from tests.data.conftest import AUGMENT, CORRUPT_ID, make_shards
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -14,7 +14,7 @@ import pytest
 
 from tests.faults.conftest import assert_survived
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """

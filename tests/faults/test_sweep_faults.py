@@ -7,6 +7,8 @@ import pytest
 from tests.faults.conftest import assert_survived
 from tests.faults.scenarios import KILL_POINTS, driver_kill, node_loss, two_node_cluster
 
+pytestmark = pytest.mark.faults
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)

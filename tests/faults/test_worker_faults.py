@@ -8,7 +8,7 @@ from detr_ray.local_ray import init as init_local_ray
 from tests.faults.conftest import assert_survived
 from tests.faults.scenarios import truncated_checkpoint, worker_sigkill
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -18,6 +18,8 @@ from detr_ray.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its own Ray
+
 
 def _train(args, cwd, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

@@ -22,6 +22,8 @@ from detr_ray.train import checkpoint as ckpt
 from detr_ray.tune.study import open_storage
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its own Ray
 SPACE = {
     "experiment": {
         "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
@@ -44,8 +46,12 @@ def _checkpoints(exp_dir: Path) -> int:
     return len(list(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")))
 
 
-@pytest.mark.timeout(900)
-def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(tmp_path):
+@pytest.fixture(scope="module")
+def killed_sweep(tmp_path_factory):
+    """The sweep of SPACE killed with SIGKILL once a trial has checkpointed, then run again to the
+    end (the restore test below goes on with the same experiment rather than running a sweep of
+    its own: each sweep costs minutes on 2 cores)."""
+    tmp_path = tmp_path_factory.mktemp("kill-test")
     data = tmp_path / "demo"
     ensure_demo_shards(data, num_train=32, num_val=16)
     space = tmp_path / "space.yaml"
@@ -74,6 +80,13 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(tmp_path):
             pass
 
     second = subprocess.run(_command(space, data, storage), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    return {"dir": tmp_path, "space": space, "data": data, "storage": storage, "env": env, "saved": saved, "second": second}
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(killed_sweep):
+    second, saved = killed_sweep["second"], killed_sweep["saved"]
+    exp_dir = killed_sweep["storage"] / "kill-test"
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming sweep" in second.stdout
 
@@ -116,24 +129,15 @@ def test_invalid_space_is_refused_before_ray_starts(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(tmp_path):
-    data = tmp_path / "demo"
-    ensure_demo_shards(data, num_train=16, num_val=8)
-    small = copy.deepcopy(SPACE)
-    small["experiment"]["train"].update(epochs=1, max_steps_per_epoch=1)
-    small["scheduler"]["num_samples"] = 1
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(small))
-    storage = tmp_path / "sweeps"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = _command(space, data, storage)
-
-    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(killed_sweep):
+    tmp_path, space, storage, env = killed_sweep["dir"], killed_sweep["space"], killed_sweep["storage"], killed_sweep["env"]
+    command = _command(space, killed_sweep["data"], storage)
+    assert killed_sweep["second"].returncode == 0, "the sweep to restore did not finish"
     record = (storage / "kill-test" / "detr_ray_sweep.json").read_bytes()
 
-    small["search"]["train.lr"] = {"loguniform": [1.0e-5, 1.0e-2]}
-    space.write_text(yaml.safe_dump(small))
+    changed_space = copy.deepcopy(SPACE)
+    changed_space["search"]["train.lr"] = {"loguniform": [1.0e-5, 1.0e-2]}
+    space.write_text(yaml.safe_dump(changed_space))
     changed = [*command, "--set", "train.weight_decay=0.0", "--grace-period", "2"]
     refused = subprocess.run(changed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
@@ -149,4 +153,4 @@ def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(tmp_pat
     assert "resuming sweep" in as_stored.stdout
     trials = json.loads((storage / "kill-test" / "trials.json").read_text())
     assert trials["search"]["train.lr"] == {"loguniform": [1.0e-5, 1.0e-3]}  # summarized with the stored space
-    assert len(trials["trials"]) == 1
+    assert len(trials["trials"]) == SPACE["scheduler"]["num_samples"]

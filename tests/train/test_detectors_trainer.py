@@ -34,7 +34,10 @@ def demo_root(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, Ray Train's PlacementGroupCleaner sees (state API) that a finished trial's
+    # controller is gone and frees its placement group at once; without it the group waits for the
+    # sweep's watch (RELEASE_GRACE_S, 20 s), and on 2 CPUs the next trial waits with it.
+    init_local_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -80,6 +83,7 @@ def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
     assert json.loads(paths["report.json"].read_text())["efficiency"]["arch"] == ARCH
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(400)
 def test_a_sweep_chooses_between_detr_and_a_torchvision_detector(demo_root, tmp_path):
     experiment = _experiment(demo_root, max_steps_per_epoch=2, cpus_per_worker=0.5)

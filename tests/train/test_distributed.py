@@ -70,6 +70,7 @@ class TestOneNode:
             torch.testing.assert_close(out[2][name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.cluster
 class TestTwoNodes:
     @pytest.fixture(scope="class", autouse=True)
     def two_node_cluster(self):

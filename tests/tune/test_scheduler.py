@@ -57,6 +57,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_a_restored_sweep_stops_the_trial_its_rungs_stop(local_ray, tmp_path):
     marker = tmp_path / "driver.pid"

@@ -66,7 +66,10 @@ def _run(space, name: str, storage: Path, **kwargs):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, Ray Train's PlacementGroupCleaner sees (state API) that a finished trial's
+    # controller is gone and frees its placement group at once; without it the group waits for the
+    # sweep's watch (RELEASE_GRACE_S, 20 s), and on 2 CPUs the next trial waits with it.
+    init_local_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -92,6 +95,7 @@ def first(local_ray, data, tmp_path_factory):
             "storage": storage, "data": data, "missing": missing}
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(600)
 def test_the_study_records_every_trial_with_its_state(first):
     exp_dir, rows = first["dir"], first["rows"]
@@ -130,6 +134,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(120)
 def test_optuna_dashboard_serves_the_study(first):
     journal = first["dir"] / study.JOURNAL
@@ -156,6 +161,7 @@ def test_optuna_dashboard_serves_the_study(first):
         server.wait(timeout=30)
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_a_restored_sweep_continues_its_study_without_duplicates(first):
     again = build_sweep(first["space"], name="first", storage_path=str(first["storage"]))
@@ -198,6 +204,7 @@ def test_a_trial_proposed_after_the_last_saved_state_is_not_left_running(tmp_pat
     assert trials["lost"].state == TrialState.FAIL and trials["lost"].user_attrs["lost_in_restore"]
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_warm_start_seeds_the_new_study_with_the_trials_inside_its_space(first, tmp_path):
     rows = first["rows"]
@@ -233,6 +240,7 @@ def test_warm_start_seeds_the_new_study_with_the_trials_inside_its_space(first, 
     assert seeded[-1].user_attrs[study.TUNE_ID] == new_rows[0]["trial"] and seeded[-1].state == TrialState.COMPLETE
 
 
+@pytest.mark.sweep
 def test_several_objectives_give_a_pareto_front_chosen_by_a_rule(first, tmp_path):
     rows = first["rows"]
     finished = [r for r in rows if r["status"] == "completed"]
@@ -282,6 +290,7 @@ def test_choosing_from_a_front():
             pareto.choose(entries, rule, objectives)
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_the_evaluation_report_shows_the_sweep(first, tmp_path):
     spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py")

@@ -138,11 +138,15 @@ def test_best_checkpoint_is_the_best_that_verifies_on_any_storage(tmp_path, wher
 @pytest.fixture(scope="module")
 def local_ray():
     # Two trials at once on 2 CPUs: each holds a 0.5-CPU worker, 0.25 CPU of Ray Data, its driver.
-    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, Ray Train's PlacementGroupCleaner sees (state API) that a finished trial's
+    # controller is gone and frees its placement group at once; without it the group waits for the
+    # sweep's watch (RELEASE_GRACE_S, 20 s), and on 2 CPUs the next trial waits with it.
+    init_local_ray(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield
     ray.shutdown()
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(600)
 def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ray, tmp_path):
     root = tmp_path / "demo"
