@@ -24,9 +24,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "results" / "README.md"]
-# `detr-ray NAME` runs scripts/SCRIPT.py
-CONSOLE = {"prepare": "prepare_coco", "train": "train", "tune": "tune", "evaluate": "evaluate",
-           "serve": "serve", "export": "export"}
+
+
+def _console() -> dict[str, str]:
+    """`detr-ray NAME` -> the SCRIPT of scripts/SCRIPT.py that runs the same program: the console
+    command's own table where it exists."""
+    try:
+        from detr_ray.cli.main import COMMANDS
+    except ImportError:
+        return {"prepare": "prepare_coco", "train": "train", "tune": "tune", "evaluate": "evaluate",
+                "serve": "serve", "export": "export"}
+    return {name: module for name, (module, _) in COMMANDS.items()}
+
+
+CONSOLE = _console()
 REPO_PREFIXES = ("scripts/", "benchmarks/", "search_spaces/", "detr_ray/", "tests/", "docs/")
 REPO_FILES = ("cluster.yaml", "environment.yml", "requirements.txt", "Makefile", "pyproject.toml")
 SHELL_LANGS = ("", "sh", "bash", "shell")
