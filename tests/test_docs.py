@@ -368,3 +368,38 @@ def test_relative_links_lead_somewhere():
 def test_the_checker_refuses_what_is_wrong(words):
     with pytest.raises(DocError):
         check_command(words)
+
+
+def test_files_the_pages_name_exist():
+    """`detr_ray/data/images.py`, `tests/faults/`, ...: a file or folder of this repository named
+    in the text exists, so a rename cannot leave the pages behind."""
+    failures = []
+    for page in PAGES:
+        for name in re.findall(r"`((?:detr_ray|scripts|benchmarks|tests|search_spaces|docs)/[\w./-]*)`", page.read_text()):
+            if not (ROOT / name).exists():
+                failures.append(f"{_rel(page)}: `{name}` does not exist")
+    assert not failures, "\n".join(failures)
+
+
+def test_the_package_layout_is_the_package():
+    """docs/architecture.md's tree of detr_ray/ lists modules and folders that exist, and every
+    module of the package is in it."""
+    block = next(body for lang, body, _ in fenced_blocks(ROOT / "docs" / "architecture.md")
+                 if lang == "text" and body.startswith("detr_ray/\n"))
+    listed, stack = set(), []
+    for line in block.splitlines():
+        m = re.match(r"^( *)([\w.]+/?)(?:\s{2,}|$)", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 2
+        stack = stack[:depth] + [m.group(2).rstrip("/")]
+        if depth == 0 and stack[0] != "detr_ray":
+            continue
+        listed.add("/".join(stack))
+    listed = {p for p in listed if p.startswith("detr_ray")}
+    missing = sorted(p for p in listed if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md lists what does not exist: {missing}"
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "detr_ray").rglob("*.py") if p.name != "__init__.py"}
+    # detr_ray/cli/ is listed as a folder: its modules are the commands
+    unlisted = sorted(m for m in modules if m not in listed and not m.startswith("detr_ray/cli/"))
+    assert not unlisted, f"modules missing from docs/architecture.md's package layout: {unlisted}"
