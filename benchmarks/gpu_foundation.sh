@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The foundation's GPU check, run once on the lent GPU machine (see README "Benchmarks"):
+# The foundation's GPU check, run once on the lent GPU machine (results: benchmarks/results/README.md):
 #   run: bash benchmarks/gpu_foundation.sh    (writes under $OUT)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}

@@ -24,7 +24,7 @@ BASE="${DETR_RAY_CLUSTER_PORT_BASE:-24000}"
 HEAD_CPUS="${DETR_RAY_CLUSTER_HEAD_CPUS:-1}"
 # Logical CPUs, not this machine's cores. 1 on the head: Train workers of >= 1 CPU cannot land
 # there (the drivers hold a sliver of it). 3 per worker: two trials of two 1-CPU Train workers
-# (README, "Rehearsal on one machine") run at once and need both worker nodes.
+# (docs/cluster.md, "Rehearsal on one machine") run at once and need both worker nodes.
 WORKER_CPUS="${DETR_RAY_CLUSTER_WORKER_CPUS:-3}"
 NUM_WORKERS=2
 OBJECT_STORE_BYTES=$((1024 * 1024 * 1024))   # per node; Ray's default (30% of RAM each) is too greedy here

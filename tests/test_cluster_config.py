@@ -181,7 +181,7 @@ def test_files_named_in_commands_exist_and_are_not_filtered_out(config):
         assert path.exists(), f"a command uses {PROJECT_ON_NODE}/{rel}, missing from the repository"
         assert not _git_ignored(path), f"{rel} is git-ignored, so rsync_filter keeps it off the nodes"
     for script in ("scripts/tune.py", "scripts/prepare_coco.py", "pyproject.toml"):
-        # what the README runs on the cluster must be shipped too, once it exists
+        # what docs/cluster.md runs on the cluster must be shipped too, once it exists
         if (ROOT / script).exists():
             assert not _git_ignored(ROOT / script), script
 
@@ -280,15 +280,14 @@ def test_drivers_pinned_to_an_on_demand_head_and_gpu_workers_autoscale(config):
     assert config["idle_timeout_minutes"] > 0
 
 
-# --- README: "Running on a cluster" --------------------------------------------------------------
+# --- docs/cluster.md: "Running on a cluster" ------------------------------------------------------
 
 
 def readme_cluster_commands() -> list[list[str]]:
-    """The shell commands of README's "Running on a cluster" section, as argv lists: every code
-    block but the JSON ones, continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    assert "\n## Running on a cluster\n" in text
-    section = text.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    """The shell commands of docs/cluster.md, as argv lists: every code block but the JSON ones,
+    continuation lines joined, comments dropped."""
+    section = (ROOT / "docs" / "cluster.md").read_text()
+    assert section.startswith("# Running on a cluster\n")
     commands = []
     for fence in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", section, flags=re.S | re.M):
         lang, block = fence.group(2), fence.group(3)
@@ -311,25 +310,25 @@ def _ray_cli_parse(args: list[str]) -> None:
         assert args, f"ray {name}: no sub-command"
         name, args = args[0], args[1:]
         command = command.get_command(click.Context(command), name)
-        assert command is not None, f"README: `ray ... {name}` is not a ray sub-command"
+        assert command is not None, f"docs/cluster.md: `ray ... {name}` is not a ray sub-command"
     command.make_context(name, list(args))
 
 
 def _script_parse(path: str, args: list[str]):
-    """The script's own argparse result for ARGS (README's `python scripts/X.py ARGS`)."""
+    """The script's own argparse result for ARGS (docs/cluster.md's `python scripts/X.py ARGS`)."""
     spec = importlib.util.spec_from_file_location("readme_" + Path(path).stem, ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
         return module, module.parse_args(args)
     except SystemExit as e:
-        pytest.fail(f"README: python {path} {' '.join(args)}: refused by its argument parser ({e})")
+        pytest.fail(f"docs/cluster.md: python {path} {' '.join(args)}: refused by its argument parser ({e})")
 
 
 def test_readme_cluster_commands_match_the_real_command_lines(monkeypatch):
     """Every `ray ...`, `python scripts/...` and `scripts/local_cluster.sh ...` command of the
     section parses with the real CLIs, and the section walks through the whole procedure."""
-    monkeypatch.chdir(ROOT)  # the README's commands run from the repository root
+    monkeypatch.chdir(ROOT)  # the page's commands run from the repository root
     seen = set()
     for words in readme_cluster_commands():
         if words[0] == "ray":
@@ -355,7 +354,7 @@ def test_readme_cluster_commands_match_the_real_command_lines(monkeypatch):
 
 
 def test_readme_rehearsal_is_the_sweep_the_local_cluster_test_runs():
-    """tests/test_local_cluster.py submits README's rehearsal command; it must be a tiny sweep."""
+    """tests/test_local_cluster.py submits docs/cluster.md's rehearsal command; it must be a tiny sweep."""
     submit = [w for w in readme_cluster_commands() if w[:3] == ["ray", "job", "submit"] and "/tmp/detr-ray-rehearsal" in w]
     assert len(submit) == 1, submit
     words = submit[0]
@@ -365,20 +364,19 @@ def test_readme_rehearsal_is_the_sweep_the_local_cluster_test_runs():
 
 
 def test_readme_cost_section():
-    text = (ROOT / "README.md").read_text()
-    cost = text.split("\n### Cost\n", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    cost = text.split("\n## Cost\n", 1)[1].split("\n## ", 1)[0]
     assert re.search(r"GPU-h(ours)? per trial", cost) and "ASHA" in cost
 
 
-# --- README: IAM ---------------------------------------------------------------------------------
+# --- docs/cluster.md: IAM ------------------------------------------------------------------------
 
 WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
 
 
 def readme_policies() -> dict[str, list[dict]]:
-    """README's IAM policies: {"worker": statements, "head": the worker's + the head's extra}."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    """docs/cluster.md's IAM policies: {"worker": statements, "head": the worker's + the head's extra}."""
+    section = (ROOT / "docs" / "cluster.md").read_text()
     blocks = [json.loads(m.group(2)) for m in re.finditer(r"^( *)```json\n(.*?)^\1```", section, flags=re.S | re.M)]
     worker = [b for b in blocks if any("s3:ListBucket" in json.dumps(s) for s in b["Statement"])]
     head = [b for b in blocks if any("ec2:RunInstances" in json.dumps(s) for s in b["Statement"])]

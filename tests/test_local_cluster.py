@@ -72,11 +72,11 @@ class LocalCluster:
             DETR_RAY_CLUSTER_DIR=os.path.join(self.dir, "cluster"),
             DETR_RAY_CLUSTER_PORT_BASE=str(self.base),
             RAY_BIN=RAY,
-            # The README's sweep uses the default demo data: generated here, not in ~/.cache.
+            # The rehearsal sweep of docs/cluster.md uses the default demo data: generated here, not in ~/.cache.
             # (The nodes, and so the jobs, inherit this environment.)
             DETR_RAY_DEMO_DIR=os.path.join(self.dir, "demo-default"),
         )
-        # The CPUs are the script's defaults, as in the README: head 1, each worker 3.
+        # The CPUs are the script's defaults, as in docs/cluster.md: head 1, each worker 3.
         self.script_env = env
         self.env = dict(env)  # + the cluster's address and token, from `local_cluster.sh env`
         self.dashboard = f"http://127.0.0.1:{self.base + 1}"
@@ -266,10 +266,10 @@ def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data)
 
 
 def _readme_rehearsal_command() -> list[str]:
-    """The `ray job submit ... python scripts/tune.py ...` command of README's "Rehearsal on one
-    machine", as argv."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n### Rehearsal on one machine\n", 1)[1].split("\n### ", 1)[0]
+    """The `ray job submit ... python scripts/tune.py ...` command of docs/cluster.md's "Rehearsal
+    on one machine", as argv."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    section = text.split("\n## Rehearsal on one machine\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"^```\n(.*?)^```", section, flags=re.S | re.M).group(1)
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
     submit = [c for c in commands if c[:3] == ["ray", "job", "submit"]]
@@ -279,7 +279,7 @@ def _readme_rehearsal_command() -> list[str]:
 
 @pytest.mark.timeout(1200)
 def test_readme_sweep_runs_trials_on_more_than_one_node(cluster):
-    """The README's rehearsal, as written there (only --storage moved into the test's directory):
+    """The rehearsal of docs/cluster.md, as written there (only --storage moved into the test's directory):
     a tiny sweep of two trials submitted with `ray job submit --working-dir . -- python
     scripts/tune.py ...`. Each trial has two 1-CPU Train workers; four do not fit on one 3-CPU
     worker node nor on the 1-CPU head, so the trials use both worker nodes. Every driver (the
@@ -308,7 +308,7 @@ def test_readme_sweep_runs_trials_on_more_than_one_node(cluster):
     for driver in ("ImplicitFunc", "TrainController"):  # trial drivers and the Train drivers they start
         where = _actor_nodes(cluster, driver, job)
         assert where == [nodes["rehearsal_head"]] * num_samples, f"{driver} ran on {where}, not only on the head"
-    # README: TensorBoard on the head reads Tune's files from the head's session artifacts
+    # docs/cluster.md: TensorBoard on the head reads Tune's files from the head's session artifacts
     head_artifacts = Path(cluster.script_env["DETR_RAY_CLUSTER_DIR"], "ray-0", "session_latest", "artifacts")
     event_dirs = {p.parent for p in head_artifacts.glob(f"*/{name}/driver_artifacts/*/events.out.tfevents*")}
     assert len(event_dirs) == num_samples, f"Tune's TensorBoard files on the head: {sorted(event_dirs)}"
