@@ -63,7 +63,7 @@ class EpochLog(ray.train.UserCallback):
 def train_run(exp: dict, name: str, storage: str) -> dict:
     log_path = os.path.join(storage, f"{name}.jsonl")
     start = time.time()
-    build_trainer(exp, name=name, storage_path=storage, callbacks=[EpochLog(log_path)]).fit()
+    build_trainer(experiment_from_dict(exp), name=name, storage_path=storage, callbacks=[EpochLog(log_path)]).fit()
     wall = time.time() - start
     with open(log_path) as f:
         rows = [json.loads(line) for line in f]

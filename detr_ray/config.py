@@ -187,8 +187,8 @@ class DataConfig:
     """Where the data is and how it is fed. Empty `train`/`val` mean the synthetic demo dataset
     (generated under `demo_root`, default: demo.default_demo_root()).
 
-    `augment`: "auto" (the demo's small scales for the demo dataset, DETR's COCO scales
-    otherwise), "coco" or "demo" (see transforms.TransformConfig).
+    `augment`: "auto" (the demo's small scales when the shards are the demo's, as their meta
+    says, DETR's COCO scales otherwise: data/recipe.py), "coco" or "demo".
     `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
     (0: no local shuffle). `group_shapes`: a batch is made of images of one orientation and
     similar size (see pipeline.shape_group), which cuts the padding the model computes on.
@@ -232,14 +232,6 @@ class DataConfig:
     @property
     def uses_demo(self) -> bool:
         return not self.train
-
-    def transform_config(self):
-        """The augmentation recipe: transforms.TransformConfig.demo() or .coco()."""
-        from detr_ray.data.transforms import TransformConfig  # the data package imports this module
-
-        if self.augment == "demo" or (self.augment == "auto" and self.uses_demo):
-            return TransformConfig.demo()
-        return TransformConfig.coco()
 
 
 PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16", "fp16")

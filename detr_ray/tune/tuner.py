@@ -35,7 +35,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from detr_ray import pareto, relaunch
-from detr_ray.config import ConfigError, experiment_from_dict
+from detr_ray.config import ConfigError, ExperimentConfig, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
@@ -50,6 +50,7 @@ DRIVER_CPUS = 0.01  # a trial's driver only waits on its TorchTrainer
 DRIVER_RESOURCE = "sweep_driver"  # custom resource of the nodes that may host drivers (cluster.yaml: the head)
 EXPERIMENT_KEY = "_experiment"  # fixed entries of a trial's config that are not hyperparameters
 RUNS_KEY = "_runs_storage"
+SHARDS_KEY = "_shards"  # {"train", "val"}: the shard locations, resolved once by the sweep's entry point
 RELEASE_GRACE_S = 20.0  # how long Ray may take to remove a finished trial's placement groups
 FORCE_STOP_S = "10"  # Tune kills a trial's actor this long after asking it to stop (Ray's default: 600)
 
@@ -70,10 +71,13 @@ def trial_driver(config: dict[str, Any]) -> None:
 
     from detr_ray.train.trainer import build_trainer
 
-    experiment = apply_sample(config[EXPERIMENT_KEY], sample_of(config))
     trial_id = ray.tune.get_context().get_trial_id()
+    # Tune hands the trial its config as a dict: parsed here, once, for the whole trial.
+    experiment = experiment_from_dict(apply_sample(config[EXPERIMENT_KEY], sample_of(config)), f"trial {trial_id}")
+    shards = config.get(SHARDS_KEY)  # resolved once for the sweep (absent in sweeps recorded without it)
     DataContext.get_current().enable_progress_bars = False  # many trials' bars would bury Tune's table
-    trainer = build_trainer(experiment, name=trial_id, storage_path=config[RUNS_KEY], callbacks=[TuneReportCallback()])
+    trainer = build_trainer(experiment, name=trial_id, storage_path=config[RUNS_KEY], callbacks=[TuneReportCallback()],
+                            shards=(shards["train"], shards["val"]) if shards else None)
     trainer.fit()
 
 
@@ -94,8 +98,8 @@ class TrialNeeds:
     driver: dict[str, float]  # the trial driver's bundle
 
 
-def trial_needs(experiment: dict, cluster: dict[str, float]) -> TrialNeeds:
-    run = run_resources(experiment_from_dict(experiment))
+def trial_needs(experiment: ExperimentConfig, cluster: dict[str, float]) -> TrialNeeds:
+    run = run_resources(experiment)
     driver = {"CPU": DRIVER_CPUS}
     if cluster.get(DRIVER_RESOURCE):
         driver[DRIVER_RESOURCE] = 0.01
@@ -391,7 +395,7 @@ def experiment_dir(storage_path: str, name: str) -> str:
 
 def check_space(space: SearchSpace) -> None:
     """What a sweep needs beyond a valid experiment: ASHA sees the metric every epoch."""
-    exp = experiment_from_dict(space.experiment)
+    exp = space.fixed
     if exp.train.eval_every != 1:
         raise ConfigError(
             f"{space.source}: experiment.train.eval_every must be 1 in a sweep (ASHA compares "
@@ -414,6 +418,7 @@ def build_sweep(
     study_storage: str | None = None,
     warm_start: str | None = None,
     warm_start_study: str | None = None,
+    shards: tuple[str, str] | None = None,
 ) -> Sweep:
     """The sweep `name` under `storage_path`. When it already exists and `resume` is set, it is
     restored: unfinished trials continue from their checkpoints, finished ones are kept, and the
@@ -429,7 +434,9 @@ def build_sweep(
     detr_ray/tune/study.py), named after the sweep, and a restore continues it (the storage a
     sweep started with is recorded in STUDY_RECORD; another one is refused). `warm_start`: a
     new sweep's study first gets the results of that earlier sweep's (or storage's) trials that
-    lie inside `space` (study.warm_start); a restored sweep keeps the study it has."""
+    lie inside `space` (study.warm_start); a restored sweep keeps the study it has.
+    `shards`: the (train, val) shard locations every trial trains on, resolved once by the
+    caller (default: each trial resolves its experiment's data itself)."""
     import ray
 
     check_space(space)
@@ -438,7 +445,7 @@ def build_sweep(
     exp_dir = experiment_dir(storage_path, name)
     root = exp_dir.rsplit("/", 1)[0] if storage.is_uri(exp_dir) else os.path.dirname(exp_dir)
     cluster = ray.cluster_resources()
-    needs = trial_needs(space.experiment, cluster)
+    needs = trial_needs(space.fixed, cluster)
     concurrency = plan_concurrency(cluster, needs, max_concurrent)
     trainable = tune.with_resources(trial_driver, needs.driver)
     watch = PlacementGroupWatch(exp_dir)
@@ -468,7 +475,7 @@ def build_sweep(
     if search not in ("optuna", "random"):
         raise SweepError(f"search: choose optuna or random, got {search!r}")
     sched = space.scheduler
-    epochs = experiment_from_dict(space.experiment).train.epochs
+    epochs = space.fixed.train.epochs
     spec, warm = None, None
     if search == "optuna":
         try:
@@ -506,6 +513,8 @@ def build_sweep(
 
         scheduler = FIFOScheduler()
     param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
+    if shards is not None:
+        param_space[SHARDS_KEY] = {"train": shards[0], "val": shards[1]}
     tune_config = tune.TuneConfig(
         search_alg=search_alg,
         scheduler=scheduler,
@@ -564,7 +573,7 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
     checkpoint, the nodes of its rank 0 and its per-epoch history; and the best trial (None
     when no trial has a verified checkpoint)."""
     metric, mode = space.scheduler.metric, space.scheduler.mode
-    epochs = experiment_from_dict(space.experiment).train.epochs
+    epochs = space.fixed.train.epochs
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     rows, best = [], None
     for result in results:
@@ -627,12 +636,12 @@ def write_summary(sweep: Sweep, rows: list[dict], best: dict | None, data: dict[
     space = sweep.space
     common = {"metric": space.scheduler.metric, "mode": space.scheduler.mode}
     scheduler = sweep.scheduler
-    run = run_resources(experiment_from_dict(space.experiment))
+    run = run_resources(space.fixed)
     trials = {
         **common,
         "objectives": study.objectives(space),
         "search": {p.key: {p.kind: p.args} for p in space.params},
-        "epochs": experiment_from_dict(space.experiment).train.epochs,
+        "epochs": space.fixed.train.epochs,
         "resources": {"gpus_per_trial": run.gpus, "cpus_per_trial": run.cpus},
         "study": {"storage": study.shown(sweep.study_storage), "name": sweep.study_name,
                   "dashboard": study.dashboard_command(sweep.study_storage)} if sweep.study_storage else None,

@@ -25,6 +25,7 @@ def local_ray():
 
 def _train_tiny(root: Path) -> dict:
     from detr_ray.data.demo import make_demo_dataset
+    from detr_ray.config import experiment_from_dict
     from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
 
     train, val = make_demo_dataset(root / "data", num_train=32, num_val=12, shard_size=8, workers=0)
@@ -32,7 +33,7 @@ def _train_tiny(root: Path) -> dict:
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     exp["data"].update(train=train, val=val, augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=2, max_steps_per_epoch=3, max_failures=0, cpus_per_worker=1.0, keep_checkpoints=2)
-    build_trainer(exp, name="tiny", storage_path=str(root / "runs")).fit()
+    build_trainer(experiment_from_dict(exp), name="tiny", storage_path=str(root / "runs")).fit()
     run = root / "runs" / "tiny"
     info = {
         "train": train,

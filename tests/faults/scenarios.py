@@ -41,6 +41,7 @@ import yaml
 
 import ray.train
 
+from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.tune.tuner import best_checkpoint
 
@@ -134,9 +135,10 @@ def train_experiment(demo_root, **train) -> dict:
 
 
 def _fit(exp: dict, name: str, storage: Path, log: Path, **kwargs):
+    from detr_ray.config import experiment_from_dict
     from detr_ray.train.trainer import build_trainer
 
-    return build_trainer(exp, name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs).fit()
+    return build_trainer(experiment_from_dict(exp), name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs).fit()
 
 
 def _check_run(result, run_dir: Path, reports: list[dict], saved: int, epochs: int, label: str) -> tuple[list[str], int]:
@@ -183,9 +185,9 @@ def worker_sigkill(workdir: Path, demo_root, inject: bool = True) -> dict:
     killed at its second step of epoch 2 (global step STEPS + 1); Train restarts the worker group."""
     exp = train_experiment(demo_root, num_workers=2, epochs=3, max_failures=1)
     marker, log, storage = workdir / "killed", workdir / "reports.jsonl", workdir / "runs"
-    fault = {"rank": 0, "step": STEPS + 1, "marker": str(marker), "signal": int(signal.SIGKILL)} if inject else None
+    crash = {"rank": 0, "step": STEPS + 1, "marker": str(marker), "signal": int(signal.SIGKILL)} if inject else None
     start = time.time()
-    result = _fit(exp, "sigkill", storage, log, fault_injection=fault)
+    result = _fit(exp, "sigkill", storage, log, testing=TestingHooks(crash=crash))
     wall = time.time() - start
     injected = marker.exists() if inject else False
     problems, lost = _check_run(result, storage / "sigkill", read_reports(log), 1 if inject else 0, 3, "worker SIGKILL")

@@ -11,6 +11,7 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ray.config import experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.evaluation.coco_eval import METRIC_NAMES
 from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
@@ -49,7 +50,7 @@ def _experiment(root, **train):
 
 @pytest.mark.timeout(400)
 def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
-    first = build_trainer(_experiment(demo_root), name="fcos", storage_path=str(tmp_path / "runs")).fit()
+    first = build_trainer(experiment_from_dict(_experiment(demo_root)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
     m = first.metrics
     for key in ("train/loss", "train/loss_classification", "train/loss_bbox_regression", "train/loss_bbox_ctrness",
                 "lr", "lr_backbone", "train/images_per_s", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
@@ -58,7 +59,7 @@ def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
     state = ckpt.load(first.checkpoint.path).state
     assert state.config["model"]["arch"] == ARCH and state.categories["label_to_category_id"] == [1, 2, 3]
 
-    second = build_trainer(_experiment(demo_root, epochs=2), name="fcos", storage_path=str(tmp_path / "runs")).fit()
+    second = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=2)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
     assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1 and second.metrics["global_step"] == 2
 
     # evaluate.py's path: Ray Data inference, pycocotools, analysis, the report with cost columns.

@@ -12,6 +12,8 @@ import torch
 from ray.cluster_utils import Cluster
 
 from detr_ray.local_ray import init as init_local_ray
+from detr_ray.config import experiment_from_dict
+from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
 
 pytestmark = pytest.mark.timeout(420)
@@ -91,7 +93,8 @@ class TestTwoNodes:
         exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
         exp["train"].update(epochs=2, num_workers=2, cpus_per_worker=1.0, max_failures=0, eval_every=2)
         audit = tmp_path / "audit"
-        result = build_trainer(exp, name="two-nodes", storage_path=str(tmp_path / "runs"), audit_dir=str(audit), placement_strategy="STRICT_SPREAD").fit()
+        result = build_trainer(experiment_from_dict(exp), name="two-nodes", storage_path=str(tmp_path / "runs"),
+                               testing=TestingHooks(audit_dir=str(audit)), placement_strategy="STRICT_SPREAD").fit()
         assert result.metrics["epoch"] == 2
         all_ids = set(read_shard_table(train_uri, ["image_id"]).column("image_id").to_pylist())
         for epoch in (1, 2):
