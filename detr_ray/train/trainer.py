@@ -51,7 +51,7 @@ class RunResources:
 
     num_workers: int
     worker: dict[str, float]  # one Train worker's bundle, e.g. {"CPU": 1.0, "GPU": 0.5}
-    data_cpus: float  # the cap on this run's Ray Data tasks (DataConfig.cpus)
+    data_cpus: float  # the cap on this run's Ray Data tasks (DataConfig.ray_data_cpus)
 
     @property
     def cpus(self) -> float:
@@ -67,7 +67,7 @@ def run_resources(exp: ExperimentConfig) -> RunResources:
     worker = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker:
         worker["GPU"] = t.gpus_per_worker
-    return RunResources(t.num_workers, worker, exp.data.cpus or t.num_workers * exp.data.decode_num_cpus)
+    return RunResources(t.num_workers, worker, exp.data.ray_data_cpus or t.num_workers * exp.data.decode_num_cpus)
 
 
 def data_config(execution_options):

@@ -4,7 +4,7 @@ Ray 2.60 (Train V2) pattern: a trial is `trial_driver`, a function that builds t
 TorchTrainer with `TuneReportCallback` and calls fit. The driver holds a tiny CPU fraction (and
 the head's `sweep_driver` resource when the cluster has one, so drivers never live on spot
 workers); the Train workers and Ray Data ask for their own resources, and Ray Data is capped per
-run (DataConfig.cpus), so `max_concurrent_trials` runs always fit the cluster at once: a sweep
+run (DataConfig.ray_data_cpus), so `max_concurrent_trials` runs always fit the cluster at once: a sweep
 cannot deadlock on its own decode tasks.
 
 Layout of an experiment, `<storage>/<name>/`:
@@ -127,7 +127,7 @@ def plan_concurrency(cluster: dict[str, float], needs: TrialNeeds, requested: in
         raise SweepError(
             f"one trial needs {needs.cpus:g} CPUs and {needs.gpus:g} GPUs (workers {needs.worker}, "
             f"plus Ray Data and the driver) but the cluster has {have}: lower train.num_workers, "
-            "train.cpus_per_worker, data.cpus or the GPUs per trial, or pass --max-concurrent for a "
+            "train.cpus_per_worker, data.ray_data_cpus or the GPUs per trial, or pass --max-concurrent for a "
             "cluster that autoscales"
         )
     return fits

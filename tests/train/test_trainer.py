@@ -112,7 +112,7 @@ def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
 
 def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
     exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
-    exp["data"].update(cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
+    exp["data"].update(ray_data_cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
     audit = tmp_path / "audit"
     result = build_trainer(experiment_from_dict(exp), name="val3", storage_path=str(tmp_path / "runs"), testing=TestingHooks(audit_dir=str(audit))).fit()
     _, val_uri = resolve_shards(experiment_from_dict(exp).data)  # the demo split the run used

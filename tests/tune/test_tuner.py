@@ -63,7 +63,7 @@ def test_trial_needs_count_workers_data_and_driver():
     # A cluster that marks its driver node (cluster.yaml's head) gets its drivers pinned there.
     assert trial_needs(experiment_from_dict(exp), {"CPU": 16.0, DRIVER_RESOURCE: 100.0}).driver[DRIVER_RESOURCE] > 0
     # An explicit Ray Data cap replaces the per-worker default.
-    exp["data"]["cpus"] = 6.0
+    exp["data"]["ray_data_cpus"] = 6.0
     assert trial_needs(experiment_from_dict(exp), {}).cpus == pytest.approx(3.0 + 6.0 + 0.01)
 
 
