@@ -452,13 +452,12 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
 def _best_trial_checkpoint(trials: list[dict], metric: str, mode: str, where: str, workdir) -> tuple:
     """(checkpoint dir, manifest, trial id, value, config) of the best trial whose checkpoint
     verifies."""
-    candidates = [(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")]
-    chosen = ckpt.best_verified(candidates, mode, check=lambda location: fetch_checkpoint(location, workdir))
+    chosen = ckpt.best_trial(trials, mode, check=lambda location: fetch_checkpoint(location, workdir))
     if chosen is None:
         raise SubjectError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
-    (value, _, t), (directory, manifest) = chosen
-    log.info("%s: best trial by %s with a verified checkpoint: %s (%s)", where, metric, t["trial"], value)
-    return directory, manifest, str(t["trial"]), float(value), t.get("config") or {}
+    t, (directory, manifest) = chosen
+    log.info("%s: best trial by %s with a verified checkpoint: %s (%s)", where, metric, t["trial"], t["best"])
+    return directory, manifest, str(t["trial"]), float(t["best"]), t.get("config") or {}
 
 
 def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> Subject:

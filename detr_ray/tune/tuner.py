@@ -547,35 +547,13 @@ def _status(result, ran: int, epochs: int) -> str:
     return "completed" if ran >= epochs else "stopped early (ASHA)"
 
 
-def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, float | None]:
-    """A Train run's best checkpoint that verifies (every file's hash, on any storage), by the
-    metric its own state.json recorded (the run directory is the record: Tune may have missed a
-    run's last report). The claimed values only order the candidates: the chosen checkpoint's
-    state.json is among the files verified, so its value is the one it was saved with."""
-    candidates = []
-    for name in storage.list_dirs(run_dir):
-        path = storage.join(run_dir, name)
-        if not name.startswith("checkpoint_"):
-            continue
-        try:
-            candidates.append((json.loads(storage.read_bytes(storage.join(path, ckpt.STATE)))["metrics"].get(metric), path))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unfinished or damaged: not a candidate
-            log.warning("%s: unreadable %s, not a candidate: %s", path, ckpt.STATE, e)
-    chosen = ckpt.best_verified(candidates, mode)
-    if chosen is None:
-        return None, None
-    (value, path), _ = chosen
-    return path, float(value)
-
-
 def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
     """Per trial: id, sampled config, best metric, epochs run, why it stopped, its best verified
     checkpoint, the nodes of its rank 0 and its per-epoch history; and the best trial (None
     when no trial has a verified checkpoint)."""
     metric, mode = space.scheduler.metric, space.scheduler.mode
     epochs = space.fixed.train.epochs
-    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
-    rows, best = [], None
+    rows = []
     for result in results:
         config = result.config or {}
         df = result.metrics_dataframe
@@ -602,16 +580,15 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
             columns = [c for c in df.columns if c in HISTORY_KEYS or c.startswith(HISTORY_PREFIXES)]
             row["history"] = json.loads(df[columns].to_json(orient="records"))
         if row["trial"] and RUNS_KEY in config:
-            row["checkpoint"], row["best"] = best_checkpoint(storage.join(config[RUNS_KEY], row["trial"]), metric, mode)
+            row["checkpoint"], row["best"] = ckpt.best_checkpoint(storage.join(config[RUNS_KEY], row["trial"]), metric, mode)
         if row["best"] is None and row["history"]:  # no checkpoint left: the best reported value
             values = [h[metric] for h in row["history"] if isinstance(h.get(metric), (int, float))]
             row["best"] = (max if mode == "max" else min)(values) if values else None
         if space.scheduler.objectives:  # every objective at the trial's best checkpoint's epoch
             row["values"] = {metric: row["best"], **{m: best_row_value(row, metric, m) for m in space.scheduler.objectives}}
         rows.append(row)
-        if row["checkpoint"] and (best is None or better(row["best"], best["best"])):
-            best = row
-    return rows, best
+    chosen = ckpt.best_trial(rows, mode, check=lambda location: None)  # each row's checkpoint verified above
+    return rows, chosen[0] if chosen else None
 
 
 def best_row_value(row: dict, metric: str, key: str) -> float | None:

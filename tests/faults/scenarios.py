@@ -43,7 +43,6 @@ import ray.train
 
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.tune.tuner import best_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
@@ -218,7 +217,7 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
     # is that nothing detr-ray chooses is it: resume skipped it above, and the best checkpoint
     # that tune.py / train.py / evaluate.py pick verifies and is another directory.
     problems = [p for p in problems if str(victim.parent) + "/" not in p and not p.endswith(str(victim.parent))]
-    chosen, _ = best_checkpoint(str(run_dir), "val/AP", "max")
+    chosen, _ = ckpt.best_checkpoint(str(run_dir), "val/AP", "max")
     if chosen is None or Path(chosen) == victim.parent:
         problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:

@@ -12,6 +12,7 @@ from detr_ray.local_ray import init as init_local_ray
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
+from detr_ray.train.checkpoint import best_checkpoint
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
 from detr_ray.tune.tuner import (
@@ -19,7 +20,6 @@ from detr_ray.tune.tuner import (
     PruningOptunaSearch,
     SweepError,
     TrialNeeds,
-    best_checkpoint,
     build_sweep,
     live_placement_groups,
     max_concurrent_trials,
