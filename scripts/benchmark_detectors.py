@@ -27,7 +27,6 @@ best checkpoint of each (Ray Data inference, pycocotools, TIDE, cost columns mea
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import logging
@@ -70,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _experiment(args, arch: str):
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
-    raw = load_yaml(args.config) if args.config else copy.deepcopy(DEMO_EXPERIMENT)
+    raw = load_yaml(args.config) if args.config else demo_experiment()
     raw = {k: dict(v or {}) for k, v in raw.items()}
     raw.setdefault("model", {})["arch"] = arch
     if args.data:

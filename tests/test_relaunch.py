@@ -12,13 +12,13 @@ from detr_ray.config import experiment_from_dict
 from detr_ray.model import build_model
 from detr_ray.relaunch import ABSENT, RelaunchError, check_sweep, differences, plan_run, record_sweep
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.trainer import DEMO_EXPERIMENT
+from detr_ray.train.trainer import demo_experiment
 from detr_ray.tune.space import parse_space
 from tests.conftest import tiny_config
 
 
 def _exp(**train):
-    raw = copy.deepcopy(DEMO_EXPERIMENT)
+    raw = demo_experiment()
     raw["train"].update(train)
     return experiment_from_dict(raw)
 

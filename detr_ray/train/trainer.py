@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ExperimentConfig
+from detr_ray.config import ExperimentConfig, load_yaml
 from detr_ray.data.pipeline import build_datasets, resolve_shards
 from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.storage import is_uri
@@ -15,22 +16,14 @@ from detr_ray.testing_hooks import TestingHooks
 
 log = logging.getLogger(__name__)
 
-# The demo experiment: a small DETR that learns the synthetic demo dataset in minutes on a CPU.
-DEMO_EXPERIMENT: dict[str, Any] = {
-    "model": {
-        "backbone": "resnet18",
-        "hidden_dim": 64,
-        "nheads": 4,
-        "enc_layers": 2,
-        "dec_layers": 2,
-        "dim_feedforward": 128,
-        "dropout": 0.0,
-        "num_queries": 10,
-        "frozen_bn": False,  # from scratch: trainable BatchNorm, whole backbone trainable
-    },
-    "data": {"batch_size": 8},
-    "train": {"epochs": 10, "lr": 2e-4, "lr_backbone": 2e-4, "weight_decay": 1e-4, "lr_drop": 8},
-}
+# The demo experiment lives once, as the fixed experiment of the demo sweep.
+DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
+
+
+def demo_experiment() -> dict[str, Any]:
+    """The demo experiment (a small DETR that learns the synthetic demo dataset in minutes on a
+    CPU), as a new dict: the `experiment` of search_spaces/demo.yaml."""
+    return {section: dict(values or {}) for section, values in (load_yaml(DEMO_SPACE).get("experiment") or {}).items()}
 
 
 def default_storage() -> str:

@@ -4,7 +4,6 @@ around it (the contract of detr_ray/tune/tuner.py: best.json + trials.json)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -26,10 +25,10 @@ def local_ray():
 def _train_tiny(root: Path) -> dict:
     from detr_ray.data.demo import make_demo_dataset
     from detr_ray.config import experiment_from_dict
-    from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+    from detr_ray.train.trainer import build_trainer, demo_experiment
 
     train, val = make_demo_dataset(root / "data", num_train=32, num_val=12, shard_size=8, workers=0)
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     exp["data"].update(train=train, val=val, augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=2, max_steps_per_epoch=3, max_failures=0, cpus_per_worker=1.0, keep_checkpoints=2)

@@ -24,7 +24,6 @@ start their own local Ray.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import json
 import os
@@ -122,9 +121,9 @@ def read_reports(path: Path) -> list[dict]:
 
 
 def train_experiment(demo_root, **train) -> dict:
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(TINY_MODEL)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
     exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)

@@ -2,7 +2,6 @@
 Ray Data evaluation with the cost columns, and a Tune sweep over model.arch; one local Ray."""
 
 import contextlib
-import copy
 import io
 import json
 
@@ -19,7 +18,7 @@ from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_checkpoint
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from detr_ray.train.trainer import build_trainer, demo_experiment
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.tuner import build_sweep, summarize
 
@@ -41,7 +40,7 @@ def local_ray():
 
 
 def _experiment(root, **train):
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"]["arch"] = ARCH
     exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update({"epochs": 1, "max_steps_per_epoch": 1, "max_failures": 0, "cpus_per_worker": 1.0, "tensorboard": False, **train})

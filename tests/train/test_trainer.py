@@ -1,6 +1,5 @@
 """End-to-end runs of the Ray Train trainer on the demo data, on one local Ray instance."""
 
-import copy
 import json
 import os
 from dataclasses import replace
@@ -18,7 +17,7 @@ from detr_ray.data.shards import read_shard_table
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.testing_hooks import TestingHooks
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from detr_ray.train.trainer import build_trainer, demo_experiment
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,7 +39,7 @@ def local_ray():
 
 
 def _experiment(demo_root, **train):
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
     exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
