@@ -454,64 +454,15 @@ def build_sweep(
     if tune.Tuner.can_restore(exp_dir):
         if not resume:
             raise SweepError(f"{exp_dir} already holds a sweep; resume it or choose another --name")
-        space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
-        recorded = study.read_record(exp_dir)
-        if warm_start:
-            raise SweepError(f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)")
-        if study_storage and (recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]):
-            raise SweepError(f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
-                             f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)")
-        log.info("restoring the sweep at %s", exp_dir)
-        tuner = tune.Tuner.restore(
-            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
-        )
-        return Sweep(tuner, space, exp_dir, True, concurrency, watch, **(
-            {"study_storage": recorded["spec"], "study_name": recorded["study"]} if recorded else {}))
+        return _restore(exp_dir, space, trainable, concurrency, watch, as_stored, study_storage, warm_start)
     if storage.exists(exp_dir):
         raise SweepError(f"{exp_dir} exists but is not a restorable sweep; choose another --name")
     if as_stored:
         raise SweepError(f"{relaunch.AS_STORED_FLAG}: there is no sweep at {exp_dir} to resume")
 
-    if search not in ("optuna", "random"):
-        raise SweepError(f"search: choose optuna or random, got {search!r}")
     sched = space.scheduler
-    epochs = space.fixed.train.epochs
-    spec, warm = None, None
-    if search == "optuna":
-        try:
-            spec = study.default_storage(exp_dir, study_storage)
-            warm = study.warm_start(warm_start, space, warm_start_study) if warm_start else None
-            ot_study = study.create_study(spec, name, space)
-        except study.StudyError as e:
-            raise SweepError(str(e)) from e
-        if warm is not None:
-            study.seed(ot_study, warm)
-        search_alg = PruningOptunaSearch(
-            metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=epochs, startup_trials=sched.startup_trials,
-            objectives=sched.objectives, study_storage=spec, study_name=name,
-        )
-        log.info("Optuna study %r in %s; watch it with: %s", name, study.shown(spec), study.dashboard_command(spec))
-    elif warm_start or study_storage or sched.objectives:
-        raise SweepError("--warm-start, --study-storage and several objectives need the Optuna search")
-    else:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=sched.seed, max_concurrent=concurrency)
-    if early_stopping:
-        # Tune does not save a scheduler's rungs; this pair saves them with the experiment state.
-        scheduler, scheduler_state = asha_with_state(
-            time_attr="epoch",
-            max_t=epochs,
-            grace_period=min(sched.grace_period, epochs),
-            reduction_factor=sched.reduction_factor,
-            metric=sched.metric,
-            mode=sched.mode,
-        )
-        run_config.callbacks.append(scheduler_state)
-    else:
-        from ray.tune.schedulers import FIFOScheduler
-
-        scheduler = FIFOScheduler()
+    search_alg, spec, warm = _searcher(search, space, name, exp_dir, concurrency, study_storage, warm_start, warm_start_study)
+    scheduler = _scheduler(space, early_stopping, run_config)
     param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
     if shards is not None:
         param_space[SHARDS_KEY] = {"train": shards[0], "val": shards[1]}
@@ -530,6 +481,74 @@ def build_sweep(
     if spec is not None:
         study.write_record(exp_dir, spec, name)
     return Sweep(tuner, space, exp_dir, False, concurrency, watch, spec, name if spec else None, warm)
+
+
+def _scheduler(space: SearchSpace, early_stopping: bool, run_config):
+    """ASHA on the space's metric (its state saved through a callback added to `run_config`), or
+    FIFO: every trial runs all its epochs."""
+    if not early_stopping:
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+    sched, epochs = space.scheduler, space.fixed.train.epochs
+    # Tune does not save a scheduler's rungs; this pair saves them with the experiment state.
+    scheduler, scheduler_state = asha_with_state(
+        time_attr="epoch",
+        max_t=epochs,
+        grace_period=min(sched.grace_period, epochs),
+        reduction_factor=sched.reduction_factor,
+        metric=sched.metric,
+        mode=sched.mode,
+    )
+    run_config.callbacks.append(scheduler_state)
+    return scheduler
+
+
+def _restore(exp_dir: str, space: SearchSpace, trainable, concurrency: int, watch, as_stored: bool,
+             study_storage: str | None, warm_start: str | None) -> Sweep:
+    """The sweep at `exp_dir` restored (see build_sweep), with its own study."""
+    space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
+    recorded = study.read_record(exp_dir)
+    if warm_start:
+        raise SweepError(f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)")
+    if study_storage and (recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]):
+        raise SweepError(f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
+                         f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)")
+    log.info("restoring the sweep at %s", exp_dir)
+    tuner = tune.Tuner.restore(
+        exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+    )
+    return Sweep(tuner, space, exp_dir, True, concurrency, watch, **(
+        {"study_storage": recorded["spec"], "study_name": recorded["study"]} if recorded else {}))
+
+
+def _searcher(search: str, space: SearchSpace, name: str, exp_dir: str, concurrency: int, study_storage: str | None,
+              warm_start: str | None, warm_start_study: str | None) -> tuple[Any, str | None, Any]:
+    """(Tune's search algorithm, the Optuna study's storage spec or None, the warm start or None)
+    of a new sweep."""
+    sched = space.scheduler
+    if search not in ("optuna", "random"):
+        raise SweepError(f"search: choose optuna or random, got {search!r}")
+    if search == "random":
+        if warm_start or study_storage or sched.objectives:
+            raise SweepError("--warm-start, --study-storage and several objectives need the Optuna search")
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sched.seed, max_concurrent=concurrency), None, None
+    try:
+        spec = study.default_storage(exp_dir, study_storage)
+        warm = study.warm_start(warm_start, space, warm_start_study) if warm_start else None
+        ot_study = study.create_study(spec, name, space)
+    except study.StudyError as e:
+        raise SweepError(str(e)) from e
+    if warm is not None:
+        study.seed(ot_study, warm)
+    search_alg = PruningOptunaSearch(
+        metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=space.fixed.train.epochs,
+        startup_trials=sched.startup_trials, objectives=sched.objectives, study_storage=spec, study_name=name,
+    )
+    log.info("Optuna study %r in %s; watch it with: %s", name, study.shown(spec), study.dashboard_command(spec))
+    return search_alg, spec, warm
 
 
 
