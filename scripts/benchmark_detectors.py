@@ -135,7 +135,7 @@ def train_all(args, storage: str) -> list[dict]:
 
 
 def evaluate_all(runs: list[dict], out: Path, args):
-    from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+    from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
     from detr_ray.evaluation.inference import InferenceConfig
     from detr_ray.evaluation.subject import from_checkpoint
 

@@ -82,8 +82,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class _Agreement:
-    """Per-step vote over a CPU group: does every worker have another batch?"""
+class _CpuCollectives:
+    """Collectives of the loop's bookkeeping over a CPU (gloo) group, apart from the training
+    backend's: the per-step vote (does every worker have another batch?) and sums of counts."""
 
     def __init__(self):
         _, world = _world()
@@ -256,7 +257,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({**w.resumed_metrics, "train/start_epoch": w.start_epoch}, checkpoint=None)
         return
 
-    agree = _Agreement()
+    agree = _CpuCollectives()
     writer = _tensorboard(run, rank)
     gt = coco_ground_truth(run.val_uri) if rank == 0 else None
     categories = {"label_to_category_id": w.meta.label_to_category_id, "names": w.meta.label_names}
