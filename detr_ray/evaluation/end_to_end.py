@@ -33,7 +33,8 @@ from detr_ray.evaluation.efficiency import measure
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
 from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.report import Report, write_report
-from detr_ray.evaluation.subject import EvaluationTarget, EvaluationTargetError, parameter_importances
+from detr_ray.evaluation.subject import EvaluationTarget, EvaluationTargetError
+from detr_ray.evaluation.training_history import parameter_importances
 from detr_ray.ownership import claim
 
 log = logging.getLogger(__name__)

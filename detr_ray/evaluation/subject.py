@@ -25,12 +25,9 @@ directory, so that inference runs it like any other. Its identity is the file's 
 fetched into a folder of its own first); the report records it with the load report (which
 classes mapped by id, by name, or are new).
 
-Training history of a lone checkpoint: its run's TensorBoard scalars (<run>/tensorboard, every
-epoch) if present, else the metrics stored in the run's kept checkpoints.
-
-`parameter_importances` rebuilds an Optuna study from trials.json and asks Optuna which
-hyperparameters mattered (its default evaluator, PED-ANOVA in Optuna 5; fANOVA would need
-scikit-learn).
+Training history and parameter importances: training_history.py. Every kind of target is read
+here, in one module (about 480 lines), because evaluate.py, --compare and serving
+(serve/model.py) must choose and verify a checkpoint through the same functions.
 """
 
 from __future__ import annotations
@@ -38,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +42,7 @@ from typing import Any
 
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
+from detr_ray.evaluation.training_history import run_history
 from detr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -362,36 +358,46 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
         raise EvaluationTargetError(f"{where}: {e}") from e
 
 
+def _read_sweep(location: str) -> tuple[Any, Any]:
+    """(best.json, trials.json) of the sweep at `location`, each None when missing; neither:
+    EvaluationTargetError."""
+    docs = []
+    for name in (BEST, TRIALS):
+        try:
+            docs.append(_read_json(storage.join(location, name)))
+        except FileNotFoundError:
+            docs.append(None)
+    if docs == [None, None]:
+        raise EvaluationTargetError(
+            f"{location}: neither {BEST} nor {TRIALS} found; not an experiment directory "
+            "(scripts/tune.py writes one; use --checkpoint for a single checkpoint)"
+        )
+    return docs[0], docs[1]
+
+
+def _trials_record(trials_doc: Any, trials_loc: str, metric: str, mode: str) -> tuple[list[dict], dict, str, str]:
+    """(trials, search, metric, mode) of trials.json, checked."""
+    if not isinstance(trials_doc, dict):
+        raise EvaluationTargetError(f"{trials_loc}: expected a JSON object, got {type(trials_doc).__name__}")
+    trials = _field(trials_doc, "trials", list, trials_loc)
+    for i, t in enumerate(trials):
+        if not isinstance(t, dict) or "trial" not in t:
+            raise EvaluationTargetError(f"{trials_loc}: trials[{i}]: expected an object with a 'trial' id")
+    search = _field(trials_doc, "search", dict, trials_loc, required=False) or {}
+    metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
+    mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
+    return trials, search, metric, mode
+
+
 def from_experiment(location: str, workdir: str | Path, name: str | None = None, choose: str | None = None) -> EvaluationTarget:
     """The best trial's best checkpoint of the sweep at `location`; with several objectives, the
     member of the Pareto front that `choose` (pareto.py's rule) picks."""
     location = str(location)
     best_loc, trials_loc = storage.join(location, BEST), storage.join(location, TRIALS)
-    best = trials_doc = None
-    try:
-        best = _read_json(best_loc)
-    except FileNotFoundError:
-        pass
-    try:
-        trials_doc = _read_json(trials_loc)
-    except FileNotFoundError:
-        pass
-    if best is None and trials_doc is None:
-        raise EvaluationTargetError(
-            f"{location}: neither {BEST} nor {TRIALS} found; not an experiment directory "
-            "(scripts/tune.py writes one; use --checkpoint for a single checkpoint)"
-        )
+    best, trials_doc = _read_sweep(location)
     trials, search, metric, mode = [], {}, "val/AP", "max"
     if trials_doc is not None:
-        if not isinstance(trials_doc, dict):
-            raise EvaluationTargetError(f"{trials_loc}: expected a JSON object, got {type(trials_doc).__name__}")
-        trials = _field(trials_doc, "trials", list, trials_loc)
-        for i, t in enumerate(trials):
-            if not isinstance(t, dict) or "trial" not in t:
-                raise EvaluationTargetError(f"{trials_loc}: trials[{i}]: expected an object with a 'trial' id")
-        search = _field(trials_doc, "search", dict, trials_loc, required=False) or {}
-        metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
-        mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
+        trials, search, metric, mode = _trials_record(trials_doc, trials_loc, metric, mode)
 
     chosen, front = None, []
     if best is None and choose:
@@ -477,110 +483,3 @@ def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: 
         f"{spec}: not a COCO results file, an experiment directory ({BEST}/{TRIALS}), a checkpoint directory "
         "or a DETR weights file"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Training history of a run
-
-
-def _tensorboard_scalars(path: Path) -> dict[int, dict[str, float]]:
-    """step -> {tag: value} from one TensorBoard event file (TFRecord framing of Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    out: dict[int, dict[str, float]] = {}
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[pos : pos + 8])
-        record = data[pos + 12 : pos + 12 + length]
-        pos += 12 + length + 4
-        if len(record) < length:
-            break  # a file still being written
-        event = event_pb2.Event.FromString(record)
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                out.setdefault(int(event.step), {})[value.tag] = float(value.simple_value)
-    return out
-
-
-def run_history(checkpoint_dir: Path) -> list[dict]:
-    """Per-epoch metrics of the run a checkpoint belongs to (see the module docstring)."""
-    run_dir = Path(checkpoint_dir).parent
-    by_epoch: dict[int, dict] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        try:
-            for step, scalars in _tensorboard_scalars(events).items():
-                by_epoch.setdefault(step, {}).update(scalars)
-        except Exception as e:  # a damaged event file only loses the curves
-            log.warning("%s: cannot read TensorBoard scalars: %s", events, e)
-    if not by_epoch:
-        for state_file in sorted(run_dir.glob(f"checkpoint_*/{ckpt.STATE}")):
-            try:
-                state = json.loads(state_file.read_text())
-                by_epoch[int(state["epoch"])] = {k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))}
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("%s: unreadable: %s", state_file, e)
-    return [{"epoch": epoch, **{k: v for k, v in m.items() if k != "epoch"}} for epoch, m in sorted(by_epoch.items())]
-
-
-# --------------------------------------------------------------------------------------------
-# Optuna parameter importances
-
-
-def _distribution(spec: Any, key: str):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise EvaluationTargetError(f"{TRIALS}: search.{key}: expected {{distribution: args}}, got {spec!r}")
-    (kind, args), = spec.items()
-    if kind == "loguniform":
-        return FloatDistribution(float(args[0]), float(args[1]), log=True)
-    if kind == "uniform":
-        return FloatDistribution(float(args[0]), float(args[1]))
-    if kind == "int":
-        return IntDistribution(int(args[0]), int(args[1]))
-    if kind == "choice":
-        return CategoricalDistribution(list(args))
-    if kind in ("fixed", "by"):  # not a dimension of its own: a constant, or follows a choice
-        return None
-    raise EvaluationTargetError(f"{TRIALS}: search.{key}: unknown distribution {kind!r}")
-
-
-def parameter_importances(subject: EvaluationTarget) -> dict[str, float] | str:
-    """{parameter: importance} (summing to 1), or a sentence saying why there are none."""
-    import warnings
-
-    import optuna
-    from optuna.importance import get_param_importances
-
-    if not subject.trials:
-        return "no trials.json: not a sweep"
-    try:
-        distributions = {k: d for k, spec in subject.search.items() if (d := _distribution(spec, k)) is not None}
-    except (EvaluationTargetError, TypeError, ValueError, IndexError) as e:
-        return f"search space unreadable: {e}"
-    if not distributions:
-        return "no tuned parameters in the search space"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    finished = []
-    for t in subject.trials:
-        value, config = t.get("best"), t.get("config") or {}
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not all(k in config for k in distributions):
-            continue
-        try:
-            finished.append(optuna.trial.create_trial(params={k: config[k] for k in distributions}, distributions=distributions, value=float(value)))
-        except (ValueError, TypeError) as e:
-            log.warning("trial %s left out of the importances: %s", t.get("trial"), e)
-    if len(finished) < 2:
-        return f"not enough trials ({len(finished)} finished with a value; 2 needed)"
-    try:
-        study = optuna.create_study(direction="maximize" if subject.mode == "max" else "minimize")
-        study.add_trials(finished)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            importances = get_param_importances(study)
-        for w in caught:
-            log.warning("parameter importances: %s", w.message)
-    except Exception as e:  # optuna refuses degenerate studies in several ways
-        return f"not enough trials to estimate importances ({type(e).__name__}: {e})"
-    return {k: float(v) for k, v in importances.items()}
