@@ -26,7 +26,8 @@ sys.path.insert(0, REPO)
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.data.pipeline import resolve_shards  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
-from detr_ray.tune.tuner import best_row_value, build_sweep, summarize  # noqa: E402
+from detr_ray.tune.summary import best_row_value, summarize  # noqa: E402
+from detr_ray.tune.tuner import build_sweep  # noqa: E402
 
 STRATEGIES = {"optuna+asha": ("optuna", True), "random, no early stopping": ("random", False)}
 

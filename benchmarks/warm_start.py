@@ -32,7 +32,8 @@ sys.path.insert(0, REPO)
 from detr_ray.data.pipeline import resolve_shards  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
-from detr_ray.tune.tuner import build_sweep, summarize, write_summary  # noqa: E402
+from detr_ray.tune.summary import summarize, write_summary  # noqa: E402
+from detr_ray.tune.tuner import build_sweep  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 

@@ -39,7 +39,9 @@ from detr_ray.data.pipeline import resolve_shards
 from detr_ray.data.storage import join
 from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
+from detr_ray.tune.resources import SweepError
+from detr_ray.tune.summary import best_row_value, summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", "demo.yaml")
 

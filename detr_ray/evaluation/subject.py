@@ -1,7 +1,7 @@
 """What gets evaluated: a checkpoint, the best checkpoint of a tuning experiment, or a COCO
 results file of another detector; with what is known about how it was trained.
 
-An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/tuner.py:
+An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/summary.py:
 
     best.json    {"metric": "val/AP", "mode": "max", "trial": id, "value": float,
                   "config": {sampled hyperparameters, "train.lr": ...},

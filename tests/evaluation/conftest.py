@@ -1,6 +1,6 @@
 """Fixtures of the evaluation tests: a local Ray per module, a tiny DETR trained on small demo
 shards (trained once per session, kept on disk), and an experiment directory built by hand
-around it (the contract of detr_ray/tune/tuner.py: best.json + trials.json)."""
+around it (the contract of detr_ray/tune/summary.py: best.json + trials.json)."""
 
 from __future__ import annotations
 

@@ -473,7 +473,7 @@ def two_node_cluster(head_cpus: int = 1, worker_cpus: int = 2):
     import ray
     from ray.cluster_utils import Cluster
 
-    from detr_ray.tune.tuner import DRIVER_RESOURCE
+    from detr_ray.tune.resources import DRIVER_RESOURCE
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "resources": {DRIVER_RESOURCE: 100},
                                                        "include_dashboard": False})
@@ -492,7 +492,8 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     process on it, no grace), and a fresh node joins a few seconds later, as an autoscaler
     replaces a lost spot node. Train restarts the lost workers (train.max_failures)."""
     from detr_ray.tune.space import parse_space
-    from detr_ray.tune.tuner import build_sweep, summarize, write_summary
+    from detr_ray.tune.summary import summarize, write_summary
+    from detr_ray.tune.tuner import build_sweep
 
     raw = sweep_space(num_samples, epochs, max_failures=2)
     raw["experiment"]["data"]["demo_root"] = str(demo_root)

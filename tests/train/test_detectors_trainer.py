@@ -20,7 +20,8 @@ from detr_ray.local_ray import init as init_local_ray
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import build_trainer, demo_experiment
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import build_sweep, summarize
+from detr_ray.tune.summary import summarize
+from detr_ray.tune.tuner import build_sweep
 
 ARCH = "fcos_resnet50_fpn"
 

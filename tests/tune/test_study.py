@@ -32,7 +32,10 @@ from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import PruningOptunaSearch, SweepError, build_sweep, summarize, write_summary
+from detr_ray.tune.pruning import PruningOptunaSearch
+from detr_ray.tune.resources import SweepError
+from detr_ray.tune.summary import summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
               "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}

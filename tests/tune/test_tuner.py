@@ -15,19 +15,11 @@ from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.checkpoint import best_checkpoint
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
-from detr_ray.tune.tuner import (
-    DRIVER_RESOURCE,
-    PruningOptunaSearch,
-    SweepError,
-    TrialNeeds,
-    build_sweep,
-    live_placement_groups,
-    max_concurrent_trials,
-    plan_concurrency,
-    summarize,
-    trial_needs,
-    write_summary,
-)
+from detr_ray.tune.placement import live_placement_groups
+from detr_ray.tune.pruning import PruningOptunaSearch
+from detr_ray.tune.resources import DRIVER_RESOURCE, SweepError, TrialNeeds, max_concurrent_trials, plan_concurrency, trial_needs
+from detr_ray.tune.summary import summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
               "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
