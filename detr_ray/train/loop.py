@@ -33,8 +33,8 @@ from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.evaluation.coco_eval import detections_to_results, evaluate
 from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
-from detr_ray.train import checkpoint as ckpt
 from detr_ray.testing_hooks import TestingHooks
+from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer, normalize
 
 log = logging.getLogger(__name__)
