@@ -162,6 +162,9 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
         if not dot or section not in SECTIONS:
             raise ConfigError(f"{where}: unknown key {key!r}; use section.name with section in {sorted(SECTIONS)}")
         known = {f.name for f in fields(SECTIONS[section])}
+        renamed = getattr(SECTIONS[section], "RENAMED", {}).get(name)
+        if renamed:  # a searched key is named as the experiment names it now (no old names)
+            raise ConfigError(f"{where}: {key!r} is now called {section}.{renamed}")
         if name not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; {section} has {', '.join(sorted(known))}")
     if not isinstance(spec, dict) or len(spec) != 1:
