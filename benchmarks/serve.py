@@ -69,10 +69,11 @@ def make_checkpoint(root: Path, model: str) -> Path:
     from detr_ray.config import experiment_from_dict
     from detr_ray.model import build_model
     from detr_ray.train import checkpoint as ckpt
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
     if model == "demo":
-        exp = experiment_from_dict({**DEMO_EXPERIMENT, "model": {**DEMO_EXPERIMENT["model"], "num_classes": 3},
+        demo = demo_experiment()
+        exp = experiment_from_dict({**demo, "model": {**demo["model"], "num_classes": 3},
                                     "data": {"train": "unused", "val": "unused", "augment": "demo"}})
         categories = {"label_to_category_id": [1, 2, 3], "names": ["circle", "square", "triangle"]}
     else:

@@ -43,7 +43,7 @@ from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.model import build_model, load_pretrained  # noqa: E402
 from detr_ray.train import checkpoint as ckpt  # noqa: E402
 from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS, ensure_demo_pretrained, pretrain_experiment  # noqa: E402
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer  # noqa: E402
+from detr_ray.train.trainer import build_trainer, demo_experiment  # noqa: E402
 
 
 class EpochLog(ray.train.UserCallback):
@@ -63,7 +63,7 @@ class EpochLog(ray.train.UserCallback):
 def train_run(exp: dict, name: str, storage: str) -> dict:
     log_path = os.path.join(storage, f"{name}.jsonl")
     start = time.time()
-    build_trainer(exp, name=name, storage_path=storage, callbacks=[EpochLog(log_path)]).fit()
+    build_trainer(experiment_from_dict(exp), name=name, storage_path=storage, callbacks=[EpochLog(log_path)]).fit()
     wall = time.time() - start
     with open(log_path) as f:
         rows = [json.loads(line) for line in f]
@@ -84,7 +84,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["train"].update(epochs=args.epochs, tensorboard=False)
     demo.ensure_demo_shards()  # the demo data, generated once, outside the timings
     init_local_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)

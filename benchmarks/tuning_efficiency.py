@@ -24,18 +24,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
-from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data.datasets import resolve_shards  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
-from detr_ray.tune.tuner import best_row_value, build_sweep, summarize  # noqa: E402
+from detr_ray.tune.summary import best_row_value, summarize  # noqa: E402
+from detr_ray.tune.tuner import build_sweep  # noqa: E402
 
 STRATEGIES = {"optuna+asha": ("optuna", True), "random, no early stopping": ("random", False)}
 
 
-def run(space, label: str, storage: str) -> dict:
+def run(space, label: str, storage: str, shards: tuple[str, str]) -> dict:
     search, early = STRATEGIES[label]
     sweep = build_sweep(space, name=search + ("-asha" if early else "-fifo"), storage_path=storage, resume=False,
-                        search=search, early_stopping=early)
+                        search=search, early_stopping=early, shards=shards)
     start = time.time()
     rows, best = summarize(sweep.fit(), space)
     wall = time.time() - start
@@ -66,13 +66,11 @@ def main() -> int:
 
     space = load_space(args.space)
     space.scheduler.num_samples = args.num_samples
-    data = experiment_from_dict(space.experiment).data
-    if data.uses_demo:
-        space.experiment.setdefault("data", {})["demo_root"] = os.path.dirname(resolve_shards(data)[0])
+    shards = resolve_shards(space.fixed.data)  # the demo data generated once, before the sweeps
     init_local_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="tuning-efficiency-")
     try:
-        results = [run(space, label, storage) for label in STRATEGIES]
+        results = [run(space, label, storage, shards) for label in STRATEGIES]
     finally:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -28,18 +29,18 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data.datasets import resolve_shards  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
-from detr_ray.tune.tuner import build_sweep, summarize, write_summary  # noqa: E402
+from detr_ray.tune.summary import summarize, write_summary  # noqa: E402
+from detr_ray.tune.tuner import build_sweep  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 
 def run(space, name: str, storage: str, data: dict, **kwargs) -> dict:
     start = time.time()
-    sweep = build_sweep(space, name=name, storage_path=storage, resume=False, **kwargs)
+    sweep = build_sweep(space, name=name, storage_path=storage, resume=False, shards=(data["train"], data["val"]), **kwargs)
     rows, best = summarize(sweep.fit(), space)
     write_summary(sweep, rows, best, data)
     by_order = rows  # Tune's results come in the order it created the trials
@@ -55,6 +56,12 @@ def run(space, name: str, storage: str, data: dict, **kwargs) -> dict:
         "wall_s": round(time.time() - start, 1),
         "dir": sweep.experiment_dir,
     }
+
+
+def with_train(space, **train):
+    """`space` with these fixed train settings."""
+    experiment = {**space.experiment, "train": {**space.experiment.get("train", {}), **train}}
+    return dataclasses.replace(space, experiment=experiment, fixed=None)  # parsed again
 
 
 def _running_best(values: list) -> list:
@@ -82,17 +89,13 @@ def main() -> int:
     import ray
 
     target = load_space(args.space)
-    exp = experiment_from_dict(target.experiment)
-    if exp.data.uses_demo:
-        target.experiment.setdefault("data", {})["demo_root"] = os.path.dirname(resolve_shards(exp.data)[0])
-    train_uri, val_uri = resolve_shards(experiment_from_dict(target.experiment).data)
+    train_uri, val_uri = resolve_shards(target.fixed.data)  # the demo data generated once, before the sweeps
     data = {"train": train_uri, "val": val_uri}
-    target.experiment["train"].update(epochs=args.epochs, max_steps_per_epoch=args.steps)
+    target = with_train(target, epochs=args.epochs, max_steps_per_epoch=args.steps)
     target.scheduler.num_samples = args.num_samples
     target.scheduler.startup_trials = 2  # the cold sweep's TPE starts after 2 trials; the warm one's at once
 
-    source = copy.deepcopy(target)  # cheaper, and wider in lr: some of its trials fall outside the target
-    source.experiment["train"]["epochs"] = max(1, args.epochs // 2)
+    source = with_train(copy.deepcopy(target), epochs=max(1, args.epochs // 2))  # cheaper, and wider in lr: some of its trials fall outside the target
     source.scheduler.num_samples = args.source_samples
     source.scheduler.seed = 100
     for param in source.params:

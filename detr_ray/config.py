@@ -7,6 +7,7 @@ rejects unknown keys and wrongly typed values with an error that names the sourc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -135,9 +137,9 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
     """Builds dataclass `cls` from `data`; unknown keys and bad types raise ConfigError naming
     `where.key`. Nested dataclass fields are built recursively."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = _renamed_keys(cls, dict(data or {}), where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -158,6 +160,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     if callable(validate):
         validate(where)
     return obj
+
+
+def _renamed_keys(cls: type, data: dict, where: str) -> dict:
+    """`data` with the old names of renamed keys (cls.RENAMED) replaced by the new ones, each with
+    a warning; both names at once is an error."""
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old not in data:
+            continue
+        if new in data:
+            raise ConfigError(f"{where}: {old} is the old name of {new}; give only {new}")
+        log.warning("%s.%s is now called %s.%s; reading it as that (rename it)", where, old, where, new)
+        data[new] = data.pop(old)
+    return data
 
 
 def to_dict(obj: Any) -> dict:
@@ -187,14 +202,18 @@ class DataConfig:
     """Where the data is and how it is fed. Empty `train`/`val` mean the synthetic demo dataset
     (generated under `demo_root`, default: demo.default_demo_root()).
 
-    `augment`: "auto" (the demo's small scales for the demo dataset, DETR's COCO scales
-    otherwise), "coco" or "demo" (see transforms.TransformConfig).
+    `augment`: "auto" (the demo's small scales when the shards are the demo's, as their meta
+    says, DETR's COCO scales otherwise: data/recipe.py), "coco" or "demo".
     `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
     (0: no local shuffle). `group_shapes`: a batch is made of images of one orientation and
     similar size (see pipeline.shape_group), which cuts the padding the model computes on.
-    `decode_num_cpus` is the CPU reservation of one decode task; `cpus`
-    caps the CPUs this run's Ray Data tasks hold at once (0: `decode_num_cpus` per Train worker),
-    so that runs sharing a cluster never starve each other's decoding."""
+    `decode_num_cpus` is the CPU reservation of one decode task; `ray_data_cpus` caps the CPUs
+    this run's Ray Data tasks hold at once (0: `decode_num_cpus` per Train worker), so that runs
+    sharing a cluster never starve each other's decoding."""
+
+    # Old key -> new key. Configs written with an old key (stored checkpoints, run and sweep
+    # records, YAMLs) are still read, with a warning naming the new key.
+    RENAMED: typing.ClassVar[dict[str, str]] = {"cpus": "ray_data_cpus"}
 
     train: str = ""
     val: str = ""
@@ -205,7 +224,7 @@ class DataConfig:
     group_shapes: bool = True
     decode_batch_size: int = 16
     decode_num_cpus: float = 1.0
-    cpus: float = 0.0
+    ray_data_cpus: float = 0.0
     prefetch_batches: int = 2
 
     def validate(self, where: str = "data") -> "DataConfig":
@@ -218,11 +237,11 @@ class DataConfig:
             raise ConfigError(f"{where}.shuffle_buffer: must be >= 0, got {self.shuffle_buffer}")
         if self.decode_num_cpus <= 0:
             raise ConfigError(f"{where}.decode_num_cpus: must be > 0, got {self.decode_num_cpus}")
-        if self.cpus < 0:
-            raise ConfigError(f"{where}.cpus: must be >= 0, got {self.cpus}")
-        if self.cpus and self.cpus < self.decode_num_cpus:
+        if self.ray_data_cpus < 0:
+            raise ConfigError(f"{where}.ray_data_cpus: must be >= 0, got {self.ray_data_cpus}")
+        if self.ray_data_cpus and self.ray_data_cpus < self.decode_num_cpus:
             raise ConfigError(
-                f"{where}.cpus: {self.cpus} is below one decode task's decode_num_cpus ({self.decode_num_cpus}); "
+                f"{where}.ray_data_cpus: {self.ray_data_cpus} is below one decode task's decode_num_cpus ({self.decode_num_cpus}); "
                 "no decode task could ever run"
             )
         if bool(self.train) != bool(self.val):
@@ -232,14 +251,6 @@ class DataConfig:
     @property
     def uses_demo(self) -> bool:
         return not self.train
-
-    def transform_config(self):
-        """The augmentation recipe: transforms.TransformConfig.demo() or .coco()."""
-        from detr_ray.data.transforms import TransformConfig  # the data package imports this module
-
-        if self.augment == "demo" or (self.augment == "auto" and self.uses_demo):
-            return TransformConfig.demo()
-        return TransformConfig.coco()
 
 
 PRECISION_CHOICES = ("auto", "fp32", "tf32", "bf16", "fp16")

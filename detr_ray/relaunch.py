@@ -194,7 +194,7 @@ def sweep_config(space) -> dict:
 
 def _comparable(space) -> dict:
     config = sweep_config(space)
-    config["experiment"] = experiment_from_dict(space.experiment).to_dict()  # defaults filled in, types fixed
+    config["experiment"] = space.fixed.to_dict()  # defaults filled in, types fixed
     return config
 
 

@@ -27,7 +27,6 @@ best checkpoint of each (Ray Data inference, pycocotools, TIDE, cost columns mea
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import logging
@@ -70,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _experiment(args, arch: str):
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
-    raw = load_yaml(args.config) if args.config else copy.deepcopy(DEMO_EXPERIMENT)
+    raw = load_yaml(args.config) if args.config else demo_experiment()
     raw = {k: dict(v or {}) for k, v in raw.items()}
     raw.setdefault("model", {})["arch"] = arch
     if args.data:
@@ -104,7 +103,7 @@ def machine() -> dict:
 
 def train_all(args, storage: str) -> list[dict]:
     from detr_ray.train.trainer import build_trainer
-    from detr_ray.tune.tuner import best_checkpoint
+    from detr_ray.train.checkpoint import best_checkpoint
 
     runs = []
     for arch in args.archs:
@@ -136,7 +135,7 @@ def train_all(args, storage: str) -> list[dict]:
 
 
 def evaluate_all(runs: list[dict], out: Path, args):
-    from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+    from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
     from detr_ray.evaluation.inference import InferenceConfig
     from detr_ray.evaluation.subject import from_checkpoint
 

@@ -42,13 +42,13 @@ from pathlib import Path
 from detr_ray.config import ConfigError
 from detr_ray.data.shards import ShardError
 from detr_ray.coco_eval import ResultsError
-from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
-from detr_ray.evaluation.subject import SubjectError, from_experiment, resolve, subject_for_checkpoint
+from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment, resolve, subject_for_checkpoint
 from detr_ray.ownership import NotOwnedError
 from detr_ray.train.checkpoint import CheckpointError
 
-ERRORS = (SubjectError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, NotOwnedError, FileNotFoundError)
+ERRORS = (EvaluationTargetError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, NotOwnedError, FileNotFoundError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,14 +127,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
         try:
             if args.choose and not args.experiment:
-                raise SubjectError("--choose picks a member of an experiment's Pareto front: it needs --experiment")
+                raise EvaluationTargetError("--choose picks a member of an experiment's Pareto front: it needs --experiment")
             if args.experiment:
                 subject = from_experiment(args.experiment, workdir, choose=args.choose)
             else:
                 subject = subject_for_checkpoint(args.checkpoint, workdir, args.data, args.set)
             compare = [resolve(spec, workdir, args.data or subject.val, args.set) for spec in args.compare]
             if args.set and not any(s.kind == "published" for s in [subject, *compare]):
-                raise SubjectError("--set applies to published DETR weights only, and none is evaluated")
+                raise EvaluationTargetError("--set applies to published DETR weights only, and none is evaluated")
             for s in [subject, *compare]:
                 if s.weights:
                     print(f"published {s.source}\n  sha256 {s.weights['sha256']}\n  {s.weights['load']['summary']}")

@@ -21,7 +21,7 @@ import tempfile
 
 from detr_ray.config import ConfigError
 from detr_ray.evaluation.inference import load_detector
-from detr_ray.evaluation.subject import SubjectError, fetch_checkpoint
+from detr_ray.evaluation.subject import EvaluationTargetError, fetch_checkpoint
 from detr_ray.ownership import NotOwnedError
 from detr_ray.serve.export import export_detector
 from detr_ray.serve.model import choose_checkpoint
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             directory, _ = fetch_checkpoint(spec.location, workdir)  # a URI's copy; a local directory as it is
             detector = load_detector(directory, spec.manifest)
             metadata = export_detector(detector, {**spec.identity, "epoch": detector.epoch}, args.out)
-        except (SubjectError, CheckpointError, ConfigError, NotOwnedError, FileNotFoundError) as e:
+        except (EvaluationTargetError, CheckpointError, ConfigError, NotOwnedError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     check = metadata["check"]

@@ -29,7 +29,7 @@ import tempfile
 import threading
 
 from detr_ray.config import ConfigError
-from detr_ray.evaluation.subject import SubjectError
+from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import DEFAULT_MAX_BODY_BYTES, DEFAULT_SCORE_THRESHOLD, choose_checkpoint
 from detr_ray.train.checkpoint import CheckpointError
 
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         ).validate()
         spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint, workdir=workdir.name,
                                  data=args.data, overrides=args.set)
-    except (SubjectError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+    except (EvaluationTargetError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -20,7 +20,6 @@ configuration it was started with (recorded in <storage>/<name>/detr_ray_run.jso
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import secrets
@@ -31,7 +30,7 @@ import time
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
 from detr_ray.data.storage import is_uri, join
 from detr_ray.relaunch import plan_run
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer, default_storage
+from detr_ray.train.trainer import build_trainer, demo_experiment, default_storage
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        raw = load_yaml(args.config) if args.config else copy.deepcopy(DEMO_EXPERIMENT)
+        raw = load_yaml(args.config) if args.config else demo_experiment()
         raw = {k: dict(v or {}) for k, v in raw.items()}
         if args.data:
             raw.setdefault("data", {}).update(train=join(args.data, "train"), val=join(args.data, "val"))
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
     m = result.metrics or {}
     print(f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
           f"val/AP50 {m.get('val/AP50', float('nan')):.3f}")
-    from detr_ray.tune.tuner import best_checkpoint
+    from detr_ray.train.checkpoint import best_checkpoint
 
     # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
     best, value = best_checkpoint(result.path, "val/AP", "max")

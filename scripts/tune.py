@@ -34,12 +34,14 @@ import os
 import sys
 import time
 
-from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
+from detr_ray.config import ConfigError, apply_overrides, load_yaml
 from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.storage import join
 from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
+from detr_ray.tune.resources import SweepError
+from detr_ray.tune.summary import best_row_value, summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", "demo.yaml")
 
@@ -92,12 +94,7 @@ def load(args):
         if getattr(args, key) is not None:
             scheduler[key] = getattr(args, key)
     raw["scheduler"] = scheduler
-    space = parse_space(raw, args.space)  # every sampled configuration is checked with the overrides applied
-    data = experiment_from_dict(space.experiment, args.space).data
-    if data.uses_demo:  # generate the demo data once, before trials start, and pin its location
-        train_uri, _ = resolve_shards(data)
-        space.experiment.setdefault("data", {})["demo_root"] = os.path.dirname(train_uri)
-    return space
+    return parse_space(raw, args.space)  # every sampled configuration is checked with the overrides applied
 
 
 def print_summary(rows: list[dict], metric: str) -> None:
@@ -124,6 +121,7 @@ def main(argv=None) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.space))[0]
     try:
         space = load(args)
+        shards = resolve_shards(space.fixed.data)  # once for every trial (the demo data generated now, before any starts)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -143,13 +141,15 @@ def main(argv=None) -> int:
     try:
         sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent,
                             as_stored=args.resume_as_stored, study_storage=args.study_storage,
-                            warm_start=args.warm_start, warm_start_study=args.warm_start_study)
+                            warm_start=args.warm_start, warm_start_study=args.warm_start_study, shards=shards)
         if args.resume and not sweep.restored:
             print(f"error: --resume but there is no sweep at {sweep.experiment_dir}", file=sys.stderr)
             return 2
     except (SweepError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if sweep.space.fixed.data != space.fixed.data:  # restored as stored, with data of its own
+        shards = resolve_shards(sweep.space.fixed.data)
     space = sweep.space
     print(
         f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: {space.scheduler.num_samples} trials, "
@@ -165,9 +165,7 @@ def main(argv=None) -> int:
             print(f"  ignored trial {number}: {why}")
     results = sweep.fit()
     rows, best = summarize(results, space)
-    exp = experiment_from_dict(space.experiment)
-    train_uri, val_uri = resolve_shards(exp.data)
-    written = write_summary(sweep, rows, best, {"train": train_uri, "val": val_uri})
+    written = write_summary(sweep, rows, best, {"train": shards[0], "val": shards[1]})
 
     print(f"\nsweep finished in {time.time() - start:.0f} s ({len(rows)} trials)\n")
     print_summary(rows, space.scheduler.metric)

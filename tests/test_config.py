@@ -47,3 +47,32 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     with pytest.raises(ConfigError, match="config: unknown section"):
         experiment_from_dict({"trian": {}})
     assert isinstance(from_dict(TrainConfig, {"epochs": 3}), TrainConfig)
+
+
+def test_the_old_name_of_ray_data_cpus_is_read_with_a_warning(tmp_path, caplog):
+    """Configs stored under the old key (checkpoints, run records, YAMLs) still load."""
+    import logging
+
+    import torch
+
+    from detr_ray.config import experiment_from_dict
+    from detr_ray.model import build_model
+    from detr_ray.train import checkpoint as ckpt
+
+    with caplog.at_level(logging.WARNING, logger="detr_ray.config"):
+        exp = experiment_from_dict({"data": {"cpus": 2.0}}, "old.yaml")
+    assert exp.data.ray_data_cpus == 2.0 and "old.yaml.data.cpus is now called old.yaml.data.ray_data_cpus" in caplog.text
+    with pytest.raises(ConfigError, match="cpus is the old name of ray_data_cpus; give only ray_data_cpus"):
+        experiment_from_dict({"data": {"cpus": 2.0, "ray_data_cpus": 2.0}})
+    with pytest.raises(ConfigError, match="data.ray_data_cpus: 0.5 is below one decode task's decode_num_cpus"):
+        experiment_from_dict({"data": {"cpus": 0.5}})
+
+    # A checkpoint whose stored config has the old key.
+    model_cfg = DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
+                           num_queries=5, num_classes=3, frozen_bn=False)
+    torch.manual_seed(0)
+    config = experiment_from_dict({"model": vars(model_cfg)}).to_dict()
+    config["data"]["cpus"] = config["data"].pop("ray_data_cpus") or 1.0
+    ckpt.save(tmp_path / "old", build_model(model_cfg), None, None, None, ckpt.TrainingState(1, 1, config))
+    stored = ckpt.load(tmp_path / "old").state.config
+    assert experiment_from_dict(stored, "state.json: config").data.ray_data_cpus == 1.0

@@ -12,13 +12,13 @@ from detr_ray.config import experiment_from_dict
 from detr_ray.model import build_model
 from detr_ray.relaunch import ABSENT, RelaunchError, check_sweep, differences, plan_run, record_sweep
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.trainer import DEMO_EXPERIMENT
+from detr_ray.train.trainer import demo_experiment
 from detr_ray.tune.space import parse_space
 from tests.conftest import tiny_config
 
 
 def _exp(**train):
-    raw = copy.deepcopy(DEMO_EXPERIMENT)
+    raw = demo_experiment()
     raw["train"].update(train)
     return experiment_from_dict(raw)
 
@@ -133,11 +133,10 @@ def test_sweep_restore_with_a_changed_space_is_refused_unless_as_stored(tmp_path
         assert check_sweep(exp_dir, _space(), as_stored=True).params == _space().params
 
     record_sweep(exp_dir, _space())
-    same = _space()
-    same.experiment["train"]["lr"] = 1e-4  # the YAML's "1e-4" string, as a number: the same value
+    same = _space(experiment__train={"epochs": 3, "lr": 1e-4})  # the YAML's "1e-4" string, as a number: the same value
     assert check_sweep(exp_dir, same) is same
-    changed = _space(search__train__lr={"loguniform": [1.0e-5, 1.0e-2]}, scheduler__num_samples=6)
-    changed.experiment["model"]["backbone"] = "resnet34"
+    changed = _space(search__train__lr={"loguniform": [1.0e-5, 1.0e-2]}, scheduler__num_samples=6,
+                     experiment__model={"backbone": "resnet34", "hidden_dim": 32})
     with pytest.raises(RelaunchError) as e:
         check_sweep(exp_dir, changed)
     message = str(e.value)

@@ -133,10 +133,9 @@ def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
     return ensure_demo_shards(cfg.demo_root or default_demo_root())
 
 
-def build_datasets(cfg: DataConfig, seed: int | None = None) -> dict[str, Any]:
-    """{"train": Dataset, "val": Dataset} for TorchTrainer(datasets=...)."""
-    train_uri, val_uri = resolve_shards(cfg)
-    augment = cfg.transform_config()
+def build_datasets(cfg: DataConfig, train_uri: str, val_uri: str, augment: TransformConfig, seed: int | None = None) -> dict[str, Any]:
+    """{"train": Dataset, "val": Dataset} for TorchTrainer(datasets=...), from the shards the
+    run resolved (resolve_shards) with its recipe (recipe.augment_recipe)."""
     common = dict(
         decode_batch_size=cfg.decode_batch_size,
         decode_num_cpus=cfg.decode_num_cpus,

@@ -15,6 +15,7 @@ checkpoint's files. Undecodable images are counted and get no detections.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ import pyarrow as pa
 import torch
 
 from detr_ray.config import DETRConfig, ExperimentConfig, experiment_from_dict, from_dict, to_dict
+from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import TransformConfig
 from detr_ray.train import checkpoint as ckpt
@@ -83,10 +85,11 @@ class Detector:
     epoch: int
     metrics: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def transform(self) -> TransformConfig:
-        """The val transform the run trained with."""
-        return self.experiment.data.transform_config()
+        """The val transform the run trained with (for augment "auto": as its train shards' meta
+        says, read once)."""
+        return augment_recipe(self.experiment.data)
 
 
 def load_detector(directory: str | Path, manifest: dict | None = None) -> Detector:

@@ -1,7 +1,7 @@
 """What gets evaluated: a checkpoint, the best checkpoint of a tuning experiment, or a COCO
 results file of another detector; with what is known about how it was trained.
 
-An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/tuner.py:
+An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/summary.py:
 
     best.json    {"metric": "val/AP", "mode": "max", "trial": id, "value": float,
                   "config": {sampled hyperparameters, "train.lr": ...},
@@ -14,7 +14,7 @@ An experiment directory (local or a pyarrow URI), as written by detr_ray/tune/tu
 best.json names the checkpoint; without it, or when that checkpoint does not verify, the best
 trial of trials.json whose checkpoint verifies is taken. A checkpoint is verified against its
 manifest when it is chosen (a URI's after it is copied, each URI into a folder of its own), and
-again when it is loaded for scoring, against the manifest recorded then (`Subject.manifest`).
+again when it is loaded for scoring, against the manifest recorded then (`EvaluationTarget.manifest`).
 
 A published DETR file (the reference repository's layout: {"model": state dict}, such as
 detr-r50-e632da11.pth, or its training checkpoint.pth with "args"; a local file, an http(s) URL
@@ -25,12 +25,9 @@ directory, so that inference runs it like any other. Its identity is the file's 
 fetched into a folder of its own first); the report records it with the load report (which
 classes mapped by id, by name, or are new).
 
-Training history of a lone checkpoint: its run's TensorBoard scalars (<run>/tensorboard, every
-epoch) if present, else the metrics stored in the run's kept checkpoints.
-
-`parameter_importances` rebuilds an Optuna study from trials.json and asks Optuna which
-hyperparameters mattered (its default evaluator, PED-ANOVA in Optuna 5; fANOVA would need
-scikit-learn).
+Training history and parameter importances: training_history.py. Every kind of target is read
+here, in one module (about 480 lines), because evaluate.py, --compare and serving
+(serve/model.py) must choose and verify a checkpoint through the same functions.
 """
 
 from __future__ import annotations
@@ -38,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import struct
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +42,7 @@ from typing import Any
 
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
+from detr_ray.evaluation.training_history import run_history
 from detr_ray.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -55,12 +51,14 @@ BEST = "best.json"
 TRIALS = "trials.json"
 
 
-class SubjectError(ValueError):
+class EvaluationTargetError(ValueError):
     """What was asked to evaluate cannot be used. The message names the file and field."""
 
 
 @dataclass
-class Subject:
+class EvaluationTarget:
+    """One thing evaluate.py scores (see the module docstring), with what is known of its training."""
+
     name: str  # a short label (report title, --compare column)
     kind: str  # "checkpoint" | "experiment" | "results" | "published"
     source: str  # what the user gave
@@ -110,19 +108,19 @@ def _read_json(location: str) -> Any:
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as e:
-        raise SubjectError(f"{location}: cannot read: {e}") from e
+        raise EvaluationTargetError(f"{location}: cannot read: {e}") from e
     except ValueError as e:
-        raise SubjectError(f"{location}: not valid JSON: {e}") from e
+        raise EvaluationTargetError(f"{location}: not valid JSON: {e}") from e
 
 
 def _field(doc: dict, key: str, types, where: str, required: bool = True):
     if key not in doc or doc[key] is None:
         if required:
-            raise SubjectError(f"{where}: missing field {key!r}")
+            raise EvaluationTargetError(f"{where}: missing field {key!r}")
         return None
     value = doc[key]
     if not isinstance(value, types):
-        raise SubjectError(f"{where}.{key}: expected {getattr(types, '__name__', types)}, got {value!r}")
+        raise EvaluationTargetError(f"{where}.{key}: expected {getattr(types, '__name__', types)}, got {value!r}")
     return value
 
 
@@ -148,7 +146,7 @@ def fetch_checkpoint(location: str, workdir: str | Path) -> tuple[Path, dict]:
 def _checkpoint_state(directory: Path) -> dict:
     state = json.loads((directory / ckpt.STATE).read_text())
     if not isinstance(state, dict):
-        raise SubjectError(f"{directory / ckpt.STATE}: expected a JSON object, got {type(state).__name__}")
+        raise EvaluationTargetError(f"{directory / ckpt.STATE}: expected a JSON object, got {type(state).__name__}")
     return state
 
 
@@ -159,18 +157,18 @@ def _val_from_config(config: dict, where: str) -> str:
     try:
         exp = experiment_from_dict(config, where)
     except ConfigError as e:
-        raise SubjectError(str(e)) from e
+        raise EvaluationTargetError(str(e)) from e
     return resolve_shards(exp.data)[1]
 
 
-def from_checkpoint(location: str, workdir: str | Path, name: str | None = None) -> Subject:
+def from_checkpoint(location: str, workdir: str | Path, name: str | None = None) -> EvaluationTarget:
     try:
         directory, manifest = fetch_checkpoint(location, workdir)
     except ckpt.CheckpointError as e:
-        raise SubjectError(str(e)) from e
+        raise EvaluationTargetError(str(e)) from e
     state = _checkpoint_state(directory)
     config = state.get("config") or {}
-    return Subject(
+    return EvaluationTarget(
         name=name or str(location).rstrip("/").rsplit("/", 1)[-1],  # the user's name, not the fetched copy's
         kind="checkpoint",
         source=str(location),
@@ -226,7 +224,7 @@ def fetch_weights(location: str, workdir: str | Path) -> Path:
     location = str(location)
     if not location.startswith(("http://", "https://")) and not storage.is_uri(location):
         if not Path(location).is_file():
-            raise SubjectError(f"{location}: no such file")
+            raise EvaluationTargetError(f"{location}: no such file")
         return Path(location)
     name = location.rstrip("/").rsplit("/", 1)[-1] or "weights.pth"
     key = hashlib.sha256(location.encode()).hexdigest()[:16]
@@ -240,11 +238,11 @@ def fetch_weights(location: str, workdir: str | Path) -> Path:
         else:
             local.write_bytes(storage.read_bytes(location))
     except Exception as e:  # HTTP errors, a missing object, a refused connection: say which file
-        raise SubjectError(f"{location}: cannot fetch: {e}") from e
+        raise EvaluationTargetError(f"{location}: cannot fetch: {e}") from e
     return local
 
 
-def from_published(location: str, workdir: str | Path, data: str | None, overrides: list[str] = (), name: str | None = None) -> Subject:
+def from_published(location: str, workdir: str | Path, data: str | None, overrides: list[str] = (), name: str | None = None) -> EvaluationTarget:
     """A published DETR file as a subject (module docstring). `data`: the val shards, whose
     categories the class head is mapped to; `overrides`: "model.key=value" / "data.key=value"
     settings the file cannot tell (e.g. model.dilation=true) or that replace inferred ones."""
@@ -255,17 +253,17 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
 
     location = str(location)
     if not data:
-        raise SubjectError(f"{location}: a published checkpoint carries no val data; give the val shards (--data)")
+        raise EvaluationTargetError(f"{location}: a published checkpoint carries no val data; give the val shards (--data)")
     local = fetch_weights(location, workdir)
     sha256 = _sha256_file(local)
     file_name = location.rstrip("/").rsplit("/", 1)[-1]
     try:
         given = apply_overrides({"model": {}, "data": {}}, list(overrides))
     except ConfigError as e:
-        raise SubjectError(str(e)) from e
+        raise EvaluationTargetError(str(e)) from e
     unknown = sorted(set(given) - PUBLISHED_SECTIONS)
     if unknown:
-        raise SubjectError(f"--set: only model.* and data.* apply to a published checkpoint, not {', '.join(unknown)}")
+        raise EvaluationTargetError(f"--set: only model.* and data.* apply to a published checkpoint, not {', '.join(unknown)}")
     meta = read_meta(data)
     categories = list(zip(meta.label_to_category_id, meta.label_names))
     try:
@@ -278,9 +276,9 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
         model = build_model(exp.model)
         report = load_pretrained(model, local, categories=categories)
     except (WeightsError, ConfigError) as e:  # their messages name the file
-        raise SubjectError(str(e)) from e
+        raise EvaluationTargetError(str(e)) from e
     if report.reinitialized:
-        raise SubjectError(
+        raise EvaluationTargetError(
             f"{location}: cannot be scored on {data}: it would run with freshly initialised "
             f"{', '.join(sorted(report.reinitialized))} ({'; '.join(report.reinitialized.values())})"
         )
@@ -295,7 +293,7 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
     state = ckpt.TrainingState(epoch=0, global_step=0, config=exp.to_dict(), metrics={},
                                categories={"label_to_category_id": meta.label_to_category_id, "names": meta.label_names})
     ckpt.save(directory, model, None, None, None, state)
-    return Subject(
+    return EvaluationTarget(
         name=name or file_name,
         kind="published",
         source=location,
@@ -319,19 +317,19 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
     )
 
 
-def subject_for_checkpoint(location: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> Subject:
+def subject_for_checkpoint(location: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> EvaluationTarget:
     """--checkpoint: a detr-ray checkpoint directory or a published DETR weights file."""
     if is_weights_file(location):
         return from_published(location, workdir, data, overrides)
     return from_checkpoint(location, workdir)
 
 
-def from_results(path: str | Path, name: str | None = None) -> Subject:
+def from_results(path: str | Path, name: str | None = None) -> EvaluationTarget:
     """A COCO results JSON of any detector (checked against the ground truth when scored)."""
     path = Path(path)
     if not path.is_file():
-        raise SubjectError(f"{path}: no such results file")
-    return Subject(name=name or path.stem, kind="results", source=str(path), results_file=path)
+        raise EvaluationTargetError(f"{path}: no such results file")
+    return EvaluationTarget(name=name or path.stem, kind="results", source=str(path), results_file=path)
 
 
 def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: str) -> tuple[dict, list[dict]]:
@@ -341,14 +339,14 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
 
     if isinstance(best, dict):
         if choose:
-            raise SubjectError(f"{where}: one best trial (a sweep of one objective): --choose applies to a Pareto front")
+            raise EvaluationTargetError(f"{where}: one best trial (a sweep of one objective): --choose applies to a Pareto front")
         return best, []
     if not isinstance(best, list) or not best or not all(isinstance(e, dict) and isinstance(e.get("values"), dict) for e in best):
-        raise SubjectError(f"{where}: expected a JSON object, or a non-empty list of Pareto-front entries with 'values'")
+        raise EvaluationTargetError(f"{where}: expected a JSON object, or a non-empty list of Pareto-front entries with 'values'")
     if choose is None:
         if len(best) > 1:
             listed = "\n".join(f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best)
-            raise SubjectError(
+            raise EvaluationTargetError(
                 f"{where}: a Pareto front of {len(best)} trials ({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
                 f"choose one with --choose, e.g. --choose \"max {next(iter(objectives))}\" or "
                 f"--choose \"max val/AP subject to model/parameters<=N\":\n{listed}"
@@ -357,43 +355,53 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
     try:
         return pareto.choose(best, choose, objectives), best
     except pareto.RuleError as e:
-        raise SubjectError(f"{where}: {e}") from e
+        raise EvaluationTargetError(f"{where}: {e}") from e
 
 
-def from_experiment(location: str, workdir: str | Path, name: str | None = None, choose: str | None = None) -> Subject:
+def _read_sweep(location: str) -> tuple[Any, Any]:
+    """(best.json, trials.json) of the sweep at `location`, each None when missing; neither:
+    EvaluationTargetError."""
+    docs = []
+    for name in (BEST, TRIALS):
+        try:
+            docs.append(_read_json(storage.join(location, name)))
+        except FileNotFoundError:
+            docs.append(None)
+    if docs == [None, None]:
+        raise EvaluationTargetError(
+            f"{location}: neither {BEST} nor {TRIALS} found; not an experiment directory "
+            "(scripts/tune.py writes one; use --checkpoint for a single checkpoint)"
+        )
+    return docs[0], docs[1]
+
+
+def _trials_record(trials_doc: Any, trials_loc: str, metric: str, mode: str) -> tuple[list[dict], dict, str, str]:
+    """(trials, search, metric, mode) of trials.json, checked."""
+    if not isinstance(trials_doc, dict):
+        raise EvaluationTargetError(f"{trials_loc}: expected a JSON object, got {type(trials_doc).__name__}")
+    trials = _field(trials_doc, "trials", list, trials_loc)
+    for i, t in enumerate(trials):
+        if not isinstance(t, dict) or "trial" not in t:
+            raise EvaluationTargetError(f"{trials_loc}: trials[{i}]: expected an object with a 'trial' id")
+    search = _field(trials_doc, "search", dict, trials_loc, required=False) or {}
+    metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
+    mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
+    return trials, search, metric, mode
+
+
+def from_experiment(location: str, workdir: str | Path, name: str | None = None, choose: str | None = None) -> EvaluationTarget:
     """The best trial's best checkpoint of the sweep at `location`; with several objectives, the
     member of the Pareto front that `choose` (pareto.py's rule) picks."""
     location = str(location)
     best_loc, trials_loc = storage.join(location, BEST), storage.join(location, TRIALS)
-    best = trials_doc = None
-    try:
-        best = _read_json(best_loc)
-    except FileNotFoundError:
-        pass
-    try:
-        trials_doc = _read_json(trials_loc)
-    except FileNotFoundError:
-        pass
-    if best is None and trials_doc is None:
-        raise SubjectError(
-            f"{location}: neither {BEST} nor {TRIALS} found; not an experiment directory "
-            "(scripts/tune.py writes one; use --checkpoint for a single checkpoint)"
-        )
+    best, trials_doc = _read_sweep(location)
     trials, search, metric, mode = [], {}, "val/AP", "max"
     if trials_doc is not None:
-        if not isinstance(trials_doc, dict):
-            raise SubjectError(f"{trials_loc}: expected a JSON object, got {type(trials_doc).__name__}")
-        trials = _field(trials_doc, "trials", list, trials_loc)
-        for i, t in enumerate(trials):
-            if not isinstance(t, dict) or "trial" not in t:
-                raise SubjectError(f"{trials_loc}: trials[{i}]: expected an object with a 'trial' id")
-        search = _field(trials_doc, "search", dict, trials_loc, required=False) or {}
-        metric = _field(trials_doc, "metric", str, trials_loc, required=False) or metric
-        mode = _field(trials_doc, "mode", str, trials_loc, required=False) or mode
+        trials, search, metric, mode = _trials_record(trials_doc, trials_loc, metric, mode)
 
     chosen, front = None, []
     if best is None and choose:
-        raise SubjectError(f"{location}: no {BEST}: no Pareto front to choose from")
+        raise EvaluationTargetError(f"{location}: no {BEST}: no Pareto front to choose from")
     if best is not None:
         objectives = (trials_doc or {}).get("objectives") if isinstance(trials_doc, dict) else None
         best, front = _choose(best, choose, objectives or {metric: mode}, best_loc)
@@ -402,9 +410,9 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
             chosen = fetch_checkpoint(ckpt_loc, workdir)
         except ckpt.CheckpointError as e:
             if front:  # another trial would answer another rule: refuse instead
-                raise SubjectError(f"{best_loc}: the chosen trial {best.get('trial')}'s checkpoint: {e}") from e
+                raise EvaluationTargetError(f"{best_loc}: the chosen trial {best.get('trial')}'s checkpoint: {e}") from e
             if trials_doc is None:
-                raise SubjectError(f"{best_loc}.checkpoint: {e}") from e
+                raise EvaluationTargetError(f"{best_loc}.checkpoint: {e}") from e
             log.warning("%s.checkpoint does not verify, taking the best trial of %s whose checkpoint does: %s", best_loc, TRIALS, e)
     if chosen is not None:
         directory, manifest = chosen
@@ -417,7 +425,7 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
         mode = _field(best, "mode", str, best_loc, required=False) or mode
         val = data.get("val")
         if val is not None and not isinstance(val, str):
-            raise SubjectError(f"{best_loc}.data.val: expected a shard directory or URI, got {val!r}")
+            raise EvaluationTargetError(f"{best_loc}.data.val: expected a shard directory or URI, got {val!r}")
     else:
         directory, manifest, trial, value, hyper = _best_trial_checkpoint(trials, metric, mode, trials_loc, workdir)
         experiment, val = None, None
@@ -427,7 +435,7 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
         val = _val_from_config(experiment, f"{best_loc if chosen is not None else directory / ckpt.STATE}: experiment")
     record = next((t for t in trials if str(t["trial"]) == trial), None)
     history = (record or {}).get("history") or run_history(directory)
-    return Subject(
+    return EvaluationTarget(
         name=name or f"{Path(location.rstrip('/')).name}:{trial}",
         kind="experiment",
         source=location,
@@ -452,16 +460,15 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
 def _best_trial_checkpoint(trials: list[dict], metric: str, mode: str, where: str, workdir) -> tuple:
     """(checkpoint dir, manifest, trial id, value, config) of the best trial whose checkpoint
     verifies."""
-    candidates = [(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")]
-    chosen = ckpt.best_verified(candidates, mode, check=lambda location: fetch_checkpoint(location, workdir))
+    chosen = ckpt.best_trial(trials, mode, check=lambda location: fetch_checkpoint(location, workdir))
     if chosen is None:
-        raise SubjectError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
-    (value, _, t), (directory, manifest) = chosen
-    log.info("%s: best trial by %s with a verified checkpoint: %s (%s)", where, metric, t["trial"], value)
-    return directory, manifest, str(t["trial"]), float(value), t.get("config") or {}
+        raise EvaluationTargetError(f"{where}: no trial has a finite {metric!r} and a checkpoint that verifies")
+    t, (directory, manifest) = chosen
+    log.info("%s: best trial by %s with a verified checkpoint: %s (%s)", where, metric, t["trial"], t["best"])
+    return directory, manifest, str(t["trial"]), float(t["best"]), t.get("config") or {}
 
 
-def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> Subject:
+def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> EvaluationTarget:
     """For --compare: a results .json file, an experiment directory, a checkpoint directory or a
     published DETR weights file (scored on `data`, with `overrides`: see from_published)."""
     if is_weights_file(spec):
@@ -472,114 +479,7 @@ def resolve(spec: str, workdir: str | Path, data: str | None = None, overrides: 
         return from_experiment(spec, workdir)
     if storage.exists(storage.join(spec, ckpt.MANIFEST)) or storage.exists(storage.join(spec, ckpt.STATE)):
         return from_checkpoint(spec, workdir)
-    raise SubjectError(
+    raise EvaluationTargetError(
         f"{spec}: not a COCO results file, an experiment directory ({BEST}/{TRIALS}), a checkpoint directory "
         "or a DETR weights file"
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Training history of a run
-
-
-def _tensorboard_scalars(path: Path) -> dict[int, dict[str, float]]:
-    """step -> {tag: value} from one TensorBoard event file (TFRecord framing of Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    out: dict[int, dict[str, float]] = {}
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack("<Q", data[pos : pos + 8])
-        record = data[pos + 12 : pos + 12 + length]
-        pos += 12 + length + 4
-        if len(record) < length:
-            break  # a file still being written
-        event = event_pb2.Event.FromString(record)
-        for value in event.summary.value:
-            if value.HasField("simple_value"):
-                out.setdefault(int(event.step), {})[value.tag] = float(value.simple_value)
-    return out
-
-
-def run_history(checkpoint_dir: Path) -> list[dict]:
-    """Per-epoch metrics of the run a checkpoint belongs to (see the module docstring)."""
-    run_dir = Path(checkpoint_dir).parent
-    by_epoch: dict[int, dict] = {}
-    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        try:
-            for step, scalars in _tensorboard_scalars(events).items():
-                by_epoch.setdefault(step, {}).update(scalars)
-        except Exception as e:  # a damaged event file only loses the curves
-            log.warning("%s: cannot read TensorBoard scalars: %s", events, e)
-    if not by_epoch:
-        for state_file in sorted(run_dir.glob(f"checkpoint_*/{ckpt.STATE}")):
-            try:
-                state = json.loads(state_file.read_text())
-                by_epoch[int(state["epoch"])] = {k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))}
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("%s: unreadable: %s", state_file, e)
-    return [{"epoch": epoch, **{k: v for k, v in m.items() if k != "epoch"}} for epoch, m in sorted(by_epoch.items())]
-
-
-# --------------------------------------------------------------------------------------------
-# Optuna parameter importances
-
-
-def _distribution(spec: Any, key: str):
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise SubjectError(f"{TRIALS}: search.{key}: expected {{distribution: args}}, got {spec!r}")
-    (kind, args), = spec.items()
-    if kind == "loguniform":
-        return FloatDistribution(float(args[0]), float(args[1]), log=True)
-    if kind == "uniform":
-        return FloatDistribution(float(args[0]), float(args[1]))
-    if kind == "int":
-        return IntDistribution(int(args[0]), int(args[1]))
-    if kind == "choice":
-        return CategoricalDistribution(list(args))
-    if kind in ("fixed", "by"):  # not a dimension of its own: a constant, or follows a choice
-        return None
-    raise SubjectError(f"{TRIALS}: search.{key}: unknown distribution {kind!r}")
-
-
-def parameter_importances(subject: Subject) -> dict[str, float] | str:
-    """{parameter: importance} (summing to 1), or a sentence saying why there are none."""
-    import warnings
-
-    import optuna
-    from optuna.importance import get_param_importances
-
-    if not subject.trials:
-        return "no trials.json: not a sweep"
-    try:
-        distributions = {k: d for k, spec in subject.search.items() if (d := _distribution(spec, k)) is not None}
-    except (SubjectError, TypeError, ValueError, IndexError) as e:
-        return f"search space unreadable: {e}"
-    if not distributions:
-        return "no tuned parameters in the search space"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    finished = []
-    for t in subject.trials:
-        value, config = t.get("best"), t.get("config") or {}
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not all(k in config for k in distributions):
-            continue
-        try:
-            finished.append(optuna.trial.create_trial(params={k: config[k] for k in distributions}, distributions=distributions, value=float(value)))
-        except (ValueError, TypeError) as e:
-            log.warning("trial %s left out of the importances: %s", t.get("trial"), e)
-    if len(finished) < 2:
-        return f"not enough trials ({len(finished)} finished with a value; 2 needed)"
-    try:
-        study = optuna.create_study(direction="maximize" if subject.mode == "max" else "minimize")
-        study.add_trials(finished)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            importances = get_param_importances(study)
-        for w in caught:
-            log.warning("parameter importances: %s", w.message)
-    except Exception as e:  # optuna refuses degenerate studies in several ways
-        return f"not enough trials to estimate importances ({type(e).__name__}: {e})"
-    return {k: float(v) for k, v in importances.items()}

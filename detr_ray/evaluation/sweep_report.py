@@ -5,7 +5,7 @@ found and what it cost.
     parallel coordinates   every trial's parameters and objectives on one line, coloured by the primary metric
     learning curves        every trial's metric by epoch, ASHA's rungs marked: where it kept a trial going,
                            where it stopped one
-    parameter importances  Optuna's (subject.parameter_importances), as a bar chart
+    parameter importances  Optuna's (training_history.parameter_importances), as a bar chart
     compute                trial-epochs and device-hours spent against a full-budget grid of the same trials
                            (each trial run to the sweep's epochs, at its own measured time per epoch)
     Pareto front           several objectives: the front, which member was evaluated and by which rule

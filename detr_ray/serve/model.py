@@ -79,7 +79,7 @@ def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None =
                       data: str | None = None, overrides: list[str] = ()) -> ModelSpec:
     """The verified checkpoint to serve: `checkpoint` itself, or an experiment's best.json
     checkpoint (the best trial of trials.json whose checkpoint verifies, when that one does not),
-    chosen exactly as evaluate.py chooses it. SubjectError / CheckpointError otherwise. `workdir`
+    chosen exactly as evaluate.py chooses it. EvaluationTargetError / CheckpointError otherwise. `workdir`
     holds copies of checkpoints behind URIs.
 
     `checkpoint` may also be published DETR weights (a file, URL or URI, as evaluate.py takes
@@ -92,21 +92,21 @@ def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None =
         raise ValueError("give exactly one of experiment, checkpoint")
     if (checkpoint is not None and not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file()
             and (Path(checkpoint).parent / ckpt.MANIFEST).is_file()):
-        raise subject.SubjectError(f"{checkpoint}: a file of the checkpoint directory {Path(checkpoint).parent}; give the directory")
+        raise subject.EvaluationTargetError(f"{checkpoint}: a file of the checkpoint directory {Path(checkpoint).parent}; give the directory")
     if checkpoint is not None and subject.is_weights_file(checkpoint):
         return _choose_published(checkpoint, workdir, data, list(overrides))
     if data is not None or overrides:
-        raise subject.SubjectError("--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings")
+        raise subject.EvaluationTargetError("--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings")
     if checkpoint is not None:
         if not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file():
-            raise subject.SubjectError(
+            raise subject.EvaluationTargetError(
                 f"{checkpoint}: a file that is not DETR weights; serving takes a detr-ray checkpoint directory "
                 "(checkpoint_epochNNNN), published DETR weights (with --data) or an experiment directory (--experiment)"
             )
         try:
             directory, manifest = subject.fetch_checkpoint(checkpoint, workdir)
         except ckpt.CheckpointError as e:
-            raise subject.SubjectError(str(e)) from e
+            raise subject.EvaluationTargetError(str(e)) from e
         trial = None
         location = checkpoint
     else:
@@ -132,7 +132,7 @@ def _choose_published(location: str, workdir: str | Path, data: str | None, over
     published = subject.from_published(location, Path(workdir) / "chosen", data, overrides)
     new = [c["name"] for c in published.weights["load"]["classes"] if c["how"] == "new"]
     if new:
-        raise subject.SubjectError(
+        raise subject.EvaluationTargetError(
             f"{location}: categories {new} of {data} are not among its classes; serving them would answer with "
             "freshly initialised rows (different in every replica). Fine-tune it on this data first, then serve that checkpoint"
         )
@@ -152,7 +152,7 @@ def _chosen_location(experiment: str, chosen) -> str | None:
         return str(record["checkpoint"])
     try:
         best = subject._read_json(subject.storage.join(experiment, subject.BEST))
-    except (FileNotFoundError, subject.SubjectError):
+    except (FileNotFoundError, subject.EvaluationTargetError):
         return None
     return str(best.get("checkpoint")) if isinstance(best, dict) and best.get("checkpoint") else None
 
@@ -294,11 +294,11 @@ class ServedModel:
 
     @staticmethod
     def _convert_published(published: dict, workdir: str | Path) -> tuple[Path, dict]:
-        from detr_ray.evaluation.subject import SubjectError, from_published
+        from detr_ray.evaluation.subject import EvaluationTargetError, from_published
 
         subject = from_published(published["source"], workdir, published["data"], published["overrides"])
         if subject.weights["sha256"] != published["sha256"]:
-            raise SubjectError(f"{published['source']}: its sha256 is now {subject.weights['sha256']}, "
+            raise EvaluationTargetError(f"{published['source']}: its sha256 is now {subject.weights['sha256']}, "
                                f"not {published['sha256']} as when it was chosen; not serving other weights")
         return subject.checkpoint, subject.manifest
 

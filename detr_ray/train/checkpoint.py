@@ -249,3 +249,38 @@ def best_verified(candidates: Iterable[tuple], mode: str, check: Callable[[str],
         except (CheckpointError, OSError) as e:
             log.warning("not using the checkpoint scored %s, trying the next best: %s", candidate[0], e)
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the best checkpoint: within a run, and among a sweep's trials
+
+
+def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, float | None]:
+    """A Train run's best checkpoint that verifies (every file's hash, on any storage), by the
+    metric its own state.json recorded (the run directory is the record: Tune may have missed a
+    run's last report). The claimed values only order the candidates: the chosen checkpoint's
+    state.json is among the files verified, so its value is the one it was saved with."""
+    candidates = []
+    for name in storage.list_dirs(run_dir):
+        path = storage.join(run_dir, name)
+        if not name.startswith("checkpoint_"):
+            continue
+        try:
+            candidates.append((json.loads(storage.read_bytes(storage.join(path, STATE)))["metrics"].get(metric), path))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unfinished or damaged: not a candidate
+            log.warning("%s: unreadable %s, not a candidate: %s", path, STATE, e)
+    chosen = best_verified(candidates, mode)
+    if chosen is None:
+        return None, None
+    (value, path), _ = chosen
+    return path, float(value)
+
+
+def best_trial(trials: Iterable[dict], mode: str, check: Callable[[str], Any] = verify) -> tuple[dict, Any] | None:
+    """The best of a sweep's trials (trials.json rows: "best" value, "checkpoint" location)
+    whose checkpoint passes `check` (see best_verified), and what `check` returned; or None."""
+    chosen = best_verified([(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")], mode, check)
+    if chosen is None:
+        return None
+    (_, _, trial), checked = chosen
+    return trial, checked

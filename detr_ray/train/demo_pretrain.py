@@ -44,7 +44,7 @@ from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import write_shards
 from detr_ray.ownership import claim, remove_generated
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.trainer import DEMO_EXPERIMENT
+from detr_ray.train.trainer import demo_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def default_pretrained_root() -> str:
 def pretrain_experiment(epochs: int = PRETRAIN_EPOCHS) -> dict[str, Any]:
     """The default pre-training experiment: the demo experiment's model and optimiser settings,
     with a cosine schedule (a short run gains most from annealing to its end)."""
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["data"].update(augment="demo")
     exp["train"].update(epochs=epochs, lr_schedule="cosine", keep_checkpoints=1, tensorboard=False)
     return exp

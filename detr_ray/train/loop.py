@@ -19,22 +19,23 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from detr_ray import testing_hooks
 from detr_ray.coco_eval import evaluate
-from detr_ray.config import ExperimentConfig, experiment_from_dict
+from detr_ray.config import ExperimentConfig
 from detr_ray.data.batches import DetectionBatches
 from detr_ray.data.decode import derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
 from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
 from detr_ray.model.predict import normalize, predict_batch
+from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 
@@ -83,8 +84,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class _Agreement:
-    """Per-step vote over a CPU group: does every worker have another batch?"""
+class _CpuCollectives:
+    """Collectives of the loop's bookkeeping over a CPU (gloo) group, apart from the training
+    backend's: the per-step vote (does every worker have another batch?) and sums of counts."""
 
     def __init__(self):
         _, world = _world()
@@ -158,21 +160,44 @@ def _resume_candidates(ctx) -> list:
 # The loop
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
+@dataclass(frozen=True)
+class WorkerRun:
+    """What every Train worker of a run receives: the parsed experiment and what build_trainer
+    resolved once for the run (the shard locations, the TensorBoard directory), plus the test
+    hooks (inert in production: detr_ray/testing_hooks.py)."""
+
+    experiment: ExperimentConfig
+    train_uri: str
+    val_uri: str
+    tensorboard_dir: str | None = None
+    testing: TestingHooks = field(default_factory=TestingHooks)
+
+
+RUN_KEY = "run"  # the key of the WorkerRun in TorchTrainer's train_loop_config
+
+
+@dataclass
+class _Worker:
+    """This worker's model and optimisation state, as built and (when resuming) restored."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: TrainStep
+    meta: Any  # shards.DatasetMeta of the train split
+    parameters: int
+    calibrate: bool  # calibrate frozen BatchNorm statistics on the first batch
+    start_epoch: int = 0
+    global_step: int = 0
+    last_val: dict = field(default_factory=dict)
+    resumed_metrics: dict = field(default_factory=dict)
+
+
+def _build_worker(run: WorkerRun, rank: int, device: torch.device) -> _Worker:
     import ray.train.torch
 
-    exp: ExperimentConfig = experiment_from_dict(config["experiment"])
-    tcfg = exp.train
-    train_uri, val_uri = config["train_uri"], config["val_uri"]
-    fault = config.get("fault_injection") or {}
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":  # as many threads as CPUs reserved (Ray's default is 1 below 2 CPUs)
-        torch.set_num_threads(max(1, math.ceil(tcfg.cpus_per_worker)))
-
-    meta = read_meta(train_uri)
+    exp, tcfg = run.experiment, run.experiment.train
+    meta = read_meta(run.train_uri)
     model_cfg = replace(exp.model, num_classes=meta.num_classes)
     is_detr = model_cfg.arch == "detr"
     if rank == 0:
@@ -193,84 +218,106 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, tcfg.lr, tcfg.lr_backbone, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg)
     step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
+    return _Worker(model, optimizer, scheduler, step, meta, parameters, calibrate)
 
-    start_epoch, global_step, last_val, resumed_metrics = 0, 0, {}, {}
+
+def _resume(w: _Worker, ctx, rank: int) -> None:
+    """Restores `w` from the newest checkpoint of the run that verifies, if there is one."""
     candidates = _resume_candidates(ctx)
-    if candidates:
-        loaded = load_resume_state(candidates)
-        if loaded is not None:
-            _inner(model).load_state_dict(loaded.model)
-            optimizer.load_state_dict(loaded.optimizer)
-            scheduler.load_state_dict(loaded.scheduler)
-            if loaded.scaler:
-                step.scaler.load_state_dict(loaded.scaler)
-            start_epoch, global_step = loaded.state.epoch, loaded.state.global_step
-            last_val = {k: v for k, v in loaded.state.metrics.items() if k.startswith("val/")}
-            resumed_metrics = loaded.state.metrics
-            calibrate = False  # the checkpoint carries the calibrated statistics
-            log.info("rank %d: resuming from %s at epoch %d", rank, loaded.path, start_epoch)
+    loaded = load_resume_state(candidates) if candidates else None
+    if loaded is None:
+        return
+    _inner(w.model).load_state_dict(loaded.model)
+    w.optimizer.load_state_dict(loaded.optimizer)
+    w.scheduler.load_state_dict(loaded.scheduler)
+    if loaded.scaler:
+        w.step.scaler.load_state_dict(loaded.scaler)
+    w.start_epoch, w.global_step = loaded.state.epoch, loaded.state.global_step
+    w.last_val = {k: v for k, v in loaded.state.metrics.items() if k.startswith("val/")}
+    w.resumed_metrics = loaded.state.metrics
+    w.calibrate = False  # the checkpoint carries the calibrated statistics
+    log.info("rank %d: resuming from %s at epoch %d", rank, loaded.path, w.start_epoch)
 
-    if start_epoch >= tcfg.epochs:
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: `config[RUN_KEY]` is this run's WorkerRun."""
+    import ray.train
+    import ray.train.torch
+
+    run: WorkerRun = config[RUN_KEY]
+    exp, tcfg = run.experiment, run.experiment.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many threads as CPUs reserved (Ray's default is 1 below 2 CPUs)
+        torch.set_num_threads(max(1, math.ceil(tcfg.cpus_per_worker)))
+    w = _build_worker(run, rank, device)
+    _resume(w, ctx, rank)
+    if w.start_epoch >= tcfg.epochs:
         # The run had finished when it was interrupted (e.g. before a sweep recorded its last
         # result): report its final metrics again so that whoever watches sees it complete.
-        ray.train.report({**resumed_metrics, "train/start_epoch": start_epoch}, checkpoint=None)
+        ray.train.report({**w.resumed_metrics, "train/start_epoch": w.start_epoch}, checkpoint=None)
         return
 
-    agree = _Agreement()
-    writer = _tensorboard(config, rank, tcfg)
-    gt = coco_ground_truth(val_uri) if rank == 0 else None
-    categories = {"label_to_category_id": meta.label_to_category_id, "names": meta.label_names}
+    agree = _CpuCollectives()
+    writer = _tensorboard(run, rank)
+    gt = coco_ground_truth(run.val_uri) if rank == 0 else None
+    categories = {"label_to_category_id": w.meta.label_to_category_id, "names": w.meta.label_names}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-
-    for epoch in range(start_epoch, tcfg.epochs):
+    for epoch in range(w.start_epoch, tcfg.epochs):
         # What this worker draws in an epoch (dropout, the local shuffle) follows from (seed,
         # epoch, rank), the same in every run with this seed and after a resume. Model init drew
         # from the seed above; augmentation is drawn in the decode tasks (data/decode.py).
         torch.manual_seed(derive_seed(tcfg.seed, "torch", epoch, rank))
         shuffle_seed = derive_seed(tcfg.seed, "shuffle", epoch, rank)
         batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed)
-        metrics, global_step, calibrate, seen, losses = _train_epoch(
-            step, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank, bool(config.get("audit_dir"))
+        metrics, w.global_step, w.calibrate, seen, losses = _train_epoch(
+            w.step, batches, agree, epoch, w.global_step, tcfg, device, w.calibrate, run.testing, rank
         )
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["lr_backbone"] = optimizer.param_groups[-1]["lr"]
-        scheduler.step()
+        metrics["lr"] = w.optimizer.param_groups[0]["lr"]
+        metrics["lr_backbone"] = w.optimizer.param_groups[-1]["lr"]
+        w.scheduler.step()
         done = epoch + 1
         if done % tcfg.eval_every == 0 or done == tcfg.epochs:
-            last_val, val_ids = _validate(_inner(model), val_shard, exp, device, gt, meta, writer, done)
-            last_val["val/epoch"] = done
-            metrics["checkpoint_score"] = last_val.get("val/AP", -1.0)  # rank 0 holds the metrics
+            w.last_val, val_ids = _validate(_inner(w.model), val_shard, exp, device, gt, w.meta, writer, done)
+            w.last_val["val/epoch"] = done
+            metrics["checkpoint_score"] = w.last_val.get("val/AP", -1.0)  # rank 0 holds the metrics
         else:
             val_ids = None
             metrics["checkpoint_score"] = -1.0  # ranks below every evaluated checkpoint
-        if config.get("audit_dir"):
-            _audit(config["audit_dir"], rank, done, seen, model, losses, val_ids)
-        metrics.update(last_val)
-        metrics["epoch"] = done
-        metrics["global_step"] = global_step
-        metrics["train/start_epoch"] = start_epoch  # > 0: this attempt resumed from a checkpoint
-        metrics["model/parameters"] = parameters
-        if rank == 0:
-            log.info(
-                "epoch %d/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s, data wait %.0f%%",
-                done, tcfg.epochs, metrics["train/loss"], metrics.get("val/AP", float("nan")),
-                metrics.get("val/AP50", float("nan")), metrics["train/images_per_s"], 100 * metrics["train/data_wait_fraction"],
-            )
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, done)
-            writer.flush()
-        if rank == 0:  # where this run's workers live, so a sweep can check they were released
-            runtime = ray.get_runtime_context()
-            metrics["run/placement_group"] = runtime.get_placement_group_id() or ""
-            metrics["run/node_id"] = runtime.get_node_id()
-        _report(model, optimizer, scheduler, step.scaler, exp, categories, metrics, done, global_step, rank)
+        testing_hooks.audit_point(run.testing, rank, done, seen, w.model, losses, val_ids)
+        metrics.update(w.last_val)
+        metrics.update({"epoch": done, "global_step": w.global_step, "model/parameters": w.parameters,
+                        "train/start_epoch": w.start_epoch})  # start_epoch > 0: this attempt resumed
+        _log_epoch(metrics, writer, rank, done, tcfg.epochs)
+        _report(w.model, w.optimizer, w.scheduler, w.step.scaler, exp, categories, metrics, done, w.global_step, rank)
     if writer is not None:
         writer.close()
 
 
-def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, fault, rank, keep_losses=False):
+def _log_epoch(metrics: dict, writer, rank: int, done: int, epochs: int) -> None:
+    """The epoch's line in the log and its TensorBoard scalars (rank 0); rank 0 adds where this
+    run's workers live, so a sweep can check they were released."""
+    import ray
+
+    if rank == 0:
+        log.info(
+            "epoch %d/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s, data wait %.0f%%",
+            done, epochs, metrics["train/loss"], metrics.get("val/AP", float("nan")),
+            metrics.get("val/AP50", float("nan")), metrics["train/images_per_s"], 100 * metrics["train/data_wait_fraction"],
+        )
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, done)
+        writer.flush()
+    if rank == 0:
+        runtime = ray.get_runtime_context()
+        metrics["run/placement_group"] = runtime.get_placement_group_id() or ""
+        metrics["run/node_id"] = runtime.get_node_id()
+
+
+def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, testing: TestingHooks, rank):
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     losses: list[torch.Tensor] = []  # per step, for the audit only (kept on the device: no sync)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -287,11 +334,7 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
             break
         images, mask, targets = batch
         wait += time.perf_counter() - t_last
-        if fault and fault.get("rank") == rank and global_step == fault.get("step") and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text(f"crashed at step {global_step}")
-            if fault.get("signal"):  # a real kill (e.g. 9, SIGKILL): no Python clean-up, as from the OOM killer
-                os.kill(os.getpid(), fault["signal"])
-            os._exit(1)  # test hook: simulate a worker dying mid-epoch, once
+        testing_hooks.crash_point(testing, rank, global_step)
         if calibrate:
             calibrate_frozen_batchnorm(_inner(step.model).backbone, normalize(images.to(device)))
             calibrate = False
@@ -301,7 +344,7 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {global_step}: {e}") from e
         for k, v in out.items():
             sums[k] += v
-        if keep_losses:
+        if testing.keeps_losses:
             losses.append(out["loss"].detach())
         bad = ~torch.isfinite(out["loss"])
         if device.type == "cpu":
@@ -328,25 +371,6 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
     metrics["train/steps"] = n_steps
     metrics = {k if k.startswith("train/") else f"train/{k}": v for k, v in metrics.items()}
     return metrics, global_step, calibrate, seen, [float(v) for v in losses]
-
-
-def _audit(directory, rank, epoch, image_ids, model, losses=(), val_image_ids=None) -> None:
-    """Debugging aid: which images this rank trained on, its loss at each step, a hash of its
-    parameters after the epoch, and the val images it inferred (None: no validation this epoch)."""
-    import hashlib
-    import json
-
-    import ray
-
-    h = hashlib.sha256()
-    for p in _inner(model).parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    record = {
-        "rank": rank, "epoch": epoch, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": image_ids,
-        "params_sha256": h.hexdigest(), "losses": list(losses), "val_image_ids": val_image_ids,
-    }
-    os.makedirs(directory, exist_ok=True)
-    Path(directory, f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(record))
 
 
 def _check_finite(first_bad: torch.Tensor, epoch: int) -> None:
@@ -443,12 +467,12 @@ def _checkpoint_dir_name(epoch: int) -> str:
 # TensorBoard (rank 0)
 
 
-def _tensorboard(config: dict, rank: int, tcfg):
-    if rank != 0 or not tcfg.tensorboard or not config.get("tensorboard_dir"):
+def _tensorboard(run: WorkerRun, rank: int):
+    if rank != 0 or not run.experiment.train.tensorboard or not run.tensorboard_dir:
         return None
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(config["tensorboard_dir"])
+    return SummaryWriter(run.tensorboard_dir)
 
 
 def _draw_predictions(writer, shown, meta, epoch: int, threshold: float = 0.5) -> None:

@@ -5,30 +5,25 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ExperimentConfig, experiment_from_dict
+from detr_ray.config import ExperimentConfig, load_yaml
 from detr_ray.data.datasets import build_datasets, resolve_shards
+from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.storage import is_uri
+from detr_ray.testing_hooks import TestingHooks
 
 log = logging.getLogger(__name__)
 
-# The demo experiment: a small DETR that learns the synthetic demo dataset in minutes on a CPU.
-DEMO_EXPERIMENT: dict[str, Any] = {
-    "model": {
-        "backbone": "resnet18",
-        "hidden_dim": 64,
-        "nheads": 4,
-        "enc_layers": 2,
-        "dec_layers": 2,
-        "dim_feedforward": 128,
-        "dropout": 0.0,
-        "num_queries": 10,
-        "frozen_bn": False,  # from scratch: trainable BatchNorm, whole backbone trainable
-    },
-    "data": {"batch_size": 8},
-    "train": {"epochs": 10, "lr": 2e-4, "lr_backbone": 2e-4, "weight_decay": 1e-4, "lr_drop": 8},
-}
+# The demo experiment lives once, as the fixed experiment of the demo sweep.
+DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
+
+
+def demo_experiment() -> dict[str, Any]:
+    """The demo experiment (a small DETR that learns the synthetic demo dataset in minutes on a
+    CPU), as a new dict: the `experiment` of search_spaces/demo.yaml."""
+    return {section: dict(values or {}) for section, values in (load_yaml(DEMO_SPACE).get("experiment") or {}).items()}
 
 
 def default_storage() -> str:
@@ -49,7 +44,7 @@ class RunResources:
 
     num_workers: int
     worker: dict[str, float]  # one Train worker's bundle, e.g. {"CPU": 1.0, "GPU": 0.5}
-    data_cpus: float  # the cap on this run's Ray Data tasks (DataConfig.cpus)
+    data_cpus: float  # the cap on this run's Ray Data tasks (DataConfig.ray_data_cpus)
 
     @property
     def cpus(self) -> float:
@@ -65,7 +60,7 @@ def run_resources(exp: ExperimentConfig) -> RunResources:
     worker = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker:
         worker["GPU"] = t.gpus_per_worker
-    return RunResources(t.num_workers, worker, exp.data.cpus or t.num_workers * exp.data.decode_num_cpus)
+    return RunResources(t.num_workers, worker, exp.data.ray_data_cpus or t.num_workers * exp.data.decode_num_cpus)
 
 
 def data_config(execution_options):
@@ -101,31 +96,34 @@ def data_config(execution_options):
 
 
 def build_trainer(
-    exp: ExperimentConfig | dict,
+    exp: ExperimentConfig,
     *,
     name: str,
     storage_path: str | None = None,
     callbacks: list | None = None,
-    fault_injection: dict | None = None,
-    audit_dir: str | None = None,
+    shards: tuple[str, str] | None = None,
+    testing: TestingHooks | None = None,
     placement_strategy: str = "PACK",
 ):
     """TorchTrainer running `train_loop_per_worker` with this experiment's data, resources,
     checkpointing (best `keep_checkpoints` by val/AP, plus the latest) and failure handling.
-    Re-running with the same name and storage resumes the run from its latest checkpoint."""
+    Re-running with the same name and storage resumes the run from its latest checkpoint.
+
+    `shards`: the (train, val) shard locations when the caller has resolved them already (a
+    sweep resolves them once for all its trials); default: resolve_shards(exp.data).
+    `testing`: hooks for tests only (see detr_ray/testing_hooks.py)."""
     import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
-    from detr_ray.train.loop import train_loop_per_worker
+    from detr_ray.train.loop import RUN_KEY, WorkerRun, train_loop_per_worker
 
-    if isinstance(exp, dict):
-        exp = experiment_from_dict(exp)
     t = exp.train
     storage_path = storage_path or default_storage()
     if not is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)
-    train_uri, val_uri = resolve_shards(exp.data)
+    train_uri, val_uri = shards or resolve_shards(exp.data)
+    augment = augment_recipe(exp.data, train_uri)
     needs = run_resources(exp)
     scaling = ray.train.ScalingConfig(
         num_workers=t.num_workers,
@@ -146,19 +144,20 @@ def build_trainer(
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         callbacks=callbacks,
     )
-    loop_config = {
-        "experiment": exp.to_dict(),
-        "train_uri": train_uri,
-        "val_uri": val_uri,
-        "tensorboard_dir": tensorboard_dir(storage_path, name) if t.tensorboard else None,
-        "fault_injection": fault_injection,  # tests: {"rank", "step", "marker"[, "signal"]} -> that worker dies once
-        "audit_dir": audit_dir,  # debugging: per rank and epoch, the image ids seen and a parameter hash
-    }
+    run = WorkerRun(
+        experiment=exp,
+        train_uri=train_uri,
+        val_uri=val_uri,
+        tensorboard_dir=tensorboard_dir(storage_path, name) if t.tensorboard else None,
+        testing=testing or TestingHooks(),
+    )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # Ray declares train_loop_config a dict (and passes it through pickled as it is): the
+        # typed WorkerRun rides in it under one key.
+        train_loop_config={RUN_KEY: run},
         scaling_config=scaling,
         run_config=run_config,
-        datasets=build_datasets(exp.data, seed=t.seed),
+        datasets=build_datasets(exp.data, train_uri, val_uri, augment, seed=t.seed),
         dataset_config=dataset_config,
     )

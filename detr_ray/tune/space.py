@@ -47,7 +47,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ConfigError, _check_type, DataConfig, DETRConfig, TrainConfig, experiment_from_dict, load_yaml
+from detr_ray.config import ConfigError, _check_type, DataConfig, DETRConfig, ExperimentConfig, TrainConfig, experiment_from_dict, load_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed", "by")
 RATIO_KEY = "train.lr_backbone_ratio"
@@ -77,10 +77,18 @@ class Param:
 
 @dataclass
 class SearchSpace:
+    """A parsed search space. `experiment` is the fixed experiment as written (what Tune's trial
+    configs and the sweep's records carry); `fixed` is it parsed, for everything that reads it."""
+
     source: str
     experiment: dict  # the fixed experiment (model/data/train sections)
     params: list[Param] = field(default_factory=list)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    fixed: ExperimentConfig = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.fixed is None:
+            self.fixed = experiment_from_dict(self.experiment, f"{self.source}: experiment")
 
     def tune_domains(self) -> dict[str, Any]:
         """{"section.key": a Ray Tune domain (or the fixed value)}: the Tuner's param_space."""
@@ -105,6 +113,10 @@ class SearchSpace:
     def experiment_for(self, sample: dict[str, Any]) -> dict:
         """The experiment dict of one trial: the fixed experiment with `sample` applied."""
         return apply_sample(self.experiment, sample)
+
+    def trial_experiment(self, sample: dict[str, Any]) -> ExperimentConfig:
+        """One trial's experiment, parsed: the fixed experiment with `sample` applied."""
+        return experiment_from_dict(self.experiment_for(sample), f"{self.source}: trial experiment")
 
 
 def _is_by(value: Any) -> bool:
@@ -150,6 +162,9 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
         if not dot or section not in SECTIONS:
             raise ConfigError(f"{where}: unknown key {key!r}; use section.name with section in {sorted(SECTIONS)}")
         known = {f.name for f in fields(SECTIONS[section])}
+        renamed = getattr(SECTIONS[section], "RENAMED", {}).get(name)
+        if renamed:  # a searched key is named as the experiment names it now (no old names)
+            raise ConfigError(f"{where}: {key!r} is now called {section}.{renamed}")
         if name not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; {section} has {', '.join(sorted(known))}")
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -210,7 +225,7 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: experiment, search, scheduler")
     experiment = copy.deepcopy(data.get("experiment") or {})
-    experiment_from_dict(experiment, f"{source}: experiment")  # the fixed part alone must be valid
+    fixed = experiment_from_dict(experiment, f"{source}: experiment")  # the fixed part alone must be valid
     search = data.get("search") or {}
     if not isinstance(search, dict):
         raise ConfigError(f"{source}: search: expected a mapping of section.key to a distribution")
@@ -244,7 +259,7 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
                               f"({scheduler.metric}) with max or min, got {mode!r}")
     if scheduler.reduction_factor < 2:
         raise ConfigError(f"{source}: scheduler.reduction_factor: must be >= 2, got {scheduler.reduction_factor}")
-    return SearchSpace(source, experiment, params, scheduler)
+    return SearchSpace(source, experiment, params, scheduler, fixed)
 
 
 def load_space(path: str | Path) -> SearchSpace:

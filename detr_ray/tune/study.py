@@ -32,7 +32,6 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from detr_ray.config import experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.tune.space import SearchSpace
 
@@ -232,7 +231,7 @@ def warm_start(source: str, space: SearchSpace, study_name: str | None = None) -
     old = load(spec, name)
     new_dists = distributions(space)
     wanted = list(objectives(space))
-    fixed = experiment_from_dict(space.experiment).to_dict()
+    fixed = space.fixed.to_dict()
     out = WarmStart(shown(spec), name)
     old_names = old.metric_names or [f"objective {i}" for i in range(len(old.directions))]
     if old_names != wanted or old.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions(space)]:

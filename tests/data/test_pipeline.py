@@ -4,6 +4,7 @@ and two Ray Train workers reading disjoint parts of every epoch."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from detr_ray.data.collate import collate, shape_group
 from detr_ray.data.datasets import train_dataset, val_dataset
 from detr_ray.data.decode import DECODED_SCHEMA, READ_COLUMNS, ShardRowError, decode_augment
 from detr_ray.local_ray import init as init_local_ray
+from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.shards import META_FILE, read_shard_table
 from detr_ray.data.transforms import TransformConfig
 from tests.data.conftest import AUGMENT, AUGMENT_KW, CORRUPT_ID, make_shards
@@ -114,9 +116,10 @@ def test_seeded_decode_augment_draws_per_image_whatever_the_batch_and_order(tmp_
 def test_data_config_validation_and_presets():
     from detr_ray.config import ConfigError, from_dict
 
-    assert from_dict(DataConfig, {}).transform_config() == TransformConfig.demo()
-    cfg = from_dict(DataConfig, {"train": "s3://b/train", "val": "s3://b/val", "batch_size": 2})
-    assert cfg.transform_config() == TransformConfig.coco()
+    assert augment_recipe(from_dict(DataConfig, {})) == TransformConfig.demo()
+    cfg = from_dict(DataConfig, {"train": "s3://b/train", "val": "s3://b/val", "batch_size": 2, "augment": "coco"})
+    assert augment_recipe(cfg) == TransformConfig.coco()
+    assert augment_recipe(replace(cfg, augment="demo")) == TransformConfig.demo()
     with pytest.raises(ConfigError, match="data: unknown key"):
         from_dict(DataConfig, {"shuffle": 1}, "data")
     with pytest.raises(ConfigError, match="give both train and val"):

@@ -1,10 +1,9 @@
 """Fixtures of the evaluation tests: a local Ray per module, a tiny DETR trained on small demo
 shards (trained once per session, kept on disk), and an experiment directory built by hand
-around it (the contract of detr_ray/tune/tuner.py: best.json + trials.json)."""
+around it (the contract of detr_ray/tune/summary.py: best.json + trials.json)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -25,14 +24,15 @@ def local_ray():
 
 def _train_tiny(root: Path) -> dict:
     from detr_ray.data.demo import make_demo_dataset
-    from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+    from detr_ray.config import experiment_from_dict
+    from detr_ray.train.trainer import build_trainer, demo_experiment
 
     train, val = make_demo_dataset(root / "data", num_train=32, num_val=12, shard_size=8, workers=0)
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     exp["data"].update(train=train, val=val, augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=2, max_steps_per_epoch=3, max_failures=0, cpus_per_worker=1.0, keep_checkpoints=2)
-    build_trainer(exp, name="tiny", storage_path=str(root / "runs")).fit()
+    build_trainer(experiment_from_dict(exp), name="tiny", storage_path=str(root / "runs")).fit()
     run = root / "runs" / "tiny"
     info = {
         "train": train,

@@ -14,7 +14,7 @@ import pytest
 from detr_ray.data.shards import coco_ground_truth
 from detr_ray.evaluation.analysis import FP_TYPES
 from detr_ray.coco_eval import METRIC_NAMES, ResultsError, as_coco
-from detr_ray.evaluation.final import score
+from detr_ray.evaluation.end_to_end import score
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_results
 from detr_ray.train import checkpoint as ckpt

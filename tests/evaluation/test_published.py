@@ -17,7 +17,7 @@ import torch
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import read_meta, write_shards
 from detr_ray.evaluation.inference import load_detector
-from detr_ray.evaluation.subject import SubjectError, from_published, is_weights_file, resolve
+from detr_ray.evaluation.subject import EvaluationTargetError, from_published, is_weights_file, resolve
 from detr_ray.model import build_model
 from detr_ray.model.weights import WeightsError, infer_model_config
 from detr_ray.model.predict import normalize
@@ -128,11 +128,11 @@ def test_published_subject_errors_name_the_file(tmp_path):
     shards = _shards(tmp_path)
     bare = tmp_path / "detr-r50-mine.pth"
     _published(bare)
-    with pytest.raises(SubjectError, match="give the val shards"):
+    with pytest.raises(EvaluationTargetError, match="give the val shards"):
         from_published(str(bare), tmp_path / "work", data=None)
-    with pytest.raises(SubjectError, match="only model.* and data.*"):
+    with pytest.raises(EvaluationTargetError, match="only model.* and data.*"):
         from_published(str(bare), tmp_path / "work", data=shards, overrides=["train.lr=1e-4"])
-    with pytest.raises(SubjectError, match=r"detr-r50-mine.pth: shape mismatch.*\(96, 32\) vs model \(192, 64\)"):  # a given value that does not fit the tensors
+    with pytest.raises(EvaluationTargetError, match=r"detr-r50-mine.pth: shape mismatch.*\(96, 32\) vs model \(192, 64\)"):  # a given value that does not fit the tensors
         from_published(str(bare), tmp_path / "work", data=shards, overrides=["model.nheads=4", "model.hidden_dim=64"])
     results = tmp_path / "results.json"
     results.write_text("[]")

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from detr_ray.evaluation.subject import (
-    SubjectError, from_checkpoint, from_experiment, from_results, parameter_importances, resolve, run_history,
-)
+from detr_ray.evaluation.subject import EvaluationTargetError, from_checkpoint, from_experiment, from_results, resolve
+from detr_ray.evaluation.training_history import parameter_importances, run_history
 from detr_ray.model import build_model
 from detr_ray.train import checkpoint as ckpt
 from tests.conftest import tiny_config
@@ -63,30 +62,30 @@ def test_experiment_without_best_json_takes_the_best_verified_trial(run, tmp_pat
     for t in doc["trials"]:
         t["checkpoint"] = None
     (exp / "trials.json").write_text(json.dumps(doc))
-    with pytest.raises(SubjectError, match=r"trials.json: no trial has a finite 'val/AP' and a checkpoint that verifies"):
+    with pytest.raises(EvaluationTargetError, match=r"trials.json: no trial has a finite 'val/AP' and a checkpoint that verifies"):
         from_experiment(str(exp), tmp_path / "work")
 
 
 def test_bad_experiment_directories_are_clear_errors(run, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SubjectError, match=r"empty: neither best.json nor trials.json"):
+    with pytest.raises(EvaluationTargetError, match=r"empty: neither best.json nor trials.json"):
         from_experiment(str(tmp_path / "empty"), tmp_path)
     exp = make_experiment(tmp_path / "exp", run, trials=False)
     best = json.loads((exp / "best.json").read_text())
     (exp / "best.json").write_text("{")
-    with pytest.raises(SubjectError, match=r"best.json: not valid JSON"):
+    with pytest.raises(EvaluationTargetError, match=r"best.json: not valid JSON"):
         from_experiment(str(exp), tmp_path)
     (exp / "best.json").write_text(json.dumps({k: v for k, v in best.items() if k != "checkpoint"}))
-    with pytest.raises(SubjectError, match=r"best.json: missing field 'checkpoint'"):
+    with pytest.raises(EvaluationTargetError, match=r"best.json: missing field 'checkpoint'"):
         from_experiment(str(exp), tmp_path)
     (exp / "best.json").write_text(json.dumps({**best, "checkpoint": 7}))
-    with pytest.raises(SubjectError, match=r"best.json.checkpoint: expected str"):
+    with pytest.raises(EvaluationTargetError, match=r"best.json.checkpoint: expected str"):
         from_experiment(str(exp), tmp_path)
     corrupt = tmp_path / "corrupt"
     _save(corrupt, 1, 0.1)
     (corrupt / "model.pt").write_bytes(b"x" + (corrupt / "model.pt").read_bytes()[1:])
     (exp / "best.json").write_text(json.dumps({**best, "checkpoint": str(corrupt)}))
-    with pytest.raises(SubjectError, match=r"best.json.checkpoint: .*model.pt: contents do not match"):
+    with pytest.raises(EvaluationTargetError, match=r"best.json.checkpoint: .*model.pt: contents do not match"):
         from_experiment(str(exp), tmp_path)
 
 
@@ -137,9 +136,9 @@ def test_resolve_for_compare(run, tmp_path):
     assert resolve(str(tmp_path / "other.json"), tmp_path).kind == "results"
     assert resolve(str(make_experiment(tmp_path / "exp", run)), tmp_path).kind == "experiment"
     assert resolve(run["checkpoint"], tmp_path).kind == "checkpoint"
-    with pytest.raises(SubjectError, match=r"nothing: not a COCO results file"):
+    with pytest.raises(EvaluationTargetError, match=r"nothing: not a COCO results file"):
         resolve(str(tmp_path / "nothing"), tmp_path)
-    with pytest.raises(SubjectError, match=r"no such results file"):
+    with pytest.raises(EvaluationTargetError, match=r"no such results file"):
         from_results(tmp_path / "missing.json")
 
 
@@ -181,7 +180,7 @@ def test_same_named_checkpoints_of_two_runs_are_each_scored_with_their_own_weigh
 def test_what_is_scored_is_the_checkpoint_that_was_verified(tmp_path):
     """A checkpoint directory that holds another checkpoint by the time it is scored (rewritten,
     or the copy of another run's) is refused when loaded for scoring."""
-    from detr_ray.evaluation.final import score
+    from detr_ray.evaluation.end_to_end import score
     from detr_ray.evaluation.inference import InferenceConfig
 
     _save_weights(tmp_path / "run" / "checkpoint_epoch0010", seed=0)

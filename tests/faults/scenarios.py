@@ -24,7 +24,6 @@ start their own local Ray.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import json
 import os
@@ -41,8 +40,8 @@ import yaml
 
 import ray.train
 
+from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.tune.tuner import best_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
@@ -122,9 +121,9 @@ def read_reports(path: Path) -> list[dict]:
 
 
 def train_experiment(demo_root, **train) -> dict:
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(TINY_MODEL)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
     exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
@@ -134,9 +133,10 @@ def train_experiment(demo_root, **train) -> dict:
 
 
 def _fit(exp: dict, name: str, storage: Path, log: Path, **kwargs):
+    from detr_ray.config import experiment_from_dict
     from detr_ray.train.trainer import build_trainer
 
-    return build_trainer(exp, name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs).fit()
+    return build_trainer(experiment_from_dict(exp), name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs).fit()
 
 
 def _check_run(result, run_dir: Path, reports: list[dict], saved: int, epochs: int, label: str) -> tuple[list[str], int]:
@@ -183,9 +183,9 @@ def worker_sigkill(workdir: Path, demo_root, inject: bool = True) -> dict:
     killed at its second step of epoch 2 (global step STEPS + 1); Train restarts the worker group."""
     exp = train_experiment(demo_root, num_workers=2, epochs=3, max_failures=1)
     marker, log, storage = workdir / "killed", workdir / "reports.jsonl", workdir / "runs"
-    fault = {"rank": 0, "step": STEPS + 1, "marker": str(marker), "signal": int(signal.SIGKILL)} if inject else None
+    crash = {"rank": 0, "step": STEPS + 1, "marker": str(marker), "signal": int(signal.SIGKILL)} if inject else None
     start = time.time()
-    result = _fit(exp, "sigkill", storage, log, fault_injection=fault)
+    result = _fit(exp, "sigkill", storage, log, testing=TestingHooks(crash=crash))
     wall = time.time() - start
     injected = marker.exists() if inject else False
     problems, lost = _check_run(result, storage / "sigkill", read_reports(log), 1 if inject else 0, 3, "worker SIGKILL")
@@ -216,7 +216,7 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
     # is that nothing detr-ray chooses is it: resume skipped it above, and the best checkpoint
     # that tune.py / train.py / evaluate.py pick verifies and is another directory.
     problems = [p for p in problems if str(victim.parent) + "/" not in p and not p.endswith(str(victim.parent))]
-    chosen, _ = best_checkpoint(str(run_dir), "val/AP", "max")
+    chosen, _ = ckpt.best_checkpoint(str(run_dir), "val/AP", "max")
     if chosen is None or Path(chosen) == victim.parent:
         problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:
@@ -473,7 +473,7 @@ def two_node_cluster(head_cpus: int = 1, worker_cpus: int = 2):
     import ray
     from ray.cluster_utils import Cluster
 
-    from detr_ray.tune.tuner import DRIVER_RESOURCE
+    from detr_ray.tune.resources import DRIVER_RESOURCE
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "resources": {DRIVER_RESOURCE: 100},
                                                        "include_dashboard": False})
@@ -492,7 +492,8 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     process on it, no grace), and a fresh node joins a few seconds later, as an autoscaler
     replaces a lost spot node. Train restarts the lost workers (train.max_failures)."""
     from detr_ray.tune.space import parse_space
-    from detr_ray.tune.tuner import build_sweep, summarize, write_summary
+    from detr_ray.tune.summary import summarize, write_summary
+    from detr_ray.tune.tuner import build_sweep
 
     raw = sweep_space(num_samples, epochs, max_failures=2)
     raw["experiment"]["data"]["demo_root"] = str(demo_root)

@@ -3,7 +3,6 @@ batches of several sizes (one export for the module; no Ray)."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 from pathlib import Path
 
@@ -31,13 +30,13 @@ def _export_script():
 def exported(tmp_path_factory):
     """(eager model, checkpoint directory, export directory): a tiny DETR saved as a detr-ray
     checkpoint and exported by scripts/export.py."""
-    from detr_ray.train.trainer import DEMO_EXPERIMENT
+    from detr_ray.train.trainer import demo_experiment
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     cfg = tiny_config(num_queries=5)
     model = build_model(cfg).eval()
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update({k: getattr(cfg, k) for k in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries")})
     state = ckpt.TrainingState(epoch=3, global_step=30, config=exp, categories={"label_to_category_id": [1, 2, 7], "names": ["a", "b", "c"]})
     directory = ckpt.save(root / "checkpoint_epoch0003", model, None, None, None, state)

@@ -5,7 +5,7 @@ no class for refused (no Ray: ServedModel is what each replica builds)."""
 import pytest
 import torch
 
-from detr_ray.evaluation.subject import SubjectError
+from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import ServedModel, choose_checkpoint
 from tests.evaluation.test_published import COCO_SUBSET, _args, _published, _shards
 from tests.data.conftest import make_coco
@@ -39,19 +39,19 @@ def test_published_weights_are_served_with_their_coco_rows(tmp_path):
 
     # Another file under the same name after the choice: the replica refuses to serve it.
     _published(weights, seed=2, args=_args())
-    with pytest.raises(SubjectError, match="sha256 is now"):
+    with pytest.raises(EvaluationTargetError, match="sha256 is now"):
         ServedModel(spec, workdir=tmp_path / "replica2")
 
 
 def test_published_weights_need_data_and_known_categories(tmp_path):
     weights = tmp_path / "detr-r18-test.pth"
     _published(weights)
-    with pytest.raises(SubjectError, match="give the val shards"):
+    with pytest.raises(EvaluationTargetError, match="give the val shards"):
         choose_checkpoint(checkpoint=str(weights), workdir=tmp_path / "w1")
     # A category COCO does not have: its row would be random, different in every replica.
     make_coco(tmp_path / "odd" / "coco", categories=((1, "person"), (2, "unicorn")))
     shards = tmp_path / "odd" / "shards"
     write_shards(load_coco(str(tmp_path / "odd" / "coco" / "instances.json")), str(tmp_path / "odd" / "coco" / "images"),
                  str(shards), shard_size=4, workers=0, progress=False)
-    with pytest.raises(SubjectError, match=r"\['unicorn'\].*Fine-tune it"):
+    with pytest.raises(EvaluationTargetError, match=r"\['unicorn'\].*Fine-tune it"):
         choose_checkpoint(checkpoint=str(weights), workdir=tmp_path / "w2", data=str(shards))

@@ -26,7 +26,7 @@ from PIL import Image
 
 from detr_ray.data.shards import shard_files
 from detr_ray.evaluation.inference import InferenceConfig, load_detector, run_inference
-from detr_ray.evaluation.subject import SubjectError
+from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import choose_checkpoint, manifest_sha256
 from detr_ray.train import checkpoint as ckpt
 from tests.evaluation.conftest import local_ray, make_experiment, tiny_run  # noqa: F401  (module fixtures: one Ray, the tiny run)
@@ -287,7 +287,7 @@ def test_experiment_serves_its_best_verified_checkpoint(tiny_run, tmp_path):
         f.write(b"\0")  # the best trial's checkpoint no longer verifies
     spec = choose_checkpoint(experiment=str(experiment), workdir=tmp_path / "work")
     assert spec.location == run["checkpoint_epoch1"] and spec.identity["trial"] == "t2"
-    with pytest.raises(SubjectError, match="a file"):
+    with pytest.raises(EvaluationTargetError, match="a file"):
         choose_checkpoint(checkpoint=str(Path(run["checkpoint_epoch1"]) / "model.pt"), workdir=tmp_path / "work")
 
 

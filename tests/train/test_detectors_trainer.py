@@ -2,7 +2,6 @@
 Ray Data evaluation with the cost columns, and a Tune sweep over model.arch; one local Ray."""
 
 import contextlib
-import copy
 import io
 import json
 
@@ -11,16 +10,18 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ray.config import experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.coco_eval import METRIC_NAMES
-from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_checkpoint
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from detr_ray.train.trainer import build_trainer, demo_experiment
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import build_sweep, summarize
+from detr_ray.tune.summary import summarize
+from detr_ray.tune.tuner import build_sweep
 
 ARCH = "fcos_resnet50_fpn"
 
@@ -43,7 +44,7 @@ def local_ray():
 
 
 def _experiment(root, **train):
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"]["arch"] = ARCH
     exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
     exp["train"].update({"epochs": 1, "max_steps_per_epoch": 1, "max_failures": 0, "cpus_per_worker": 1.0, "tensorboard": False, **train})
@@ -52,7 +53,7 @@ def _experiment(root, **train):
 
 @pytest.mark.timeout(400)
 def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
-    first = build_trainer(_experiment(demo_root), name="fcos", storage_path=str(tmp_path / "runs")).fit()
+    first = build_trainer(experiment_from_dict(_experiment(demo_root)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
     m = first.metrics
     for key in ("train/loss", "train/loss_classification", "train/loss_bbox_regression", "train/loss_bbox_ctrness",
                 "lr", "lr_backbone", "train/images_per_s", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
@@ -61,7 +62,7 @@ def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
     state = ckpt.load(first.checkpoint.path).state
     assert state.config["model"]["arch"] == ARCH and state.categories["label_to_category_id"] == [1, 2, 3]
 
-    second = build_trainer(_experiment(demo_root, epochs=2), name="fcos", storage_path=str(tmp_path / "runs")).fit()
+    second = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=2)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
     assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1 and second.metrics["global_step"] == 2
 
     # evaluate.py's path: Ray Data inference, pycocotools, analysis, the report with cost columns.

@@ -1,6 +1,5 @@
 """Data parallelism: gradient equivalence across worker counts, and a simulated 2-node cluster."""
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,9 @@ import torch
 from ray.cluster_utils import Cluster
 
 from detr_ray.local_ray import init as init_local_ray
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from detr_ray.config import experiment_from_dict
+from detr_ray.testing_hooks import TestingHooks
+from detr_ray.train.trainer import build_trainer, demo_experiment
 
 pytestmark = pytest.mark.timeout(420)
 REPO = str(Path(__file__).resolve().parents[2])
@@ -87,12 +88,13 @@ class TestTwoNodes:
 
         root = tmp_path_factory.mktemp("demo2")
         train_uri, _ = ensure_demo_shards(root, num_train=48, num_val=16)
-        exp = copy.deepcopy(DEMO_EXPERIMENT)
+        exp = demo_experiment()
         exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
         exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
         exp["train"].update(epochs=2, num_workers=2, cpus_per_worker=1.0, max_failures=0, eval_every=2)
         audit = tmp_path / "audit"
-        result = build_trainer(exp, name="two-nodes", storage_path=str(tmp_path / "runs"), audit_dir=str(audit), placement_strategy="STRICT_SPREAD").fit()
+        result = build_trainer(experiment_from_dict(exp), name="two-nodes", storage_path=str(tmp_path / "runs"),
+                               testing=TestingHooks(audit_dir=str(audit)), placement_strategy="STRICT_SPREAD").fit()
         assert result.metrics["epoch"] == 2
         all_ids = set(read_shard_table(train_uri, ["image_id"]).column("image_id").to_pylist())
         for epoch in (1, 2):

@@ -1,6 +1,5 @@
 """End-to-end runs of the Ray Train trainer on the demo data, on one local Ray instance."""
 
-import copy
 import json
 import os
 from dataclasses import replace
@@ -17,7 +16,8 @@ from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.shards import read_shard_table
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
-from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
+from detr_ray.testing_hooks import TestingHooks
+from detr_ray.train.trainer import build_trainer, demo_experiment
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,7 +39,7 @@ def local_ray():
 
 
 def _experiment(demo_root, **train):
-    exp = copy.deepcopy(DEMO_EXPERIMENT)
+    exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
     exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
@@ -49,7 +49,7 @@ def _experiment(demo_root, **train):
 
 
 def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path):
-    result = build_trainer(_experiment(demo_root, eval_every=2, epochs=3), name="short", storage_path=str(tmp_path)).fit()
+    result = build_trainer(experiment_from_dict(_experiment(demo_root, eval_every=2, epochs=3)), name="short", storage_path=str(tmp_path)).fit()
     m = result.metrics
     assert m["epoch"] == 3 and m["global_step"] == 6 and m["train/start_epoch"] == 0
     for key in ("train/loss", "train/loss_ce", "train/loss_bbox_0", "lr", "train/images_per_s", "train/data_wait_fraction", "train/skipped_images", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
@@ -94,25 +94,26 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(demo_root, tmp_path):
     # Rank 1 dies once, at global step 3: the first step of epoch 2, right after epoch 1's report and
     # usually before Ray's controller has registered its checkpoint (it polls every 2 s). The
     # checkpoint is on storage all the same, and the restart must pick it up.
-    result = build_trainer(exp, name="crash", storage_path=str(tmp_path / "runs"), fault_injection={"rank": 1, "step": 3, "marker": str(marker)}).fit()
+    crash = TestingHooks(crash={"rank": 1, "step": 3, "marker": str(marker)})
+    result = build_trainer(experiment_from_dict(exp), name="crash", storage_path=str(tmp_path / "runs"), testing=crash).fit()
     assert marker.exists()
     m = result.metrics
     assert m["epoch"] == 3 and m["train/start_epoch"] == 1 and m["global_step"] == 6
 
 
 def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
-    first = build_trainer(_experiment(demo_root, epochs=1), name="again", storage_path=str(tmp_path)).fit()
+    first = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=1)), name="again", storage_path=str(tmp_path)).fit()
     assert first.metrics["epoch"] == 1
-    second = build_trainer(_experiment(demo_root, epochs=2), name="again", storage_path=str(tmp_path)).fit()
+    second = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=2)), name="again", storage_path=str(tmp_path)).fit()
     assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1
     assert second.metrics["global_step"] == 4
 
 
 def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
     exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
-    exp["data"].update(cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
+    exp["data"].update(ray_data_cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
     audit = tmp_path / "audit"
-    result = build_trainer(exp, name="val3", storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+    result = build_trainer(experiment_from_dict(exp), name="val3", storage_path=str(tmp_path / "runs"), testing=TestingHooks(audit_dir=str(audit))).fit()
     _, val_uri = resolve_shards(experiment_from_dict(exp).data)  # the demo split the run used
     val_ids = read_shard_table(val_uri, ["image_id"]).column("image_id").to_pylist()
     assert len(val_ids) % 3 and len(set(val_ids)) == len(val_ids)  # an equal split must drop some
@@ -126,7 +127,7 @@ def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_
         audit = tmp_path / name
         exp = _experiment(demo_root, seed=seed, eval_every=2)
         exp["data"].update(decode_batch_size=4)  # 3 decode tasks, one at a time (1 worker: 1 CPU of decoding)
-        build_trainer(exp, name=name, storage_path=str(tmp_path / "runs"), audit_dir=str(audit)).fit()
+        build_trainer(experiment_from_dict(exp), name=name, storage_path=str(tmp_path / "runs"), testing=TestingHooks(audit_dir=str(audit))).fit()
         return [x for epoch in (1, 2) for x in json.loads((audit / f"rank0_epoch{epoch}.json").read_text())["losses"]]
 
     first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
@@ -138,7 +139,7 @@ def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_
 def test_non_finite_loss_stops_the_run_naming_epoch_and_step(demo_root, tmp_path):
     exp = _experiment(demo_root, lr=1e12, lr_backbone=1e12, clip_max_norm=0.0, max_steps_per_epoch=4)
     with pytest.raises(Exception, match=r"non-finite loss .*at epoch 1, step \d"):
-        build_trainer(exp, name="nan", storage_path=str(tmp_path)).fit()
+        build_trainer(experiment_from_dict(exp), name="nan", storage_path=str(tmp_path)).fit()
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
@@ -173,7 +174,7 @@ def test_fine_tuning_maps_the_pretrained_class_head_by_the_data_categories(demo_
     stored = {"label_to_category_id": [2, 9, 5], "names": ["Triangle", "rectangle", "hexagon"]}
     ckpt.save(tmp_path / "other", src, None, None, None, ckpt.TrainingState(1, 1, {}, categories=stored))
     exp["train"]["pretrained"] = str(tmp_path / "other")
-    result = build_trainer(exp, name="finetune", storage_path=str(tmp_path / "runs")).fit()
+    result = build_trainer(experiment_from_dict(exp), name="finetune", storage_path=str(tmp_path / "runs")).fit()
     tuned = ckpt.load(result.checkpoint.path)
     assert tuned.state.categories["names"] == ["rectangle", "triangle", "ellipse"]
     w, b = tuned.model["class_embed.weight"], tuned.model["class_embed.bias"]

@@ -133,3 +133,8 @@ def test_invalid_by_tables_name_file_and_key(tmp_path, search, needle):
     with pytest.raises(ConfigError) as e:
         load_space(f)
     assert str(f) in str(e.value) and needle in str(e.value)
+
+
+def test_a_searched_key_under_its_old_name_names_the_new_one():
+    with pytest.raises(ConfigError, match="'data.cpus' is now called data.ray_data_cpus"):
+        parse_space({"search": {"data.cpus": {"choice": [1.0, 2.0]}}}, "space.yaml")

@@ -28,11 +28,14 @@ from optuna.trial import TrialState
 
 from detr_ray import pareto
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.evaluation.subject import SubjectError, from_experiment
+from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
-from detr_ray.tune.tuner import PruningOptunaSearch, SweepError, build_sweep, summarize, write_summary
+from detr_ray.tune.pruning import PruningOptunaSearch
+from detr_ray.tune.resources import SweepError
+from detr_ray.tune.summary import summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
               "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
@@ -260,10 +263,10 @@ def test_several_objectives_give_a_pareto_front_chosen_by_a_rule(first, tmp_path
     chosen = from_experiment(exp, tmp_path, choose=f"max val/AP subject to model/parameters<={bound}")
     assert chosen.trial == smallest["trial"] and chosen.front == front
     assert from_experiment(exp, tmp_path, choose="val/AP").trial == max(front, key=lambda e: e["values"]["val/AP"])["trial"]
-    with pytest.raises(SubjectError, match="no member of the front meets"):
+    with pytest.raises(EvaluationTargetError, match="no member of the front meets"):
         from_experiment(exp, tmp_path, choose=f"val/AP subject to model/parameters<{bound}")
     if len(front) > 1:
-        with pytest.raises(SubjectError, match=f"Pareto front of {len(front)} trials.*--choose"):
+        with pytest.raises(EvaluationTargetError, match=f"Pareto front of {len(front)} trials.*--choose"):
             from_experiment(exp, tmp_path)
 
 
@@ -271,7 +274,7 @@ def test_a_front_of_several_needs_a_rule(tmp_path):
     entries = [{"trial": t, "value": ap, "values": {"val/AP": ap, "model/parameters": n}, "checkpoint": str(tmp_path / t)}
                for t, ap, n in (("a", 0.3, 4e6), ("b", 0.2, 2e6))]
     (tmp_path / "best.json").write_text(json.dumps(entries))
-    with pytest.raises(SubjectError, match=r"a Pareto front of 2 trials \(val/AP max\).*--choose"):
+    with pytest.raises(EvaluationTargetError, match=r"a Pareto front of 2 trials \(val/AP max\).*--choose"):
         from_experiment(str(tmp_path), tmp_path / "work")
 
 

@@ -9,25 +9,17 @@ import ray
 from optuna.trial import TrialState
 
 from detr_ray.local_ray import init as init_local_ray
-from detr_ray.config import ConfigError
+from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.train import checkpoint as ckpt
+from detr_ray.train.checkpoint import best_checkpoint
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
-from detr_ray.tune.tuner import (
-    DRIVER_RESOURCE,
-    PruningOptunaSearch,
-    SweepError,
-    TrialNeeds,
-    best_checkpoint,
-    build_sweep,
-    live_placement_groups,
-    max_concurrent_trials,
-    plan_concurrency,
-    summarize,
-    trial_needs,
-    write_summary,
-)
+from detr_ray.tune.placement import live_placement_groups
+from detr_ray.tune.pruning import PruningOptunaSearch
+from detr_ray.tune.resources import DRIVER_RESOURCE, SweepError, TrialNeeds, max_concurrent_trials, plan_concurrency, trial_needs
+from detr_ray.tune.summary import summarize, write_summary
+from detr_ray.tune.tuner import build_sweep
 
 TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
               "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
@@ -55,16 +47,16 @@ def _space(root, **scheduler):
 
 def test_trial_needs_count_workers_data_and_driver():
     exp = {"train": {"num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5}, "data": {"decode_num_cpus": 0.5}}
-    needs = trial_needs(exp, {"CPU": 16.0})
+    needs = trial_needs(experiment_from_dict(exp), {"CPU": 16.0})
     assert needs.cpus == pytest.approx(2 * 1.5 + 2 * 0.5 + 0.01)
     assert needs.gpus == pytest.approx(1.0)
     assert needs.worker == {"CPU": 1.5, "GPU": 0.5}
     assert DRIVER_RESOURCE not in needs.driver
     # A cluster that marks its driver node (cluster.yaml's head) gets its drivers pinned there.
-    assert trial_needs(exp, {"CPU": 16.0, DRIVER_RESOURCE: 100.0}).driver[DRIVER_RESOURCE] > 0
+    assert trial_needs(experiment_from_dict(exp), {"CPU": 16.0, DRIVER_RESOURCE: 100.0}).driver[DRIVER_RESOURCE] > 0
     # An explicit Ray Data cap replaces the per-worker default.
-    exp["data"]["cpus"] = 6.0
-    assert trial_needs(exp, {}).cpus == pytest.approx(3.0 + 6.0 + 0.01)
+    exp["data"]["ray_data_cpus"] = 6.0
+    assert trial_needs(experiment_from_dict(exp), {}).cpus == pytest.approx(3.0 + 6.0 + 0.01)
 
 
 def test_concurrency_from_cluster_resources():
@@ -87,7 +79,7 @@ def test_a_trial_that_cannot_fit_is_refused_before_anything_starts():
 
 def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
     space = _space(tmp_path)
-    space.experiment["train"]["eval_every"] = 2
+    space = parse_space({"experiment": {**space.experiment, "train": {**space.experiment["train"], "eval_every": 2}}}, "test space")
     with pytest.raises(ConfigError, match="eval_every must be 1"):
         build_sweep(space, name="x", storage_path=str(tmp_path))
 

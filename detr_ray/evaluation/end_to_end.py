@@ -33,7 +33,8 @@ from detr_ray.evaluation.efficiency import measure
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
 from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.report import Report, write_report
-from detr_ray.evaluation.subject import Subject, SubjectError, parameter_importances
+from detr_ray.evaluation.subject import EvaluationTarget, EvaluationTargetError
+from detr_ray.evaluation.training_history import parameter_importances
 from detr_ray.ownership import claim
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class EvaluationOptions:
 
 
 @dataclass
-class Scored:
-    subject: Subject
+class ScoredTarget:
+    """One evaluation target's detections on the val images and their pycocotools scores (with
+    the inference run and the measured cost, for a checkpoint)."""
+
+    subject: EvaluationTarget
     results_file: Path
     results: list[dict]
     evaluation: Evaluation
@@ -63,7 +67,7 @@ class Scored:
     efficiency: dict | None = None
 
 
-def score(subject: Subject, val: str, gt, results_file: Path, cfg: InferenceConfig, latency_images: int = 0) -> Scored:
+def score(subject: EvaluationTarget, val: str, gt, results_file: Path, cfg: InferenceConfig, latency_images: int = 0) -> ScoredTarget:
     """Detections of `subject` on `val` (inference, or its own results file), written to and read
     back from `results_file`, scored by pycocotools against `gt`; a checkpoint's cost measured
     on `latency_images` val images (0: not measured)."""
@@ -78,7 +82,7 @@ def score(subject: Subject, val: str, gt, results_file: Path, cfg: InferenceConf
             efficiency = measure(detector, val, images=latency_images)
     results = load_results(results_file)
     evaluation = evaluate(gt, results, prefix="", source=str(results_file))
-    return Scored(subject, results_file, results, evaluation, inference, efficiency)
+    return ScoredTarget(subject, results_file, results, evaluation, inference, efficiency)
 
 
 def _slug(name: str) -> str:
@@ -98,7 +102,7 @@ def _pixels(val: str, analysis: Analysis) -> dict[int, np.ndarray]:
     return out
 
 
-def _comparison_row(scored: Scored, gt: GroundTruth) -> dict:
+def _comparison_row(scored: ScoredTarget, gt: GroundTruth) -> dict:
     t = tide(gt, scored.results)
     return {
         "name": scored.subject.name,
@@ -114,11 +118,11 @@ def _comparison_row(scored: Scored, gt: GroundTruth) -> dict:
     }
 
 
-def run_evaluation(subject: Subject, options: EvaluationOptions, compare: list[Subject] = ()) -> tuple[Report, dict[str, Path]]:
+def run_evaluation(subject: EvaluationTarget, options: EvaluationOptions, compare: list[EvaluationTarget] = ()) -> tuple[Report, dict[str, Path]]:
     """Evaluates `subject` (and `compare`) on the val data and writes the report to options.out."""
     val = options.data or subject.val
     if not val:
-        raise SubjectError(f"{subject.source}: no validation data is known for it; give the val shards (--data)")
+        raise EvaluationTargetError(f"{subject.source}: no validation data is known for it; give the val shards (--data)")
     out = claim(options.out, OWNER)
     gt_dict = coco_ground_truth(val)
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(gt_dict))

@@ -9,7 +9,7 @@ import pytest
 
 from detr_ray.data.demo import make_demo_dataset
 from detr_ray.data.shards import coco_ground_truth
-from detr_ray.evaluation.final import EvaluationOptions, run_evaluation
+from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_results
 from detr_ray.ownership import NotOwnedError
