@@ -49,7 +49,7 @@ def parse_categories(text: str) -> list[int]:
     return ids
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = {c["id"]: c["name"] for c in demo.CATEGORIES}
     p.add_argument("--categories", default=",".join(names[c] for c in DEFAULT_CATEGORIES),
@@ -62,7 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a pre-training experiment value; fine-tune with the same model.* values")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all); RAY_ADDRESS joins a cluster")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         categories = parse_categories(args.categories)
