@@ -41,7 +41,8 @@ from detr_ray.tune import study
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
 
-DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces", "demo.yaml")
+# The repository's search_spaces/ (two levels above this package): the project runs from its checkout.
+DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "search_spaces", "demo.yaml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
