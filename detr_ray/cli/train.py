@@ -28,6 +28,7 @@ import shlex
 import sys
 import time
 
+from detr_ray.cli import invocation
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
 from detr_ray.data.storage import is_uri, join
 from detr_ray.relaunch import plan_run
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             if args.resume_as_stored:
                 raise ConfigError("--resume-as-stored needs the --name of the run to resume")
             args.name = new_run_name()
-            again = shlex.join(["python", sys.argv[0], *argv, "--name", args.name, "--storage", storage])
+            again = shlex.join([*invocation(), *argv, "--name", args.name, "--storage", storage])
             print(f"run name: {args.name}\nresume it with: {again}")
         plan = plan_run(join(storage, args.name), exp, as_stored=args.resume_as_stored)
     except ConfigError as e:
