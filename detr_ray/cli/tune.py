@@ -37,7 +37,7 @@ import time
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
 from detr_ray.data.pipeline import resolve_shards
 from detr_ray.data.storage import join
-from detr_ray.tune import study
+from detr_ray.tune import console, study
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.tuner import SweepError, best_row_value, build_sweep, summarize, write_summary
 
@@ -132,13 +132,14 @@ def main(argv=None) -> int:
     import ray
 
     if args.address:
-        context = ray.init(address=args.address)
+        context = ray.init(address=args.address, **console.ray_init_kwargs())
     else:
         from detr_ray import local_ray
 
-        context = local_ray.init(num_cpus=args.num_cpus)
+        context = local_ray.init(num_cpus=args.num_cpus, **console.ray_init_kwargs())
     url = context.dashboard_url
     print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
+    print(f"Ray's logs (the trials' Train workers, Ray Data): {console.log_locations(context)}", flush=True)
 
     start = time.time()
     try:

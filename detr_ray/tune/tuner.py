@@ -40,7 +40,7 @@ from detr_ray.data import storage
 from detr_ray.train import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
 from detr_ray.tune.space import SearchSpace, apply_sample
-from detr_ray.tune import study
+from detr_ray.tune import console, study
 from detr_ray.tune.scheduler import RungKeepingASHA, asha_with_state
 from detr_ray.tune.study import TUNE_ID, open_storage
 
@@ -442,7 +442,8 @@ def build_sweep(
     concurrency = plan_concurrency(cluster, needs, max_concurrent)
     trainable = tune.with_resources(trial_driver, needs.driver)
     watch = PlacementGroupWatch(exp_dir)
-    run_config = tune.RunConfig(name=name, storage_path=root, callbacks=[watch])
+    shown = console.run_config_kwargs(space, experiment_from_dict(space.experiment).train.epochs, callbacks=[watch])
+    run_config = tune.RunConfig(name=name, storage_path=root, **shown)
 
     if tune.Tuner.can_restore(exp_dir):
         if not resume:
@@ -514,6 +515,7 @@ def build_sweep(
         # A function trainable's actor would be cached for reuse with its trial's training thread
         # (the TorchTrainer) still running and holding its workers: a stopped trial must end.
         reuse_actors=False,
+        **console.tune_config_kwargs(),
     )
     log.info("sweep %s: %d trials, up to %d at once, each holding %s", name, sched.num_samples, concurrency, needs)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
