@@ -2,7 +2,7 @@
 
 The console (a terminal, or `ray job logs` on a cluster) carries what a person watches:
   - Tune's status table, with the searched parameters and the metrics that matter, printed when
-    a trial starts or ends and once more, complete, at the end (`SweepTable`);
+    a trial starts or ends, so the last one is the final table (`SweepTable`);
   - one line per trial and epoch (`EpochLines`), the driver's counterpart of the line each run
     logs itself.
 Ray's own messages stay out of it, and in the log files: the trials' processes (Train workers and
@@ -14,7 +14,8 @@ values (`trial_dirname`). Warnings and errors of the driver's Ray stay on the co
 
 Tune's default output engine ignores a progress reporter and prints every trial's whole config
 (the fixed experiment included) when it starts, so `use_sweep_console` selects Tune's
-reporter-driven engine (RAY_AIR_NEW_OUTPUT=0) unless the environment chose already.
+reporter-driven engine (RAY_AIR_NEW_OUTPUT=0) unless the environment chose already. It also keeps
+the raylet's worker-count warnings off the console (`hide_worker_count_warnings`).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def metric_columns(space: SearchSpace) -> dict[str, str]:
 
 
 class SweepTable(tune.CLIReporter):
-    """Tune's status table, printed when a trial starts or ends and at the end (not every few
-    seconds: the per-epoch lines tell the progress in between)."""
+    """Tune's status table, printed when a trial starts or ends (not every few seconds: the
+    per-epoch lines tell the progress in between), and at the end when the last one was cut."""
 
     def __init__(self, space: SearchSpace):
         super().__init__(
@@ -124,9 +125,8 @@ class SweepTable(tune.CLIReporter):
         self._shown: tuple = ()
 
     def should_report(self, trials, done: bool = False) -> bool:
-        # At the end only if it differs from the last table (which then is the final one already).
         states = tuple((t.trial_id, t.status) for t in trials)
-        if states != self._shown:
+        if states != self._shown or (done and len(trials) > self._max_progress_rows):
             self._shown = states
             return True
         return False
