@@ -13,6 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 from detr_ray.cli.main import COMMANDS
@@ -55,13 +56,21 @@ def test_the_console_script_is_the_dispatcher_and_each_script_wraps_its_command(
         assert cli.__doc__ and cli.parse_args.__module__ == cli.__name__, command
 
 
-def test_command_help_is_the_scripts_help_under_its_command_name():
-    dispatched, script = _run("-m", "detr_ray.cli", "tune", "--help"), _run("scripts/tune.py", "--help")
-    assert dispatched.returncode == script.returncode == 0, dispatched.stderr + script.stderr
-    assert dispatched.stdout.startswith("usage: detr-ray tune ") and script.stdout.startswith("usage: tune.py ")
+def test_command_help_is_the_scripts_help_under_its_command_name(capsys, monkeypatch):
+    from detr_ray.cli.main import main as detr_ray
+
+    monkeypatch.setattr(sys, "argv", ["scripts/tune.py"])  # as `python scripts/tune.py --help` starts
+    helps = []
+    for run in (_script("tune").main, lambda argv: detr_ray(["tune", *argv])):
+        with pytest.raises(SystemExit) as exit:
+            run(["--help"])
+        assert exit.value.code == 0
+        helps.append(capsys.readouterr().out)
+    script, dispatched = helps
+    assert script.startswith("usage: tune.py ") and dispatched.startswith("usage: detr-ray tune ")
     # the same options and description; only the program name (and so the usage line's wrapping) differs
-    assert dispatched.stdout.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1]
-    assert "Tune DETR's hyperparameters" in dispatched.stdout and "--num-samples" in dispatched.stdout
+    assert dispatched.split("\n\n", 1)[1] == script.split("\n\n", 1)[1]
+    assert "Tune DETR's hyperparameters" in dispatched and "--num-samples" in dispatched
 
 
 def test_prepare_through_the_dispatcher_does_what_the_script_does(tmp_path, capsys, monkeypatch):
