@@ -343,7 +343,7 @@ def test_readme_cluster_commands_match_the_real_command_lines(monkeypatch):
             module, args = _script_parse(words[1], words[2:])
             seen.add(words[1])
             if words[1] == "scripts/tune.py" and args.data:
-                module.load(args)  # the search space and every --set override are valid
+                importlib.import_module("detr_ray.cli.tune").load(args)  # the search space and every --set override are valid
         elif words and words[0] == "scripts/local_cluster.sh":
             assert words[1:] and words[1] in ("up", "down", "env", "status"), words
             seen.add(" ".join(words[:2]))

@@ -27,7 +27,7 @@ from ray import tune
 from detr_ray import relaunch
 from detr_ray.config import ConfigError
 from detr_ray.data import storage
-from detr_ray.tune import study
+from detr_ray.tune import console, study
 # A sweep's pickled state (tuner.pkl, searcher-state-*.pkl) may name these two classes as
 # detr_ray.tune.tuner's: importing them here keeps such sweeps restorable.
 from detr_ray.tune.placement import PlacementGroupWatch
@@ -136,7 +136,8 @@ def build_sweep(
     concurrency = plan_concurrency(cluster, needs, max_concurrent)
     trainable = tune.with_resources(trial_driver, needs.driver)
     watch = PlacementGroupWatch(exp_dir)
-    run_config = tune.RunConfig(name=name, storage_path=root, callbacks=[watch])
+    shown = console.run_config_kwargs(space, space.fixed.train.epochs, callbacks=[watch])
+    run_config = tune.RunConfig(name=name, storage_path=root, **shown)
 
     if tune.Tuner.can_restore(exp_dir):
         if not resume:
@@ -161,6 +162,7 @@ def build_sweep(
         # A function trainable's actor would be cached for reuse with its trial's training thread
         # (the TorchTrainer) still running and holding its workers: a stopped trial must end.
         reuse_actors=False,
+        **console.tune_config_kwargs(),
     )
     log.info("sweep %s: %d trials, up to %d at once, each holding %s", name, sched.num_samples, concurrency, needs)
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)

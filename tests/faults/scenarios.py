@@ -332,7 +332,7 @@ def sweep_space(num_samples: int, epochs: int, **train) -> dict:
 def trial_reports(exp_dir: Path) -> dict[str, list[dict]]:
     """Per trial, every result Tune recorded (result.json of its trial directory), in order."""
     out: dict[str, list[dict]] = {}
-    for f in sorted(exp_dir.glob("trial_driver_*/result.json")):
+    for f in sorted(exp_dir.glob("trial_*/result.json")):
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
@@ -362,7 +362,7 @@ def check_sweep(exp_dir: Path, num_samples: int, epochs: int, saved: dict[str, i
         problems.append(f"{len(trials)} trials, {len(ids)} distinct ids; expected {num_samples}")
     if len({json.dumps(t["config"], sort_keys=True) for t in trials}) != len(trials):
         problems.append("two trials share a configuration (a trial was started twice)")
-    started = len(list(exp_dir.glob("trial_driver_*")))
+    started = len(list(exp_dir.glob("trial_*")))
     if started != num_samples:
         problems.append(f"{started} trial directories for {num_samples} trials")
     for t in trials:
@@ -396,7 +396,7 @@ def check_sweep(exp_dir: Path, num_samples: int, epochs: int, saved: dict[str, i
 
 KILL_POINTS = {
     # a trial's directory exists, no checkpoint yet
-    "trial_started": lambda exp_dir, epochs: any(exp_dir.glob("trial_driver_*")) and not any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")),
+    "trial_started": lambda exp_dir, epochs: any(exp_dir.glob("trial_*")) and not any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")),
     # some trial has a checkpoint, none has finished
     "mid_training": lambda exp_dir, epochs: any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")),
     # some trial finished all its epochs

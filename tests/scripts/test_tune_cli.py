@@ -6,6 +6,7 @@ with a changed space is refused unless --resume-as-stored."""
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(killed_sweep):
     assert len(trials) == 4
     assert len({t["trial"] for t in trials}) == 4
     assert len({json.dumps(t["config"], sort_keys=True) for t in trials}) == 4
-    assert len(list(exp_dir.glob("trial_driver_*"))) == 4  # no trial was started twice
+    assert len(list(exp_dir.glob("trial_*"))) == 4  # no trial was started twice
     assert all(t["status"] in ("completed", "stopped early (ASHA)") for t in trials)
     # A trial that had checkpoints when the sweep died continued from them, never from scratch
     # (ASHA may stop it at its rung before it reports again, so this can hold vacuously).
@@ -114,6 +115,18 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(killed_sweep):
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     assert f"optuna-dashboard {exp_dir / 'optuna.journal'}" in second.stdout
+    # What the console shows: Tune's table of the searched parameters, a line per trial and epoch,
+    # where Ray's logs are; not Ray's internals or the fixed experiment (they are in the logs).
+    console = second.stdout + second.stderr
+    assert "Ray's logs (the trials' Train workers, Ray Data): /" in console
+    assert "train.weight_decay" in console and "TERMINATED" in console
+    assert re.search(r"trial \w+ epoch [1-3]/3: loss \d", console)
+    for internal in ("_experiment", "Reporting training result", "(RayTrainWorker", "(TrainController", "Execution plan",
+                     "maximum expected startup concurrency"):
+        assert internal not in console, internal
+    for t in trials:  # each trial's directory: its id and its sampled values
+        assert [p.name for p in exp_dir.glob(f"trial_{t['trial']}_*")] == [
+            f"trial_{t['trial']}_train.lr={t['config']['train.lr']:.3g},train.weight_decay={t['config']['train.weight_decay']:.3g}"]
 
 
 @pytest.mark.timeout(120)

@@ -2,7 +2,6 @@
 mapping when fine-tuning on all categories, and its cache (one tiny real Ray Train run)."""
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -172,10 +171,8 @@ def test_subset_keeps_only_images_whose_objects_all_belong_to_it():
 
 
 def test_script_categories_by_name_or_id():
-    spec = importlib.util.spec_from_file_location("pretrain_demo_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    parse_categories = script.parse_categories
+    from detr_ray.cli.pretrain_demo import parse_categories
+
     assert parse_categories("rectangle, triangle") == [1, 2]
     assert parse_categories("3,1") == [3, 1]
     with pytest.raises(ConfigError, match="'circle'"):

@@ -2,6 +2,7 @@
 every trial's Train placement group is released, and best.json names a verified checkpoint."""
 
 import json
+import logging
 
 import optuna
 import pytest
@@ -140,7 +141,8 @@ def local_ray():
 
 @pytest.mark.sweep
 @pytest.mark.timeout(600)
-def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ray, tmp_path):
+def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ray, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="detr_ray.tune.console")
     root = tmp_path / "demo"
     ensure_demo_shards(root, num_train=32, num_val=16)
     space = _space(root)
@@ -162,6 +164,15 @@ def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ra
     for r in rows:
         assert [h["epoch"] for h in r["history"]] == list(range(1, r["epochs"] + 1))
         assert r["nodes"]  # where rank 0 ran
+
+    # The console: Tune's table with the searched parameter and the sweep's metrics, not the fixed
+    # experiment; one line per trial and epoch; trial directories named by trial id and sampled value.
+    table = capsys.readouterr().out
+    assert "train.lr" in table and "val/AP50" in table and "TERMINATED" in table and "_experiment" not in table
+    lines = sorted(r.getMessage().split(":")[0] for r in caplog.records if r.name == "detr_ray.tune.console")
+    assert lines == sorted(f"trial {r['trial']} epoch {h['epoch']}/3" for r in rows for h in r["history"])
+    dirs = sorted(p.name for p in (tmp_path / "sweeps" / "fast").glob("trial_*"))
+    assert dirs == sorted(f"trial_{r['trial']}_train.lr={r['config']['train.lr']:.3g}" for r in rows)
 
     written = write_summary(sweep, rows, best, {"train": str(root / "train"), "val": str(root / "val")})
     data = json.loads(open(written["best"]).read())
