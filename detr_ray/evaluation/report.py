@@ -293,10 +293,18 @@ def _figure(rel: dict[str, str], name: str, caption: str) -> list[str]:
 
 
 def _markdown(r: Report, rel: dict[str, str]) -> str:
-    a = r.analysis
-    others = r.comparison
     lines = [f"# Evaluation: {r.title}", ""]
+    for section in (_md_subject, _md_metrics, _md_per_category, _md_errors, _md_training, _md_trials):
+        lines += section(r, rel)
+    if r.sweep:
+        lines += sweep_report.markdown(r.sweep, rel, _table, _figure, _num)
+    return "\n".join(lines)
+
+
+def _md_subject(r: Report, rel: dict[str, str]) -> list[str]:
+    """What was evaluated, on which data, with which inference run."""
     s = r.subject
+    lines: list[str] = []
     lines += ["| | |", "|---|---|"]
     for label, value in (("evaluated", f"{s.get('kind')} `{s.get('source')}`"), ("checkpoint", f"`{s['checkpoint']}`" if s.get("checkpoint") else None),
                          ("weights", f"sha256 `{s['weights']['sha256']}`; {s['weights']['load']['summary']}" if s.get("weights") else None),
@@ -311,7 +319,13 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
         if r.files.get(name):
             lines.append(f"| {label} | `{r.files[name]}` |")
     lines.append("")
+    return lines
 
+
+def _md_metrics(r: Report, rel: dict[str, str]) -> list[str]:
+    """COCO metrics, next to the compared detectors', the cost, and AP per IoU."""
+    others = r.comparison
+    lines: list[str] = []
     lines += ["## Metrics", "", "COCO bbox metrics from pycocotools (-1, shown n/a: no ground truth of that size)."]
     if others:
         lines.append("Other detectors evaluated on the same images: " + ", ".join(f"**{o['name']}** ({o['kind']} `{o['source']}`)" for o in others) + ".")
@@ -324,13 +338,25 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
     lines += ["### AP at each IoU threshold", ""]
     lines += _table(["IoU", "AP"], [[k, v] for k, v in r.ap_per_iou.items()])
     lines += _figure(rel, "pr_overall", "precision-recall per IoU threshold")
+    return lines
 
+
+def _md_per_category(r: Report, rel: dict[str, str]) -> list[str]:
+    """Per-category metrics."""
+    others = r.comparison
+    lines: list[str] = []
     lines += ["## Per category", ""]
     header = ["id", "category", "supercategory", "boxes", "detections", "AP", "AP50", "AP75", "AR100"] + [f"AP {o['name']}" for o in others]
     lines += _table(header, [[str(c["id"]), c["name"], c["supercategory"], c["gt"], c["detections"], c["AP"], c["AP50"], c["AP75"], c["AR100"]]
                              + [o["per_category"].get(c["id"], o["per_category"].get(str(c["id"]))) for o in others] for c in r.per_category])
     lines += _figure(rel, "pr_worst_categories", "precision-recall of the lowest-AP categories")
+    return lines
 
+
+def _md_errors(r: Report, rel: dict[str, str]) -> list[str]:
+    """TIDE error types, the COCO analysis, true-positive IoU and the worst images."""
+    a, others = r.analysis, r.comparison
+    lines: list[str] = []
     t = a.tide
     lines += ["## Error analysis", "", "### TIDE error types", "",
               f"TIDE (Bolya et al., 2020) at foreground IoU 0.5 and background IoU 0.1, AP50 {_num(t.base_ap50)}. "
@@ -364,7 +390,12 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
                                                                          for kind, entries in (("most FP", w.false_positives), ("most missed", w.false_negatives)) for e in entries])
     lines += _figure(rel, "worst_false_positives", "images with the most false positives")
     lines += _figure(rel, "worst_false_negatives", "images with the most missed boxes")
+    return lines
 
+
+def _md_training(r: Report, rel: dict[str, str]) -> list[str]:
+    """The trial's hyperparameters, training history and configuration."""
+    lines: list[str] = []
     lines += ["## Training", ""]
     if r.hyperparameters:
         lines += ["Tuned hyperparameters of this trial:", ""] + _table(["parameter", "value"], [[k, _plain(v)] for k, v in r.hyperparameters.items()])
@@ -376,7 +407,13 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
         lines += ["No training history was found for this checkpoint.", ""]
     if r.config:
         lines += ["<details><summary>Full configuration</summary>", "", "```json", json.dumps(r.config, indent=1, default=_jsonable), "```", "", "</details>", ""]
+    return lines
 
+
+def _md_trials(r: Report, rel: dict[str, str]) -> list[str]:
+    """The sweep's trials and Optuna's parameter importances."""
+    s = r.subject
+    lines: list[str] = []
     if r.trials:
         lines += ["## Trials", ""]
         params = sorted({k for tr in r.trials for k in (tr.get("config") or {})})
@@ -389,9 +426,7 @@ def _markdown(r: Report, rel: dict[str, str]) -> str:
             lines += _table(["parameter", "importance"], [[k, v] for k, v in r.importances.items()])
         else:
             lines += [str(r.importances), ""]
-    if r.sweep:
-        lines += sweep_report.markdown(r.sweep, rel, _table, _figure, _num)
-    return "\n".join(lines)
+    return lines
 
 
 def _cost(r: Report) -> list[str]:
