@@ -38,6 +38,10 @@ So the mapped model's logits are, for every query, exactly the source model's lo
 categories and of no-object. Its probabilities (softmax over K + 1 logits) are the source's
 probabilities of those categories and no-object renormalised to sum to 1: the source's mass on
 its other categories has no class to go to.
+
+One module, though a long one: reading a source, telling its layout, mapping its class head and
+loading it all feed one LoadReport and raise one WeightsError, and a reader checking why a tensor
+was loaded or skipped finds the whole path here.
 """
 
 from __future__ import annotations
