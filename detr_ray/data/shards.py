@@ -29,6 +29,9 @@ replaces only its own files: an output directory holding anything else (shards o
 Names read from files never reach outside their directory: an image `file_name` must be a
 relative path inside the images directory (coco.unsafe_name), and a shard `file` listed in
 `_meta.json` a plain file name in the shard directory; anything else is an error naming the entry.
+
+The module is long because it is the on-disk format in one place: the schema, the writer and the
+readers change together (with SCHEMA_VERSION), and a reader checks what the writer promises.
 """
 
 from __future__ import annotations
