@@ -312,20 +312,20 @@ def test_progress_bars_only_when_stdout_is_a_terminal(shards, monkeypatch):
 
     context = DataContext.get_current()
     before = context.enable_progress_bars
-    assert before  # Ray's default
-    assert not progress_bars_wanted() and not val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
     leader, follower = os.openpty()  # a real terminal (open on both ends while in use)
-    with os.fdopen(follower, "w") as terminal:
-        monkeypatch.setattr("sys.stdout", terminal)
-        assert progress_bars_wanted() and val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
-        context.enable_progress_bars = False  # switched off by the user (RAY_DATA_DISABLE_PROGRESS_BARS=1): stays off
-        try:
+    try:
+        context.enable_progress_bars = True  # Ray's default
+        assert not progress_bars_wanted() and not val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
+        assert context.enable_progress_bars  # the global context is left alone
+        with os.fdopen(follower, "w") as terminal:
+            monkeypatch.setattr("sys.stdout", terminal)
+            assert progress_bars_wanted() and val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
+            context.enable_progress_bars = False  # switched off (RAY_DATA_DISABLE_PROGRESS_BARS=1): stays off
             assert not val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
-        finally:
-            context.enable_progress_bars = before
-        monkeypatch.undo()
-    os.close(leader)
-    assert context.enable_progress_bars == before
+            monkeypatch.undo()
+    finally:
+        os.close(leader)
+        context.enable_progress_bars = before
 
 
 def test_other_errors_fail_the_epoch_naming_shard_and_row(shards, tmp_path):
