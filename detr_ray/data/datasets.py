@@ -28,10 +28,12 @@ block, and so the whole epoch to a single decode task (measured: ~1 core busy of
 
 Keeping every CPU busy (measured on 2 CPUs, 640 COCO-sized JPEGs per 3 s epoch; before, the
 first batch of an epoch came after 0.9-1.5 s and only ~1.5 cores were busy):
-- read and decode fuse into one task. Ray Data fuses two maps only if their remote args are equal
-  (the read is SPREAD) and the second asks for no minimum rows, hence batch_size=None, with
-  `decode_blocks` slicing the block into decode batches itself. Separate, the reads and decodes
-  had separate CPU reservations, and one decode task ran until every read had finished.
+- read and decode fuse into one task. Ray Data fuses two maps only if their remote args agree
+  (the map names no scheduling strategy: it inherits the read's SPREAD; naming one would go
+  through the deprecated `ray_remote_args`) and the second asks for no minimum rows, hence
+  batch_size=None, with `decode_blocks` slicing the block into decode batches itself. Separate,
+  the reads and decodes had separate CPU reservations, and one decode task ran until every read
+  had finished.
 - decoded output blocks of OUTPUT_BLOCK_BYTES (16 MiB, not Ray's 128 MiB): a task hands its first
   rows over after one decode batch instead of after most of its block.
 - ray_data_scheduling_patch: an execution's resource limits arrive at its first scheduling steps
@@ -46,6 +48,7 @@ Rows: decode.py (DECODED_SCHEMA); batches of them: collate.py and batches.py.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from detr_ray.config import DataConfig
@@ -56,6 +59,20 @@ from detr_ray.data.transforms import TransformConfig
 
 READ_BLOCK_BATCHES = 4  # a read block (and one decode task) holds this many decode batches
 OUTPUT_BLOCK_BYTES = 16 * 2**20  # target size of a decoded output block (Ray's default: 128 MiB)
+
+
+def progress_bars_wanted(stream=None) -> bool:
+    """Whether a dataset built here shows Ray Data's per-operator progress bars: only when this
+    process's stdout (`stream`) is a terminal. The bars redraw with carriage returns; where output
+    goes to a file (a sweep's log, `ray job logs`) every redraw becomes a line. The choice travels
+    with the dataset's context to the process that runs it (Ray Train's SplitCoordinator, whose
+    own stdout is never a terminal and whose bars are drawn by the driver)."""
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
 def detection_dataset(
@@ -70,7 +87,8 @@ def detection_dataset(
     """A Ray Data Dataset of decoded, augmented rows (DECODED_SCHEMA) from a shard directory.
 
     train=True: file order reshuffled every epoch and the train recipe (`seed` makes both
-    reproducible: see `decode_augment`); train=False: shard order and the val recipe."""
+    reproducible: see `decode_augment`); train=False: shard order and the val recipe. Ray Data's
+    progress bars only where stdout is a terminal (`progress_bars_wanted`)."""
     import ray.data
     from ray.data import DataContext, FileShuffleConfig
 
@@ -80,10 +98,12 @@ def detection_dataset(
     rows = sum(s["rows"] for s in meta.shards)
     blocks = max(len(meta.shards), -(-rows // (READ_BLOCK_BATCHES * decode_batch_size)))
     context = DataContext.get_current()
-    saved = {name: getattr(context, name) for name in ("use_datasource_v2", "target_max_block_size")}
+    settings = ("use_datasource_v2", "target_max_block_size", "enable_progress_bars")
+    saved = {name: getattr(context, name) for name in settings}
     # Captured by the dataset at creation, so set only while creating it (see the module docstring).
     context.use_datasource_v2 = False  # V2 gives one decode task
     context.target_max_block_size = OUTPUT_BLOCK_BYTES
+    context.enable_progress_bars = context.enable_progress_bars and progress_bars_wanted()
     try:
         ds = ray.data.read_parquet(
             shards_uri,
@@ -104,7 +124,6 @@ def detection_dataset(
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=decode_num_cpus,
-        scheduling_strategy="SPREAD",  # as the read's: equal remote args are needed to fuse
         fn_kwargs={
             "rows_per_output": decode_batch_size,
             "train": train,

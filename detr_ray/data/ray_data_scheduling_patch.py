@@ -62,8 +62,8 @@ def enabled() -> bool:
 
 def install() -> bool:
     """Installs both fixes (once per process). Returns whether both are in place: False when
-    turned off by DETR_RAY_DATA_SCHEDULING_PATCH=0, or when Ray's internals differ from the expected ones
-    (then Ray is left alone and a WARNING says which fix did not apply)."""
+    turned off by DETR_RAY_DATA_SCHEDULING_PATCH=0, or when Ray's internals differ from the
+    expected ones (then Ray is left alone and a WARNING says which fix did not apply)."""
     if not enabled():
         return False
     return _install_prompt_limits() & _install_prompt_completion()

@@ -29,6 +29,9 @@ replaces only its own files: an output directory holding anything else (shards o
 Names read from files never reach outside their directory: an image `file_name` must be a
 relative path inside the images directory (coco.unsafe_name), and a shard `file` listed in
 `_meta.json` a plain file name in the shard directory; anything else is an error naming the entry.
+
+The module is long because it is the on-disk format in one place: the schema, the writer and the
+readers change together (with SCHEMA_VERSION), and a reader checks what the writer promises.
 """
 
 from __future__ import annotations
@@ -434,17 +437,7 @@ def write_shards(
     plan_id, chunks = _plan(dataset, shard_size)
     n = len(chunks)
     files = [f"part-{i:05d}-of-{n:05d}-{plan_id}.parquet" for i in range(n)]
-
-    for record in dataset.images:  # coco.load_coco checks these too, not knowing images_dir
-        problem = unsafe_name(record.file_name, uri=storage.is_uri(images_dir))
-        if problem:
-            raise ShardError(f"{dataset.path}: image id={record.id}: file_name {record.file_name!r} {problem}")
-    _check_output(out_uri, files)
-    if strict:
-        missing = _check_missing_files(dataset, images_dir)
-        if missing:
-            listed = ", ".join(m["file_name"] for m in missing[:10])
-            raise ShardError(f"{images_dir}: {len(missing)} image files are missing (--strict): {listed}")
+    _check_inputs(dataset, images_dir, out_uri, files, strict)
 
     reports: dict[int, dict[str, Any]] = {}
     tasks = []
@@ -459,10 +452,51 @@ def write_shards(
     if reused:
         logger.info("%s: %d of %d shards already complete, reused", out_uri, reused, n)
 
+    failed = _run_tasks(tasks, reports, workers, progress, out_uri)
+    if failed:
+        raise ShardError(
+            f"{out_uri}: {len(failed)} of {n} shards not written: an image file could not be read "
+            f"after {read_retry.attempts} attempts; {META_FILE} not written, a rerun redoes only "
+            "the unwritten shards:\n  " + "\n  ".join(sorted(failed))
+        )
+
+    ordered = [reports[i] for i in range(n)]
+    report = _write_report(dataset, ordered, out_uri, written=len(tasks), reused=reused)
+    if strict and report.skipped_images:
+        listed = "; ".join(f"{s['file_name']}: {s['reason']}" for s in report.skipped_images[:10])
+        raise ShardError(
+            f"{images_dir}: {len(report.skipped_images)} images could not be used (--strict), "
+            f"{META_FILE} not written: {listed}"
+        )
+    meta = _meta(dataset, report, ordered, shard_size, extra_meta)
+    storage.write_bytes_atomic(storage.join(out_uri, META_FILE), meta.to_json().encode())
+    logger.info("%s: %d images in %d shards", out_uri, report.images_written, n)
+    return report
+
+
+def _check_inputs(dataset: CocoDataset, images_dir: str, out_uri: str, files: list[str], strict: bool) -> None:
+    """Before anything is written: every file_name stays inside images_dir, the output directory
+    holds nothing but this plan's files, and (strict) no image file is missing."""
+    for record in dataset.images:  # coco.load_coco checks these too, not knowing images_dir
+        problem = unsafe_name(record.file_name, uri=storage.is_uri(images_dir))
+        if problem:
+            raise ShardError(f"{dataset.path}: image id={record.id}: file_name {record.file_name!r} {problem}")
+    _check_output(out_uri, files)
+    if strict:
+        missing = _check_missing_files(dataset, images_dir)
+        if missing:
+            listed = ", ".join(m["file_name"] for m in missing[:10])
+            raise ShardError(f"{images_dir}: {len(missing)} image files are missing (--strict): {listed}")
+
+
+def _run_tasks(tasks: list[_ShardTask], reports: dict[int, dict[str, Any]], workers: int | None, progress: bool,
+               out_uri: str) -> list[str]:
+    """Writes the shards of `tasks` (in `workers` processes), their reports into `reports`.
+    Returns the errors of the shards a persistent read error left unwritten."""
     if workers is None:
         workers = os.cpu_count() or 1
     total = sum(len(t.items) for t in tasks)
-    failed: list[str] = []  # shards left unwritten by a persistent read error
+    failed: list[str] = []
     with tqdm(total=total, unit="img", desc=f"shards -> {out_uri}", disable=not progress) as bar:
         if workers <= 1 or len(tasks) <= 1:
             for task in tasks:
@@ -482,15 +516,12 @@ def write_shards(
                     except ImageReadError as e:
                         failed.append(str(e))
                     bar.update(len(task.items))
-    if failed:
-        raise ShardError(
-            f"{out_uri}: {len(failed)} of {n} shards not written: an image file could not be read "
-            f"after {read_retry.attempts} attempts; {META_FILE} not written, a rerun redoes only "
-            "the unwritten shards:\n  " + "\n  ".join(sorted(failed))
-        )
+    return failed
 
-    ordered = [reports[i] for i in range(n)]
-    report = WriteReport(out=out_uri, shards_written=len(tasks), shards_reused=reused)
+
+def _write_report(dataset: CocoDataset, ordered: list[dict[str, Any]], out_uri: str, *, written: int, reused: int) -> WriteReport:
+    """The totals of every shard's report (`ordered`: by shard index)."""
+    report = WriteReport(out=out_uri, shards_written=written, shards_reused=reused)
     report.clipped_boxes = dataset.clipped
     dropped = Counter(dataset.dropped)
     for r in ordered:
@@ -501,13 +532,12 @@ def write_shards(
         if r["annotations_of_skipped_images"]:
             dropped["of a skipped image"] += r["annotations_of_skipped_images"]
     report.dropped_annotations = dict(dropped)
-    if strict and report.skipped_images:
-        listed = "; ".join(f"{s['file_name']}: {s['reason']}" for s in report.skipped_images[:10])
-        raise ShardError(
-            f"{images_dir}: {len(report.skipped_images)} images could not be used (--strict), "
-            f"{META_FILE} not written: {listed}"
-        )
+    return report
 
+
+def _meta(dataset: CocoDataset, report: WriteReport, ordered: list[dict[str, Any]], shard_size: int,
+          extra_meta: dict[str, Any] | None) -> DatasetMeta:
+    """`_meta.json` of the written shards: per-category counts leave out the skipped images."""
     per_category = Counter()
     for annotations in dataset.annotations.values():
         per_category.update(a.category_id for a in annotations)
@@ -515,7 +545,7 @@ def write_shards(
     for image_id in skipped_ids:
         for a in dataset.annotations.get(image_id, []):
             per_category[a.category_id] -= 1
-    meta = DatasetMeta(
+    return DatasetMeta(
         schema_version=SCHEMA_VERSION,
         categories=list(dataset.categories),
         label_to_category_id=dataset.label_to_category_id,
@@ -537,9 +567,6 @@ def write_shards(
         },
         extra=dict(extra_meta or {}),
     )
-    storage.write_bytes_atomic(storage.join(out_uri, META_FILE), meta.to_json().encode())
-    logger.info("%s: %d images in %d shards", out_uri, report.images_written, n)
-    return report
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ result set against its ground truth.
   score threshold, with their boxes (for drawing).
 
 `analyze(evaluation, results)` runs all of them.
+
+The module is long because its analyses stand on the same private pieces (the ground-truth
+index, `match`, the IoU of a detection with the boxes of its image, COCO's 101-point AP) and
+are read as one account of a detector's errors, which report.py draws.
 """
 
 from __future__ import annotations

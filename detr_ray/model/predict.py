@@ -55,7 +55,7 @@ def detections_to_results(
 
 @dataclass
 class Predictions:
-    detections: list[dict[str, Tensor]]  # per image {"scores", "labels" (contiguous 0..K-1), "boxes" xyxy pixels}
+    detections: list[dict[str, Tensor]]  # per image {"scores", "labels" 0..K-1, "boxes" xyxy pixels}
     results: list[dict]  # COCO result dicts, image by image in batch order, query order within an image
 
 

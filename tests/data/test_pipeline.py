@@ -287,6 +287,50 @@ def test_val_targets_match_the_source_annotations(shards):
 
 
 @pytest.mark.timeout(180)
+def test_building_the_datasets_calls_no_deprecated_ray_api(shards):
+    """No deprecation warning points at our code (Ray's own DataContext copies warn about
+    Ray's internal settings; those point into Ray)."""
+    import warnings
+
+    import detr_ray
+
+    ours = str(Path(detr_ray.__file__).parent)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_dataset(str(shards[0]), AUGMENT, seed=0)
+        val_dataset(str(shards[0]), AUGMENT)
+    from_us = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+               if issubclass(w.category, DeprecationWarning) and w.filename.startswith(ours)]
+    assert not from_us, from_us
+
+
+def test_progress_bars_only_when_stdout_is_a_terminal(shards, monkeypatch):
+    """Ray Data's bars redraw with carriage returns: kept on a terminal, off where output is a
+    log file (pytest captures stdout here: not a terminal). The global context is left as it was."""
+    import os
+
+    from ray.data import DataContext
+
+    from detr_ray.data.datasets import progress_bars_wanted
+
+    context = DataContext.get_current()
+    before = context.enable_progress_bars
+    leader, follower = os.openpty()  # a real terminal (open on both ends while in use)
+    try:
+        context.enable_progress_bars = True  # Ray's default
+        assert not progress_bars_wanted() and not val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
+        assert context.enable_progress_bars  # the global context is left alone
+        with os.fdopen(follower, "w") as terminal:
+            monkeypatch.setattr("sys.stdout", terminal)
+            assert progress_bars_wanted() and val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
+            context.enable_progress_bars = False  # switched off (RAY_DATA_DISABLE_PROGRESS_BARS=1): stays off
+            assert not val_dataset(str(shards[0]), AUGMENT).context.enable_progress_bars
+            monkeypatch.undo()
+    finally:
+        os.close(leader)
+        context.enable_progress_bars = before
+
+
 def test_other_errors_fail_the_epoch_naming_shard_and_row(shards, tmp_path):
     out, _ = shards
     broken = tmp_path / "broken"

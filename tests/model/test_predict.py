@@ -56,9 +56,10 @@ def test_validation_and_batch_inference_give_the_same_detections(local_ray):
 
     predictor = Predictor(to_dict(cfg), model.state_dict(), CATEGORY_IDS, use_gpu=False, threads=1)
     out = predictor(table)
+    columns = (out.column(n).to_pylist() for n in ("image_id", "category_ids", "scores", "boxes"))
     inferred = [
         {"image_id": i, "category_id": c, "bbox": b, "score": s}
-        for i, cats, scores, boxes in zip(*(out.column(n).to_pylist() for n in ("image_id", "category_ids", "scores", "boxes")))
+        for i, cats, scores, boxes in zip(*columns)
         for c, s, b in zip(cats, scores, np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist())
     ]
     assert out.schema == PREDICTION_SCHEMA and out.column("skipped").to_pylist() == [False] * 4 + [True]
@@ -66,7 +67,8 @@ def test_validation_and_batch_inference_give_the_same_detections(local_ray):
     # The whole table as one batch of the val split, as the predictor received it: the same padding.
     data = DataConfig(batch_size=table.num_rows, group_shapes=False)
     model.train()
-    validated, ids, skipped, _ = infer_val_part(model, ray.data.from_arrow(table), data, torch.device("cpu"), CATEGORY_IDS)
+    val_part = ray.data.from_arrow(table)
+    validated, ids, skipped, _ = infer_val_part(model, val_part, data, torch.device("cpu"), CATEGORY_IDS)
     assert model.training  # left as it was found
     assert ids == [100, 101, 102, 103] and skipped == 1
     assert len(validated) == 4 * cfg.num_queries
