@@ -24,6 +24,8 @@ from detr_ray.tune.tuner import build_sweep, summarize
 
 ARCH = "fcos_resnet50_fpn"
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):

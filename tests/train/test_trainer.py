@@ -20,7 +20,7 @@ from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.train.trainer import DEMO_EXPERIMENT, build_trainer
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.train, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
