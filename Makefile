@@ -20,10 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest
 
-# The inner loop: everything but the multi-node cluster, the sweeps and end-to-end scripts, and the
-# fault suite (pyproject.toml's markers); `make test` (CI) runs them all.
+# The inner loop: everything but the multi-node cluster, the sweeps and end-to-end scripts, the
+# fault suite and the Ray Train runs (pyproject.toml's markers); `make test` (CI) runs them all.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not (cluster or sweep or faults or slow)"
+	$(PY) -m pytest -m "not (cluster or sweep or faults or train or slow)"
 
 clean:
 	rm -rf $(VENV)

@@ -22,6 +22,17 @@ def tiny_config(**overrides) -> DETRConfig:
     return DETRConfig(**base)
 
 
+# Fixtures that train a model through Ray Train (once per session or module): every test that
+# needs one is marked `train`, so that `make test-fast` leaves it out.
+TRAINING_FIXTURES = {"tiny_run", "pretrained"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.train)
+
+
 @pytest.fixture
 def tiny_cfg() -> DETRConfig:
     return tiny_config()

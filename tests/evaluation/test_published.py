@@ -154,6 +154,7 @@ def http_server(tmp_path):
     thread.join()
 
 
+@pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(local_ray, http_server, tmp_path, capsys):
     served, url = http_server

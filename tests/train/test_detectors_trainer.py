@@ -25,6 +25,8 @@ from detr_ray.tune.tuner import build_sweep
 
 ARCH = "fcos_resnet50_fpn"
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):

@@ -45,6 +45,7 @@ def first_step_gradients(config):
         torch.save({n.removeprefix("module."): g for n, g in grads.items()}, config["out"])
 
 
+@pytest.mark.train
 class TestOneNode:
     @pytest.fixture(scope="class", autouse=True)
     def local_ray(self):

@@ -20,7 +20,7 @@ from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.trainer import build_trainer, demo_experiment
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.train, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
