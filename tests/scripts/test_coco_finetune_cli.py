@@ -21,6 +21,7 @@ from tests.data.conftest import make_coco
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its own Ray
+
 COCO_SUBSET = ((18, "dog"), (1, "person"), (44, "bottle"))
 MODEL = {"hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2, "dim_feedforward": 64, "num_queries": 5}
 

@@ -25,6 +25,7 @@ from detr_ray.tune.study import open_storage
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its own Ray
+
 SPACE = {
     "experiment": {
         "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
