@@ -13,7 +13,7 @@ export DETR_RAY_DEMO_DIR=/tmp/detr_ray_demo
   start=$(date +%s)
   python3 scripts/tune.py --name gpu-sweep --storage /tmp/gpu_sweeps --num-samples 4 --gpus-per-trial 1 \
     --cpus-per-worker 2 --grace-period 1 --set train.epochs=3 --set train.max_steps_per_epoch=20 \
-    --set data.decode_num_cpus=1 --set data.cpus=4
+    --set data.decode_num_cpus=1 --set data.ray_data_cpus=4
   echo "tune.py exit $? after $(( $(date +%s) - start )) s"
   python3 - <<'PY'
 import json

@@ -206,7 +206,7 @@ class DataConfig:
     says, DETR's COCO scales otherwise: data/recipe.py), "coco" or "demo".
     `batch_size` is per Train worker; `shuffle_buffer` rows are mixed locally on each worker
     (0: no local shuffle). `group_shapes`: a batch is made of images of one orientation and
-    similar size (see pipeline.shape_group), which cuts the padding the model computes on.
+    similar size (see collate.shape_group), which cuts the padding the model computes on.
     `decode_num_cpus` is the CPU reservation of one decode task; `ray_data_cpus` caps the CPUs
     this run's Ray Data tasks hold at once (0: `decode_num_cpus` per Train worker), so that runs
     sharing a cluster never starve each other's decoding."""
