@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell sha256sum requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 
-.PHONY: venv test test-fast tune clean
+.PHONY: venv lint test test-fast tune clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 # The inner loop: everything but the multi-node cluster, the sweeps and end-to-end scripts, the

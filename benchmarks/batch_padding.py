@@ -45,8 +45,17 @@ class Blocks:
     def iter_batches(self, batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for k in range(0, len(self.sizes), self.block_rows):
             rows = [
-                {"image_id": k + i, "image": bytes(h * w * 3), "height": h, "width": w, "orig_height": h,
-                 "orig_width": w, "boxes": [0.5, 0.5, 0.2, 0.2], "labels": [0], "skipped": False}
+                {
+                    "image_id": k + i,
+                    "image": bytes(h * w * 3),
+                    "height": h,
+                    "width": w,
+                    "orig_height": h,
+                    "orig_width": w,
+                    "boxes": [0.5, 0.5, 0.2, 0.2],
+                    "labels": [0],
+                    "skipped": False,
+                }
                 for i, (h, w) in enumerate(self.sizes[k : k + self.block_rows])
             ]
             yield pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
@@ -58,15 +67,18 @@ def augmented_sizes(count: int, seed: int = 0) -> list[tuple[int, int]]:
     sizes = []
     for i in range(count):
         h, w = SOURCE_SIZES[i % len(SOURCE_SIZES)]
-        image, _, _ = transform(torch.zeros(3, h, w, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+        image, _, _ = transform(
+            torch.zeros(3, h, w, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+        )
         sizes.append(tuple(image.shape[-2:]))
     order = np.random.default_rng(seed).permutation(count)  # arrival order is random
     return [sizes[i] for i in order]
 
 
 def measure(sizes, batch_size: int, group_shapes: bool) -> dict:
-    batches = DetectionBatches(Blocks(sizes), batch_size=batch_size, shuffle_buffer=64, shuffle_seed=0,
-                               group_shapes=group_shapes)
+    batches = DetectionBatches(
+        Blocks(sizes), batch_size=batch_size, shuffle_buffer=64, shuffle_seed=0, group_shapes=group_shapes
+    )
     real = padded = 0
     start = time.process_time()
     for images, _, targets in batches:
@@ -92,14 +104,21 @@ def main(argv=None) -> int:
     rows = [measure(sizes, args.batch_size, g) for g in (False, True)]
     real_per_image = sum(h * w for h, w in sizes) / len(sizes)
     for r in rows:
-        print(f"group_shapes={r['group_shapes']!s:5}: padding {100 * r['padding_share']:.1f}% of batch pixels, "
-              f"{r['pixels_per_image_incl_padding'] / 1e6:.2f} Mpx per image (real {real_per_image / 1e6:.2f}), "
-              f"batching {r['batching_cpu_ms_per_image']:.2f} CPU-ms/image")
+        print(
+            f"group_shapes={r['group_shapes']!s:5}: padding {100 * r['padding_share']:.1f}% of batch pixels, "
+            f"{r['pixels_per_image_incl_padding'] / 1e6:.2f} Mpx per image (real {real_per_image / 1e6:.2f}), "
+            f"batching {r['batching_cpu_ms_per_image']:.2f} CPU-ms/image"
+        )
     result = {
         "recipe": "DETR COCO train (TransformConfig.coco()), sources " + ", ".join(f"{h}x{w}" for h, w in SOURCE_SIZES),
-        "images": args.images, "batch_size": args.batch_size, "shuffle_buffer": 64,
-        "real_pixels_per_image": round(real_per_image), "results": rows,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "shuffle_buffer": 64,
+        "real_pixels_per_image": round(real_per_image),
+        "results": rows,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,14 @@ def make_images(root: Path, count: int, seed: int = 0) -> Path:
             x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
             pixels[y : y + bh, x : x + bw] = rng.uniform(0, 255, size=3)
             coco["annotations"].append(
-                {"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": int(k % 3) + 1,
-                 "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0}
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(k % 3) + 1,
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
             )
         name = f"{i + 1:012d}.jpg"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / name, quality=90)
@@ -175,11 +181,19 @@ def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int, d
     from detr_ray.local_ray import init as init_local_ray
 
     shards = root / "shards"
-    write_shards(load_coco(str(root / "instances.json")), str(root / "images"), str(shards),
-                 shard_size=64, workers=0, progress=False)
+    write_shards(
+        load_coco(str(root / "instances.json")),
+        str(root / "images"),
+        str(shards),
+        shard_size=64,
+        workers=0,
+        progress=False,
+    )
     # As scripts/tune.py starts its local Ray: idle workers are kept (a plain ray.init keeps only as
     # many as there are unreserved CPUs and restarted a torch-importing worker every few tasks).
-    init_local_ray(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_local_ray(
+        address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     iterator = train_dataset(str(shards), cfg, decode_batch_size=16, decode_num_cpus=decode_num_cpus).iterator()
@@ -189,8 +203,13 @@ def ray_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int, d
 
 def dataloader_pipeline(root: Path, cfg: TransformConfig, batch_size: int, cpus: int):
     loader = torch.utils.data.DataLoader(
-        PilDetection(root, cfg), batch_size=batch_size, shuffle=True, num_workers=cpus, collate_fn=pad_collate,
-        persistent_workers=True, prefetch_factor=2,
+        PilDetection(root, cfg),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=cpus,
+        collate_fn=pad_collate,
+        persistent_workers=True,
+        prefetch_factor=2,
     )
     return lambda: iter(loader)
 
@@ -202,8 +221,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--decode-num-cpus", type=float, default=1.0, help="CPU reservation of one decode task")
-    p.add_argument("--no-scheduling-patch", "--no-ray-data-fixes", dest="no_scheduling_patch", action="store_true",
-                   help="run (a) without detr_ray.data.ray_data_scheduling_patch (ablation; --no-ray-data-fixes: its former name)")
+    p.add_argument(
+        "--no-scheduling-patch",
+        "--no-ray-data-fixes",
+        dest="no_scheduling_patch",
+        action="store_true",
+        help="run (a) without detr_ray.data.ray_data_scheduling_patch (ablation; --no-ray-data-fixes: its former name)",
+    )
     args = p.parse_args(argv)
     if args.no_scheduling_patch:  # before anything imports the pipeline or starts Ray
         from detr_ray.data import ray_data_scheduling_patch
@@ -216,8 +240,10 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = make_images(Path(tmp), args.images)
-        print(f"{args.images} JPEGs, {cpus} CPUs, batch {args.batch_size}, {args.rounds} rounds, "
-              f"ray_data_scheduling_patch {'off' if args.no_scheduling_patch else 'on'}")
+        print(
+            f"{args.images} JPEGs, {cpus} CPUs, batch {args.batch_size}, {args.rounds} rounds, "
+            f"ray_data_scheduling_patch {'off' if args.no_scheduling_patch else 'on'}"
+        )
         # DataLoader first, so that its workers are forks of this process and not of Ray's.
         passes = {"b": dataloader_pipeline(root, cfg, args.batch_size, cpus)}
         passes["a"] = ray_pipeline(root, cfg, args.batch_size, cpus, args.decode_num_cpus)
@@ -229,14 +255,20 @@ def main(argv=None) -> int:
             for name in ("b", "a"):
                 rounds[name].append(measure_epoch(passes[name], include_ray=name == "a"))
                 m = rounds[name][-1]
-                print(f"  round {r} ({name}): {m['images_per_s']:6.1f} images/s, {m['cpu_ms_per_image']:5.1f} CPU-ms/image")
+                print(
+                    f"  round {r} ({name}): {m['images_per_s']:6.1f} images/s, {m['cpu_ms_per_image']:5.1f} CPU-ms/image"
+                )
     best = {k: max(m["images_per_s"] for m in v) for k, v in rounds.items()}
     cpu_ms = {k: statistics.median(m["cpu_ms_per_image"] for m in v) for k, v in rounds.items()}
     ratio = best["a"] / best["b"]
-    print(f"(a) Parquet shards + Ray Data pipeline:              {best['a']:7.1f} images/s (best round), "
-          f"{cpu_ms['a']:.1f} CPU-ms/image (median, all Ray processes)")
-    print(f"(b) CocoDetection (PIL) + DataLoader({cpus} workers):    {best['b']:7.1f} images/s (best round), "
-          f"{cpu_ms['b']:.1f} CPU-ms/image (median)")
+    print(
+        f"(a) Parquet shards + Ray Data pipeline:              {best['a']:7.1f} images/s (best round), "
+        f"{cpu_ms['a']:.1f} CPU-ms/image (median, all Ray processes)"
+    )
+    print(
+        f"(b) CocoDetection (PIL) + DataLoader({cpus} workers):    {best['b']:7.1f} images/s (best round), "
+        f"{cpu_ms['b']:.1f} CPU-ms/image (median)"
+    )
     print(f"ratio (a)/(b): {ratio:.2f}x images/s, {cpu_ms['b'] / cpu_ms['a']:.2f}x CPU efficiency")
     dataloader, pipeline = best["b"], best["a"]
     from detr_ray.data import ray_data_scheduling_patch

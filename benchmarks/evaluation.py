@@ -51,16 +51,36 @@ def synthetic_coco(images: int, dets_per_image: int, seed: int = 0) -> tuple[dic
         by = rng.uniform(0, h - bh)
         cats = rng.choice(cat_ids, n)
         for x, y, bw_, bh_, c in zip(bx, by, bw, bh, cats):
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(c), "bbox": [float(x), float(y), float(bw_), float(bh_)],
-                         "area": float(bw_ * bh_), "iscrowd": int(rng.uniform() < 0.01)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": int(c),
+                    "bbox": [float(x), float(y), float(bw_), float(bh_)],
+                    "area": float(bw_ * bh_),
+                    "iscrowd": int(rng.uniform() < 0.01),
+                }
+            )
         dets = []
         for x, y, bw_, bh_, c in zip(bx, by, bw, bh, cats):
             for _ in range(int(rng.integers(1, 4))):
                 j = rng.normal(0, 0.1, 4) * [bw_, bh_, bw_, bh_]
-                dets.append((int(c) if rng.uniform() < 0.8 else int(rng.choice(cat_ids)), [x + j[0], y + j[1], max(bw_ + j[2], 1), max(bh_ + j[3], 1)], rng.uniform(0.3, 1)))
+                dets.append(
+                    (
+                        int(c) if rng.uniform() < 0.8 else int(rng.choice(cat_ids)),
+                        [x + j[0], y + j[1], max(bw_ + j[2], 1), max(bh_ + j[3], 1)],
+                        rng.uniform(0.3, 1),
+                    )
+                )
         while len(dets) < dets_per_image:
             dw, dh = rng.uniform(4, w / 3), rng.uniform(4, h / 3)
-            dets.append((int(rng.choice(cat_ids)), [rng.uniform(0, w - dw), rng.uniform(0, h - dh), dw, dh], rng.uniform(0, 0.5)))
+            dets.append(
+                (
+                    int(rng.choice(cat_ids)),
+                    [rng.uniform(0, w - dw), rng.uniform(0, h - dh), dw, dh],
+                    rng.uniform(0, 0.5),
+                )
+            )
         for c, box, s in dets[:dets_per_image]:
             results.append({"image_id": image_id, "category_id": c, "bbox": [float(v) for v in box], "score": float(s)})
     return {"images": gt_images, "annotations": anns, "categories": categories}, results
@@ -75,7 +95,12 @@ def time_cocoeval(gt: dict, results: list[dict]) -> dict:
     start = time.perf_counter()
     ev = evaluate(coco, results, prefix="")
     seconds = time.perf_counter() - start
-    return {"index_s": round(index_s, 2), "cocoeval_s": round(seconds, 2), "AP": round(ev.metrics["AP"], 4), "AP50": round(ev.metrics["AP50"], 4)}
+    return {
+        "index_s": round(index_s, 2),
+        "cocoeval_s": round(seconds, 2),
+        "AP": round(ev.metrics["AP"], 4),
+        "AP50": round(ev.metrics["AP50"], 4),
+    }
 
 
 def time_analysis(gt: dict, results: list[dict], images: int) -> dict:
@@ -83,13 +108,21 @@ def time_analysis(gt: dict, results: list[dict], images: int) -> dict:
     from detr_ray.coco_eval import evaluate
 
     keep = set(range(1, images + 1))
-    sub_gt = {"images": [i for i in gt["images"] if i["id"] in keep], "annotations": [a for a in gt["annotations"] if a["image_id"] in keep], "categories": gt["categories"]}
+    sub_gt = {
+        "images": [i for i in gt["images"] if i["id"] in keep],
+        "annotations": [a for a in gt["annotations"] if a["image_id"] in keep],
+        "categories": gt["categories"],
+    }
     sub = [r for r in results if r["image_id"] in keep]
     ev = evaluate(sub_gt, sub, prefix="")
     index = A.GroundTruth(ev.gt)
     timings = {}
-    for name, fn in (("tide", lambda: A.tide(index, sub)), ("coco_breakdown", lambda: A.coco_breakdown(index, sub)),
-                     ("pr_curves", lambda: A.pr_curves(ev)), ("worst_images", lambda: A.worst_images(index, sub))):
+    for name, fn in (
+        ("tide", lambda: A.tide(index, sub)),
+        ("coco_breakdown", lambda: A.coco_breakdown(index, sub)),
+        ("pr_curves", lambda: A.pr_curves(ev)),
+        ("worst_images", lambda: A.worst_images(index, sub)),
+    ):
         start = time.perf_counter()
         fn()
         timings[f"{name}_s"] = round(time.perf_counter() - start, 2)
@@ -114,7 +147,9 @@ def make_jpegs(root: Path, count: int, seed: int = 0, distinct: int = 64) -> str
     for i in range(min(count, distinct)):
         h, w = SIZES[i % 3]
         coarse = rng.uniform(0, 255, size=(12, 16, 3)).astype(np.uint8)
-        pixels = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32) + rng.normal(0, 18, size=(h, w, 3))
+        pixels = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32) + rng.normal(
+            0, 18, size=(h, w, 3)
+        )
         boxes = []
         for _ in range(int(rng.integers(1, 5))):
             bw, bh = int(rng.integers(40, w // 2)), int(rng.integers(40, h // 2))
@@ -133,10 +168,24 @@ def make_jpegs(root: Path, count: int, seed: int = 0, distinct: int = 64) -> str
             shutil.copyfile(source, root / "images" / name)
         coco["images"].append({"id": i + 1, "file_name": name, "width": w, "height": h})
         for x, y, bw, bh in boxes:
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, 91)),
-                                        "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, 91)),
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
     (root / "instances.json").write_text(json.dumps(coco))
-    write_shards(load_coco(str(root / "instances.json")), str(root / "images"), str(root / "shards"), shard_size=500, progress=False)
+    write_shards(
+        load_coco(str(root / "instances.json")),
+        str(root / "images"),
+        str(root / "shards"),
+        shard_size=500,
+        progress=False,
+    )
     return str(root / "shards")
 
 
@@ -155,22 +204,44 @@ def time_inference(root: Path, count: int, batch_size: int, device: str) -> dict
     model_cfg = DETRConfig(num_classes=90)  # the R50 COCO configuration; 90 categories 1..90 -> 90 labels
     exp = ExperimentConfig(model_cfg, DataConfig(train=shards, val=shards), TrainConfig())
     torch.manual_seed(0)
-    ckpt.save(root / "checkpoint", build_model(model_cfg), None, None, None,
-              ckpt.TrainingState(0, 0, exp.to_dict(), {"label_to_category_id": list(range(1, 91)), "names": [f"c{i}" for i in range(1, 91)]}))
+    ckpt.save(
+        root / "checkpoint",
+        build_model(model_cfg),
+        None,
+        None,
+        None,
+        ckpt.TrainingState(
+            0, 0, exp.to_dict(), {"label_to_category_id": list(range(1, 91)), "names": [f"c{i}" for i in range(1, 91)]}
+        ),
+    )
     cpus = os.cpu_count() or 1
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         use_gpu = {"auto": gpus > 0, "gpu": True, "cpu": False}[device]
-        cfg = InferenceConfig(batch_size=batch_size, use_gpu=use_gpu, cpus_per_actor=max(1.0, cpus - 1.0) if not use_gpu else 2.0,
-                              decode_num_cpus=1.0, progress=False)
+        cfg = InferenceConfig(
+            batch_size=batch_size,
+            use_gpu=use_gpu,
+            cpus_per_actor=max(1.0, cpus - 1.0) if not use_gpu else 2.0,
+            decode_num_cpus=1.0,
+            progress=False,
+        )
         inference = run_inference(load_detector(root / "checkpoint"), shards, cfg)
     finally:
         ray.shutdown()
-    return {"model": "DETR R50 (COCO configuration, 100 queries), random weights, fp32", "val_transform": "shortest side 800, longest <= 1333",
-            "images": inference.images, "batch_size": batch_size, "device": inference.device, "actors": inference.actors,
-            "cpus_per_actor": cfg.cpus_per_actor if not use_gpu else None, "seconds": round(inference.seconds, 2),
-            "images_per_s": round(inference.images_per_s, 2), "detections": len(inference.results), "data_generation_s": round(data_s, 1)}
+    return {
+        "model": "DETR R50 (COCO configuration, 100 queries), random weights, fp32",
+        "val_transform": "shortest side 800, longest <= 1333",
+        "images": inference.images,
+        "batch_size": batch_size,
+        "device": inference.device,
+        "actors": inference.actors,
+        "cpus_per_actor": cfg.cpus_per_actor if not use_gpu else None,
+        "seconds": round(inference.seconds, 2),
+        "images_per_s": round(inference.images_per_s, 2),
+        "detections": len(inference.results),
+        "data_generation_s": round(data_s, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -201,16 +272,24 @@ def main(argv=None) -> int:
     if parts & {"cocoeval", "analysis"}:
         start = time.perf_counter()
         gt, results = synthetic_coco(args.images, args.dets)
-        record["synthetic_set"].update(annotations=len(gt["annotations"]), detections=len(results), generation_s=round(time.perf_counter() - start, 1))
+        record["synthetic_set"].update(
+            annotations=len(gt["annotations"]),
+            detections=len(results),
+            generation_s=round(time.perf_counter() - start, 1),
+        )
         print(f"synthetic set: {args.images} images, {len(gt['annotations'])} boxes, {len(results)} detections")
     if "cocoeval" in parts:
         record["cocoeval"] = time_cocoeval(gt, results)
-        print(f"COCOeval (evaluate(): checks, loadRes, evaluate, accumulate, summarize, TP IoUs): {record['cocoeval']['cocoeval_s']} s")
+        print(
+            f"COCOeval (evaluate(): checks, loadRes, evaluate, accumulate, summarize, TP IoUs): {record['cocoeval']['cocoeval_s']} s"
+        )
     if "analysis" in parts:
         record["analysis"] = time_analysis(gt, results, min(args.analysis_images, args.images))
         a = record["analysis"]
-        print(f"analysis on {a['images']} images ({a['detections']} detections): {a['total_s']} s "
-              f"(TIDE {a['tide_s']}, COCO breakdown {a['coco_breakdown_s']}, PR {a['pr_curves_s']}, worst images {a['worst_images_s']})")
+        print(
+            f"analysis on {a['images']} images ({a['detections']} detections): {a['total_s']} s "
+            f"(TIDE {a['tide_s']}, COCO breakdown {a['coco_breakdown_s']}, PR {a['pr_curves_s']}, worst images {a['worst_images_s']})"
+        )
     if parts & {"cocoeval", "analysis"}:
         del gt, results
     if "inference" in parts:
@@ -218,10 +297,14 @@ def main(argv=None) -> int:
             record["inference"] = time_inference(Path(tmp), args.inference_images, args.batch_size, args.device)
         inf = record["inference"]
         if inf["images"] < args.images:
-            record["inference"]["note"] = (f"measured on {inf['images']} of the set's {args.images} images: a full pass of DETR R50 at "
-                                           "COCO scale on this machine's CPUs would take too long for a benchmark run")
-        print(f"inference: {inf['images']} images in {inf['seconds']} s = {inf['images_per_s']} images/s "
-              f"({inf['actors']} {inf['device']} actor(s), batch {inf['batch_size']}, actor start included)")
+            record["inference"]["note"] = (
+                f"measured on {inf['images']} of the set's {args.images} images: a full pass of DETR R50 at "
+                "COCO scale on this machine's CPUs would take too long for a benchmark run"
+            )
+        print(
+            f"inference: {inf['images']} images in {inf['seconds']} s = {inf['images_per_s']} images/s "
+            f"({inf['actors']} {inf['device']} actor(s), batch {inf['batch_size']}, actor start included)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written: {args.out}")

@@ -37,8 +37,15 @@ from tests.faults import scenarios as sc  # noqa: E402
 
 # Least covered elsewhere first (tests/train and tests/scripts already kill workers and drivers),
 # so that a run cut short still has their figures.
-FAULTS = ["enospc", "node_loss", "driver_kill:trials_finished", "driver_kill:trial_started", "worker_sigkill",
-          "truncated_checkpoint", "driver_kill:mid_training"]
+FAULTS = [
+    "enospc",
+    "node_loss",
+    "driver_kill:trials_finished",
+    "driver_kill:trial_started",
+    "worker_sigkill",
+    "truncated_checkpoint",
+    "driver_kill:mid_training",
+]
 
 
 def _guard(fault: str, run) -> dict:
@@ -76,7 +83,9 @@ def run_group(fault: str, repeat: int, demo, scratch: Path) -> tuple[dict, list[
     if fault == "enospc":
         with sc.tiny_tmpfs(scratch / "tmpfs", size_mb=384) as full:
             if full is None:
-                miss = sc.record("ENOSPC in the checkpoint writer", False, 0.0, ["not injected: mounting a tmpfs needs root"], 0)
+                miss = sc.record(
+                    "ENOSPC in the checkpoint writer", False, 0.0, ["not injected: mounting a tmpfs needs root"], 0
+                )
                 return miss, [miss] * repeat
             _local_ray(runtime_env={"env_vars": {"TMPDIR": str(full)}})
             try:
@@ -86,6 +95,7 @@ def run_group(fault: str, repeat: int, demo, scratch: Path) -> tuple[dict, list[
                 ray.shutdown()
         return clean, runs
     if fault == "node_loss":
+
         def once(tag, inject):
             with sc.two_node_cluster() as cluster:
                 return sc.node_loss(workdir(tag), demo, cluster, inject=inject)
@@ -99,15 +109,33 @@ def run_group(fault: str, repeat: int, demo, scratch: Path) -> tuple[dict, list[
 
 
 def table(rows: list[dict]) -> str:
-    header = ["fault", "injected", "survived", "epochs lost", "clean s", "faulted s", "extra s", "x clean", f"<= {sc.TUNE_BAR}x"]
+    header = [
+        "fault",
+        "injected",
+        "survived",
+        "epochs lost",
+        "clean s",
+        "faulted s",
+        "extra s",
+        "x clean",
+        f"<= {sc.TUNE_BAR}x",
+    ]
     lines = [header]
     for r in rows:
         ratio = r["wall_ratio"]
-        lines.append([r["fault"], f"{r['injected']}/{r['runs']}", f"{r['survived']}/{r['runs']}", str(r["epochs_lost"]),
-                      f"{r['clean_wall_s']:.0f}" if r["clean_wall_s"] else "-", f"{r['faulted_wall_s']:.0f}",
-                      f"{r['extra_wall_s']:+.0f}" if r["extra_wall_s"] is not None else "-",
-                      f"{ratio:.2f}" if ratio is not None else "-",
-                      "-" if ratio is None else ("yes" if ratio <= sc.TUNE_BAR else "NO")])
+        lines.append(
+            [
+                r["fault"],
+                f"{r['injected']}/{r['runs']}",
+                f"{r['survived']}/{r['runs']}",
+                str(r["epochs_lost"]),
+                f"{r['clean_wall_s']:.0f}" if r["clean_wall_s"] else "-",
+                f"{r['faulted_wall_s']:.0f}",
+                f"{r['extra_wall_s']:+.0f}" if r["extra_wall_s"] is not None else "-",
+                f"{ratio:.2f}" if ratio is not None else "-",
+                "-" if ratio is None else ("yes" if ratio <= sc.TUNE_BAR else "NO"),
+            ]
+        )
     widths = [max(len(l[i]) for l in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(l, widths)) for l in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -121,8 +149,13 @@ def write(args, argv, rows: list[dict], records: dict, started: float) -> None:
     result = {
         "benchmark": "faults",
         "command": "python benchmarks/faults.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "ray": ray.__version__, "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "ray": ray.__version__,
+            "torch": torch.__version__,
+        },
         "note": args.note,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "total_wall_s": round(time.time() - started, 1),
@@ -140,7 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="injections per fault (default 1)")
     p.add_argument("--only", help="comma-separated subset of: " + ", ".join(FAULTS))
     p.add_argument("--note", default="", help="recorded with the figures (e.g. that the machine was shared)")
-    p.add_argument("--keep", action="store_true", help="keep the scratch directory (runs, sweeps, logs) for a post-mortem")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the scratch directory (runs, sweeps, logs) for a post-mortem"
+    )
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "faults.json"))
     args = p.parse_args(argv)
     faults = args.only.split(",") if args.only else FAULTS
@@ -165,9 +200,13 @@ def main(argv=None) -> int:
             clean_wall = clean["wall_s"] if clean and not clean["problems"] else None
             ratio = faulted / clean_wall if clean_wall else None
             row = {
-                "fault": runs[0]["fault"], "runs": len(runs), "injected": sum(r["injected"] for r in runs),
-                "survived": sum(r["survived"] for r in runs), "epochs_lost": sum(r["epochs_lost"] for r in runs),
-                "clean_wall_s": clean_wall, "faulted_wall_s": round(faulted, 1),
+                "fault": runs[0]["fault"],
+                "runs": len(runs),
+                "injected": sum(r["injected"] for r in runs),
+                "survived": sum(r["survived"] for r in runs),
+                "epochs_lost": sum(r["epochs_lost"] for r in runs),
+                "clean_wall_s": clean_wall,
+                "faulted_wall_s": round(faulted, 1),
                 "extra_wall_s": round(faulted - clean_wall, 1) if clean_wall else None,
                 "wall_ratio": round(ratio, 2) if ratio else None,
             }

@@ -73,15 +73,28 @@ def make_checkpoint(root: Path, model: str) -> Path:
 
     if model == "demo":
         demo = demo_experiment()
-        exp = experiment_from_dict({**demo, "model": {**demo["model"], "num_classes": 3},
-                                    "data": {"train": "unused", "val": "unused", "augment": "demo"}})
+        exp = experiment_from_dict(
+            {
+                **demo,
+                "model": {**demo["model"], "num_classes": 3},
+                "data": {"train": "unused", "val": "unused", "augment": "demo"},
+            }
+        )
         categories = {"label_to_category_id": [1, 2, 3], "names": ["circle", "square", "triangle"]}
     else:
-        exp = experiment_from_dict({"model": {"num_classes": 90}, "data": {"train": "unused", "val": "unused", "augment": "coco"}})
+        exp = experiment_from_dict(
+            {"model": {"num_classes": 90}, "data": {"train": "unused", "val": "unused", "augment": "coco"}}
+        )
         categories = {"label_to_category_id": list(range(1, 91)), "names": [f"c{i}" for i in range(1, 91)]}
     torch.manual_seed(0)
-    return ckpt.save(root / "checkpoint", build_model(exp.model), None, None, None,
-                     ckpt.TrainingState(0, 0, exp.to_dict(), categories))
+    return ckpt.save(
+        root / "checkpoint",
+        build_model(exp.model),
+        None,
+        None,
+        None,
+        ckpt.TrainingState(0, 0, exp.to_dict(), categories),
+    )
 
 
 def percentiles(latencies: list[float]) -> dict:
@@ -91,7 +104,9 @@ def percentiles(latencies: list[float]) -> dict:
     return {"p50_ms": round(float(p50), 1), "p90_ms": round(float(p90), 1), "p99_ms": round(float(p99), 1)}
 
 
-def in_process(spec, images: list[bytes], batch_size: int, use_gpu: bool, threads: int, seconds: float, requests: int) -> dict:
+def in_process(
+    spec, images: list[bytes], batch_size: int, use_gpu: bool, threads: int, seconds: float, requests: int
+) -> dict:
     """ServedModel's own path without HTTP or Ray: batches of `batch_size`, then one at a time."""
     import torch
 
@@ -114,8 +129,13 @@ def in_process(spec, images: list[bytes], batch_size: int, use_gpu: bool, thread
             done += batch
             k += batch
         wall = time.perf_counter() - start
-        return {"batch_size": batch, "images": done, "seconds": round(wall, 2), "images_per_s": round(done / wall, 2),
-                **{k.replace("_ms", "_batch_ms"): v for k, v in percentiles(latencies).items()}}
+        return {
+            "batch_size": batch,
+            "images": done,
+            "seconds": round(wall, 2),
+            "images_per_s": round(done / wall, 2),
+            **{k.replace("_ms", "_batch_ms"): v for k, v in percentiles(latencies).items()},
+        }
 
     out["batched"] = run(batch_size)
     out["single"] = run(1)
@@ -142,7 +162,9 @@ def load(port: int, images: list[bytes], concurrency: int, requests: int, second
                     issued[0] += 1
                 t0 = time.perf_counter()
                 try:
-                    conn.request("POST", "/detect", body=images[k % len(images)], headers={"Content-Type": "image/jpeg"})
+                    conn.request(
+                        "POST", "/detect", body=images[k % len(images)], headers={"Content-Type": "image/jpeg"}
+                    )
                     response = conn.getresponse()
                     body = response.read()
                     ok = response.status == 200
@@ -163,8 +185,15 @@ def load(port: int, images: list[bytes], concurrency: int, requests: int, second
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
-            "seconds": round(wall, 2), "images_per_s": round(len(latencies) / wall, 2), **percentiles(latencies)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "seconds": round(wall, 2),
+        "images_per_s": round(len(latencies) / wall, 2),
+        **percentiles(latencies),
+    }
 
 
 def _free_port() -> int:
@@ -192,11 +221,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--images", type=int, default=32, help="distinct JPEGs, cycled")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--requests", type=int, default=400, help="most requests per concurrency level (and in-process images)")
-    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per concurrency level (and in-process run)")
+    p.add_argument(
+        "--requests", type=int, default=400, help="most requests per concurrency level (and in-process images)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=20.0, help="most seconds per concurrency level (and in-process run)"
+    )
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=10.0)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU replica's CPUs = torch threads, also in process")
+    p.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="CPU replica's CPUs = torch threads, also in process"
+    )
     p.add_argument("--out", type=Path, help="default: benchmarks/results/serve_<device>.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -216,27 +251,46 @@ def main(argv=None) -> int:
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ray": ray.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
-        "model": {"demo": "demo DETR (ResNet-18, hidden 64, 10 queries), random weights, fp32, images 64-96 px, val shortest side 80",
-                  "coco": "DETR R50 (COCO configuration, 100 queries), random weights, fp32, 640x480-class JPEGs, val shortest side 800"}[args.model],
-        "options": {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "cpus_per_replica": args.cpus_per_replica,
-                    "requests_per_level": args.requests, "seconds_per_level": args.seconds, "images": args.images},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
+        },
+        "model": {
+            "demo": "demo DETR (ResNet-18, hidden 64, 10 queries), random weights, fp32, images 64-96 px, val shortest side 80",
+            "coco": "DETR R50 (COCO configuration, 100 queries), random weights, fp32, 640x480-class JPEGs, val shortest side 800",
+        }[args.model],
+        "options": {
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_ms": args.batch_wait_ms,
+            "cpus_per_replica": args.cpus_per_replica,
+            "requests_per_level": args.requests,
+            "seconds_per_level": args.seconds,
+            "images": args.images,
+        },
     }
     images = make_jpegs(args.images, args.model)
     with tempfile.TemporaryDirectory(prefix="detr-serve-bench-") as root:
         checkpoint = make_checkpoint(Path(root), args.model)
         spec = choose_checkpoint(checkpoint=str(checkpoint), workdir=root)
         print(f"in process ({args.max_batch_size} per batch, then 1) ...", flush=True)
-        record["in_process"] = in_process(spec, images, args.max_batch_size, use_gpu, threads, args.seconds, args.requests)
+        record["in_process"] = in_process(
+            spec, images, args.max_batch_size, use_gpu, threads, args.seconds, args.requests
+        )
         local_ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         started = None
         try:
             port = _free_port()
-            options = ServeOptions(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                                   cpus_per_replica=args.cpus_per_replica, use_gpu=use_gpu)
+            options = ServeOptions(
+                max_batch_size=args.max_batch_size,
+                batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                cpus_per_replica=args.cpus_per_replica,
+                use_gpu=use_gpu,
+            )
             t0 = time.perf_counter()
             started = start(spec, options, port=port)
             _wait_until_up(port)
@@ -263,16 +317,30 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(record, indent=2) + "\n")
 
     inp = record["in_process"]
-    print(f"\n{record['model']}\nmachine: {os.cpu_count()} CPUs, {record['machine']['gpu'] or 'no GPU'}; load average at start {record['machine']['load_average_at_start']}")
+    print(
+        f"\n{record['model']}\nmachine: {os.cpu_count()} CPUs, {record['machine']['gpu'] or 'no GPU'}; "
+        f"load average at start {record['machine']['load_average_at_start']}"
+    )
     print(f"{'path':34s}{'images/s':>10s}{'p50 ms':>9s}{'p90 ms':>9s}{'p99 ms':>9s}{'n':>6s}")
-    for name, r in (("in process, batch %d" % args.max_batch_size, inp["batched"]), ("in process, batch 1", inp["single"])):
-        print(f"{name + ' (per batch)':34s}{r['images_per_s']:>10.1f}{r['p50_batch_ms']:>9.1f}{r['p90_batch_ms']:>9.1f}{r['p99_batch_ms']:>9.1f}{r['images']:>6d}")
+    for name, r in (
+        ("in process, batch %d" % args.max_batch_size, inp["batched"]),
+        ("in process, batch 1", inp["single"]),
+    ):
+        print(
+            f"{name + ' (per batch)':34s}{r['images_per_s']:>10.1f}{r['p50_batch_ms']:>9.1f}"
+            f"{r['p90_batch_ms']:>9.1f}{r['p99_batch_ms']:>9.1f}{r['images']:>6d}"
+        )
     for r in record["serve"]:
-        print(f"{'Serve HTTP, concurrency %d' % r['concurrency']:34s}{r['images_per_s']:>10.1f}{r['p50_ms'] or 0:>9.1f}{r['p90_ms'] or 0:>9.1f}"
-              f"{r['p99_ms'] or 0:>9.1f}{r['requests']:>6d}" + (f"  errors {r['errors']}: {r['first_error']}" if r["errors"] else ""))
+        print(
+            f"{'Serve HTTP, concurrency %d' % r['concurrency']:34s}{r['images_per_s']:>10.1f}{r['p50_ms'] or 0:>9.1f}{r['p90_ms'] or 0:>9.1f}"
+            f"{r['p99_ms'] or 0:>9.1f}{r['requests']:>6d}"
+            + (f"  errors {r['errors']}: {r['first_error']}" if r["errors"] else "")
+        )
     o = record["serve_overhead"]
-    print(f"Serve overhead: in-process batched {o['in_process_batched_images_per_s']} images/s / Serve {o['serve_best_images_per_s']} "
-          f"(concurrency {o['at_concurrency']}) = {o['ratio']}x\nwrote {out}")
+    print(
+        f"Serve overhead: in-process batched {o['in_process_batched_images_per_s']} images/s / Serve {o['serve_best_images_per_s']} "
+        f"(concurrency {o['at_concurrency']}) = {o['ratio']}x\nwrote {out}"
+    )
     return 0
 
 

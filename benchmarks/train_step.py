@@ -44,7 +44,11 @@ class Setting:
     fused: bool = False
 
     def label(self) -> str:
-        extras = [self.precision] + (["channels_last"] if self.channels_last else []) + (["fused AdamW"] if self.fused else [])
+        extras = (
+            [self.precision]
+            + (["channels_last"] if self.channels_last else [])
+            + (["fused AdamW"] if self.fused else [])
+        )
         return f"{self.backbone} {'+'.join(extras)} b{self.batch} {self.height}x{self.width}"
 
 
@@ -80,7 +84,12 @@ def synthetic_batches(n: int, s: Setting, num_classes: int, device: torch.device
             k = int(torch.randint(1, 15, (1,), generator=g))
             cxcy = torch.rand(k, 2, generator=g) * 0.6 + 0.2
             wh = torch.rand(k, 2, generator=g) * 0.35 + 0.02
-            targets.append({"labels": torch.randint(0, num_classes, (k,), generator=g).to(device), "boxes": torch.cat([cxcy, wh], 1).to(device)})
+            targets.append(
+                {
+                    "labels": torch.randint(0, num_classes, (k,), generator=g).to(device),
+                    "boxes": torch.cat([cxcy, wh], 1).to(device),
+                }
+            )
         batches.append((images.to(device), mask.to(device), targets))
     return batches
 
@@ -99,7 +108,9 @@ def build_step(s: Setting, device: torch.device, calibration_images: torch.Tenso
     # stay finite (a random ResNet-101 with identity statistics overflows).
     calibrate_frozen_batchnorm(model.backbone, normalize(calibration_images))
     opt = build_optimizer(model, lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, fused=s.fused)
-    return TrainStep(model, build_criterion(cfg).to(device), opt, StepOptions(precision=s.precision, channels_last=s.channels_last))
+    return TrainStep(
+        model, build_criterion(cfg).to(device), opt, StepOptions(precision=s.precision, channels_last=s.channels_last)
+    )
 
 
 def run(s: Setting, device: torch.device, steps: int, warmup: int, profile: bool = False) -> dict:
@@ -139,7 +150,9 @@ def run(s: Setting, device: torch.device, steps: int, warmup: int, profile: bool
 
 def print_profile(step: TrainStep, batches, device: torch.device, n: int = 3) -> None:
     """Top operators of a few steps, by device time (CPU time on a CPU)."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     with torch.profiler.profile(activities=acts) as prof:
         for i in range(n):
             step(*batches[i % len(batches)])
@@ -160,7 +173,12 @@ def same_math(s: Setting, device: torch.device) -> dict:
         b = other.forward_loss(*batch)[1]
     keys = ("loss_ce", "loss_bbox", "loss_giou")
     rel = {k: abs(float(a[k]) - float(b[k])) / max(abs(float(a[k])), 1e-8) for k in keys}
-    return {"setting": s.label(), "fp32": {k: float(a[k]) for k in keys}, "other": {k: float(b[k]) for k in keys}, "max_rel_diff": max(rel.values())}
+    return {
+        "setting": s.label(),
+        "fp32": {k: float(a[k]) for k in keys},
+        "other": {k: float(b[k]) for k in keys},
+        "max_rel_diff": max(rel.values()),
+    }
 
 
 def main() -> None:

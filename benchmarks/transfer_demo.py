@@ -42,7 +42,8 @@ from detr_ray.data import demo  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.model import build_model, load_pretrained  # noqa: E402
 from detr_ray.train import checkpoint as ckpt  # noqa: E402
-from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS, ensure_demo_pretrained, pretrain_experiment  # noqa: E402
+from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS  # noqa: E402
+from detr_ray.train.demo_pretrain import ensure_demo_pretrained, pretrain_experiment  # noqa: E402
 from detr_ray.train.trainer import build_trainer, demo_experiment  # noqa: E402
 
 
@@ -67,7 +68,15 @@ def train_run(exp: dict, name: str, storage: str) -> dict:
     wall = time.time() - start
     with open(log_path) as f:
         rows = [json.loads(line) for line in f]
-    curve = [{"epoch": r["epoch"], "val_AP": r["val/AP"], "val_AP50": r["val/AP50"], "elapsed_s": round(r["time"] - start, 1)} for r in rows]
+    curve = [
+        {
+            "epoch": r["epoch"],
+            "val_AP": r["val/AP"],
+            "val_AP50": r["val/AP50"],
+            "elapsed_s": round(r["time"] - start, 1),
+        }
+        for r in rows
+    ]
     return {"wall_s": round(wall, 1), "curve": curve}
 
 
@@ -91,7 +100,9 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="transfer-demo-")
     try:
         start = time.time()
-        checkpoint = ensure_demo_pretrained(os.path.join(work, "pretrained"), experiment=pretrain_experiment(args.pretrain_epochs))
+        checkpoint = ensure_demo_pretrained(
+            os.path.join(work, "pretrained"), experiment=pretrain_experiment(args.pretrain_epochs)
+        )
         pretrain_s = round(time.time() - start, 1)
         pre_state = ckpt.load(checkpoint).state
         # What the fine-tuning run's loop logs when it loads the checkpoint, computed here for the record.
@@ -127,24 +138,39 @@ def main() -> int:
     print(f"\n{'epoch':>5s} {'scratch val/AP':>15s} {'fine-tune val/AP':>17s}")
     for s, f in zip(scratch["curve"], finetune["curve"]):
         print(f"{s['epoch']:5d} {fmt(s['val_AP']):>15s} {fmt(f['val_AP']):>17s}")
-    print(f"pre-training ({args.pretrain_epochs} epochs, categories {pre_state.categories['names']}): {pretrain_s:.0f} s, "
-          f"val/AP on its categories {pre_state.metrics.get('val/AP', float('nan')):.4f}")
+    print(
+        f"pre-training ({args.pretrain_epochs} epochs, categories {pre_state.categories['names']}): {pretrain_s:.0f} s, "
+        f"val/AP on its categories {pre_state.metrics.get('val/AP', float('nan')):.4f}"
+    )
     print(f"load report: {report.summary()}")
     print(f"target (scratch final val/AP): {target:.4f}")
-    print(f"epochs to reach it: scratch {s_hit['epoch']}, fine-tune {summary['finetune_epochs_to_target'] or 'not reached'}; "
-          f"ratio {ratio if ratio is not None else '-'}")
-    print(f"wall to reach it: scratch {s_hit['elapsed_s']:.0f} s, fine-tune "
-          + (f"{f_hit['elapsed_s']:.0f} s ({summary['finetune_wall_s_to_target_incl_pretraining']:.0f} s with pre-training)"
-             if f_hit else "-")
-          + f"; whole runs: scratch {scratch['wall_s']:.0f} s, fine-tune {finetune['wall_s']:.0f} s, pre-training {pretrain_s:.0f} s")
+    print(
+        f"epochs to reach it: scratch {s_hit['epoch']}, fine-tune {summary['finetune_epochs_to_target'] or 'not reached'}; "
+        f"ratio {ratio if ratio is not None else '-'}"
+    )
+    print(
+        f"wall to reach it: scratch {s_hit['elapsed_s']:.0f} s, fine-tune "
+        + (
+            f"{f_hit['elapsed_s']:.0f} s ({summary['finetune_wall_s_to_target_incl_pretraining']:.0f} s with pre-training)"
+            if f_hit
+            else "-"
+        )
+        + f"; whole runs: scratch {scratch['wall_s']:.0f} s, fine-tune {finetune['wall_s']:.0f} s, pre-training {pretrain_s:.0f} s"
+    )
 
     try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     record = {
-        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ray_num_cpus": args.num_cpus,
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+        },
         "command": shlex.join(["python", "benchmarks/transfer_demo.py", *sys.argv[1:]]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,

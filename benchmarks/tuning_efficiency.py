@@ -34,8 +34,15 @@ STRATEGIES = {"optuna+asha": ("optuna", True), "random, no early stopping": ("ra
 
 def run(space, label: str, storage: str, shards: tuple[str, str]) -> dict:
     search, early = STRATEGIES[label]
-    sweep = build_sweep(space, name=search + ("-asha" if early else "-fifo"), storage_path=storage, resume=False,
-                        search=search, early_stopping=early, shards=shards)
+    sweep = build_sweep(
+        space,
+        name=search + ("-asha" if early else "-fifo"),
+        storage_path=storage,
+        resume=False,
+        search=search,
+        early_stopping=early,
+        shards=shards,
+    )
     start = time.time()
     rows, best = summarize(sweep.fit(), space)
     wall = time.time() - start
@@ -76,17 +83,27 @@ def main() -> int:
         shutil.rmtree(storage, ignore_errors=True)
     a, b = results
     verdict = {
-        "reaches_random_best": a["best_val_AP"] is not None and b["best_val_AP"] is not None and a["best_val_AP"] >= b["best_val_AP"],
+        "reaches_random_best": a["best_val_AP"] is not None
+        and b["best_val_AP"] is not None
+        and a["best_val_AP"] >= b["best_val_AP"],
         "compute_ratio": round(a["trial_epochs"] / b["trial_epochs"], 3) if b["trial_epochs"] else None,
     }
-    verdict["target_met"] = verdict["reaches_random_best"] and verdict["compute_ratio"] is not None and verdict["compute_ratio"] <= 0.5
-    print(f"{'strategy':28s} {'best val/AP':>11s} {'val/AP50':>9s} {'trial-epochs':>12s} {'stopped':>8s} {'wall s':>7s}")
+    verdict["target_met"] = (
+        verdict["reaches_random_best"] and verdict["compute_ratio"] is not None and verdict["compute_ratio"] <= 0.5
+    )
+    print(
+        f"{'strategy':28s} {'best val/AP':>11s} {'val/AP50':>9s} {'trial-epochs':>12s} {'stopped':>8s} {'wall s':>7s}"
+    )
     for r in results:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        print(f"{r['strategy']:28s} {fmt(r['best_val_AP']):>11s} {fmt(r['best_val_AP50']):>9s} {r['trial_epochs']:12d} "
-              f"{r['stopped_early']:8d} {r['wall_s']:7.0f}")
-    print(f"compute ratio (a/b): {verdict['compute_ratio']}, reaches (b)'s best: {verdict['reaches_random_best']}, "
-          f"target met: {verdict['target_met']}")
+        print(
+            f"{r['strategy']:28s} {fmt(r['best_val_AP']):>11s} {fmt(r['best_val_AP50']):>9s} {r['trial_epochs']:12d} "
+            f"{r['stopped_early']:8d} {r['wall_s']:7.0f}"
+        )
+    print(
+        f"compute ratio (a/b): {verdict['compute_ratio']}, reaches (b)'s best: {verdict['reaches_random_best']}, "
+        f"target met: {verdict['target_met']}"
+    )
     record = {
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "platform": platform.platform()},
         "space": os.path.relpath(args.space, REPO),

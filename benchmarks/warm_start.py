@@ -40,7 +40,9 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 
 def run(space, name: str, storage: str, data: dict, **kwargs) -> dict:
     start = time.time()
-    sweep = build_sweep(space, name=name, storage_path=storage, resume=False, shards=(data["train"], data["val"]), **kwargs)
+    sweep = build_sweep(
+        space, name=name, storage_path=storage, resume=False, shards=(data["train"], data["val"]), **kwargs
+    )
     rows, best = summarize(sweep.fit(), space)
     write_summary(sweep, rows, best, data)
     by_order = rows  # Tune's results come in the order it created the trials
@@ -50,8 +52,16 @@ def run(space, name: str, storage: str, data: dict, **kwargs) -> dict:
         "best_val_AP": best["best"] if best else None,
         "best_so_far": _running_best([r["best"] for r in by_order]),
         "trial_epochs": sum(r["epochs"] for r in rows),
-        "rows": [{"trial": r["trial"], "config": r["config"], "best_val_AP": r["best"], "epochs": r["epochs"], "status": r["status"]}
-                 for r in by_order],
+        "rows": [
+            {
+                "trial": r["trial"],
+                "config": r["config"],
+                "best_val_AP": r["best"],
+                "epochs": r["epochs"],
+                "status": r["status"],
+            }
+            for r in by_order
+        ],
         "warm_start": sweep.warm.describe() if sweep.warm is not None else None,
         "wall_s": round(time.time() - start, 1),
         "dir": sweep.experiment_dir,
@@ -95,7 +105,9 @@ def main() -> int:
     target.scheduler.num_samples = args.num_samples
     target.scheduler.startup_trials = 2  # the cold sweep's TPE starts after 2 trials; the warm one's at once
 
-    source = with_train(copy.deepcopy(target), epochs=max(1, args.epochs // 2))  # cheaper, and wider in lr: some of its trials fall outside the target
+    source = with_train(
+        copy.deepcopy(target), epochs=max(1, args.epochs // 2)
+    )  # cheaper, and wider in lr: some of its trials fall outside the target
     source.scheduler.num_samples = args.source_samples
     source.scheduler.seed = 100
     for param in source.params:
@@ -112,17 +124,38 @@ def main() -> int:
             target.scheduler.seed = seed
             cold = run(target, f"cold-{seed}", storage, data)
             warm = run(target, f"warm-{seed}", storage, data, warm_start=src["dir"])
-            pairs.append({"seed": seed, "cold": cold, "warm": warm,
-                          "warm_minus_cold_best_val_AP": (warm["best_val_AP"] or 0) - (cold["best_val_AP"] or 0)})
-            print(f"seed {seed}: best val/AP after {args.num_samples} trials: cold {cold['best_val_AP']:.4f}, "
-                  f"warm {warm['best_val_AP']:.4f} (warm start used {len(warm['warm_start']['used'])} of the source's "
-                  f"{src['trials']} trials, ignored {len(warm['warm_start']['ignored'])})", flush=True)
+            pairs.append(
+                {
+                    "seed": seed,
+                    "cold": cold,
+                    "warm": warm,
+                    "warm_minus_cold_best_val_AP": (warm["best_val_AP"] or 0) - (cold["best_val_AP"] or 0),
+                }
+            )
+            print(
+                f"seed {seed}: best val/AP after {args.num_samples} trials: cold {cold['best_val_AP']:.4f}, "
+                f"warm {warm['best_val_AP']:.4f} (warm start used {len(warm['warm_start']['used'])} of the source's "
+                f"{src['trials']} trials, ignored {len(warm['warm_start']['ignored'])})",
+                flush=True,
+            )
         ray.shutdown()
         if args.report:
             report_dir = os.path.join(storage, "report")
-            subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), "--experiment", pairs[0]["warm"]["dir"],
-                            "--out", report_dir, "--no-progress", "--num-cpus", str(args.num_cpus)], check=True,
-                           env={**os.environ, "PYTHONPATH": REPO})
+            subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(REPO, "scripts", "evaluate.py"),
+                    "--experiment",
+                    pairs[0]["warm"]["dir"],
+                    "--out",
+                    report_dir,
+                    "--no-progress",
+                    "--num-cpus",
+                    str(args.num_cpus),
+                ],
+                check=True,
+                env={**os.environ, "PYTHONPATH": REPO},
+            )
             keep = os.path.join(RESULTS, "warm_start_report")
             os.makedirs(keep, exist_ok=True)
             for name in sorted(os.listdir(os.path.join(report_dir, "figures"))):
@@ -142,19 +175,33 @@ def main() -> int:
     src.pop("dir")
     wins = sum(p["warm_minus_cold_best_val_AP"] > 0 for p in pairs)
     payload = {
-        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": args.num_cpus, "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "ray_num_cpus": args.num_cpus,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "command": "python benchmarks/warm_start.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "setup": {"space": os.path.relpath(args.space, REPO), "target_epochs": args.epochs, "steps_per_epoch": args.steps,
-                  "target_trials": args.num_samples, "source_trials": args.source_samples,
-                  "source_epochs": source.experiment["train"]["epochs"], "source_lr_range": next(p.args for p in source.params if p.key == "train.lr")},
+        "setup": {
+            "space": os.path.relpath(args.space, REPO),
+            "target_epochs": args.epochs,
+            "steps_per_epoch": args.steps,
+            "target_trials": args.num_samples,
+            "source_trials": args.source_samples,
+            "source_epochs": source.experiment["train"]["epochs"],
+            "source_lr_range": next(p.args for p in source.params if p.key == "train.lr"),
+        },
         "source": src,
         "pairs": pairs,
         "summary": f"warm start ahead in {wins} of {len(pairs)} seed pair(s)",
         "caveat": "each pair is one draw: TPE's proposals, data order and ASHA's stops all vary with the seed, and a few "
-                  "capped epochs on the demo give val/AP differences of the size of that noise; "
-                  + ("a single pair is an anecdote, not evidence either way." if len(pairs) == 1 else "see the spread over pairs."),
+        "capped epochs on the demo give val/AP differences of the size of that noise; "
+        + (
+            "a single pair is an anecdote, not evidence either way."
+            if len(pairs) == 1
+            else "see the spread over pairs."
+        ),
         "wall_s": round(time.time() - started, 1),
     }
     with open(args.out, "w") as f:

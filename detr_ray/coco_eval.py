@@ -93,7 +93,11 @@ def check_results(gt: COCO, results: Sequence[dict], source: str = "results") ->
         if missing:
             raise ResultsError(f"{source}[{i}]: missing key(s) {missing}")
         box = r["bbox"]
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)):
+        if not (
+            isinstance(box, (list, tuple))
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+        ):
             raise ResultsError(f"{source}[{i}].bbox: expected 4 finite numbers [x, y, w, h], got {box!r}")
         if not isinstance(r["score"], (int, float)) or not math.isfinite(r["score"]):
             raise ResultsError(f"{source}[{i}].score: expected a finite number, got {r['score']!r}")

@@ -21,15 +21,35 @@ T = TypeVar("T")
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # model.arch: DETR (ours) or a torchvision detector, built by detr_ray/model/detectors.py.
 DETECTOR_ARCHS = (
-    "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet101_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
-    "retinanet_resnet50_fpn_v2", "retinanet_resnet50_fpn", "retinanet_resnet101_fpn",
-    "fcos_resnet50_fpn", "fcos_resnet101_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet101_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "retinanet_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn",
+    "retinanet_resnet101_fpn",
+    "fcos_resnet50_fpn",
+    "fcos_resnet101_fpn",
 )
 ARCHS = ("detr", *DETECTOR_ARCHS)
 # Settings only DETR reads; a torchvision detector (model.arch) ignores them, and its run logs which.
 DETR_ONLY_SETTINGS = {
-    "model": ("backbone", "dilation", "backbone_stages", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-              "dim_feedforward", "dropout", "num_queries", "aux_loss", "pre_norm", "train_backbone", "frozen_bn"),
+    "model": (
+        "backbone",
+        "dilation",
+        "backbone_stages",
+        "hidden_dim",
+        "nheads",
+        "enc_layers",
+        "dec_layers",
+        "dim_feedforward",
+        "dropout",
+        "num_queries",
+        "aux_loss",
+        "pre_norm",
+        "train_backbone",
+        "frozen_bn",
+    ),
     "train": ("eos_coef", "cost_class", "cost_bbox", "cost_giou", "calibrate_frozen_bn"),
 }
 
@@ -77,30 +97,25 @@ class DETRConfig:
             raise ConfigError(f"{where}.arch: unknown architecture {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.backbone not in RESNET_BACKBONES:
             raise ConfigError(
-                f"{where}.backbone: unknown backbone {self.backbone!r}; "
-                f"choose one of {', '.join(RESNET_BACKBONES)}"
+                f"{where}.backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(RESNET_BACKBONES)}"
             )
         if self.backbone_stages not in (3, 4):
             raise ConfigError(f"{where}.backbone_stages: must be 3 or 4, got {self.backbone_stages}")
         if self.dilation and self.backbone_stages != 4:
-            raise ConfigError(f"{where}.dilation: DC5 dilates layer4, which backbone_stages={self.backbone_stages} leaves out")
-        if self.dilation and self.backbone in ("resnet18", "resnet34"):
             raise ConfigError(
-                f"{where}.dilation: DC5 needs a bottleneck ResNet (resnet50/101), "
-                f"not {self.backbone}"
+                f"{where}.dilation: DC5 dilates layer4, which backbone_stages={self.backbone_stages} leaves out"
             )
+        if self.dilation and self.backbone in ("resnet18", "resnet34"):
+            raise ConfigError(f"{where}.dilation: DC5 needs a bottleneck ResNet (resnet50/101), not {self.backbone}")
         for name in ("hidden_dim", "nheads", "dim_feedforward", "num_queries", "num_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
         if self.enc_layers < 0 or self.dec_layers < 1:
             raise ConfigError(
-                f"{where}: need enc_layers >= 0 and dec_layers >= 1, "
-                f"got {self.enc_layers} and {self.dec_layers}"
+                f"{where}: need enc_layers >= 0 and dec_layers >= 1, got {self.enc_layers} and {self.dec_layers}"
             )
         if self.hidden_dim % self.nheads:
-            raise ConfigError(
-                f"{where}.hidden_dim: {self.hidden_dim} is not divisible by nheads={self.nheads}"
-            )
+            raise ConfigError(f"{where}.hidden_dim: {self.hidden_dim} is not divisible by nheads={self.nheads}")
         if self.hidden_dim % 2:
             raise ConfigError(f"{where}.hidden_dim: must be even (sine embedding), got {self.hidden_dim}")
         if not 0.0 <= self.dropout < 1.0:
@@ -144,9 +159,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
-        )
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
@@ -303,7 +316,15 @@ class TrainConfig:
         for name in ("lr", "cpus_per_worker"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{where}.{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("lr_backbone", "weight_decay", "clip_max_norm", "gpus_per_worker", "warmup_epochs", "max_steps_per_epoch", "max_failures"):
+        for name in (
+            "lr_backbone",
+            "weight_decay",
+            "clip_max_norm",
+            "gpus_per_worker",
+            "warmup_epochs",
+            "max_steps_per_epoch",
+            "max_failures",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{where}.{name}: must be >= 0, got {getattr(self, name)}")
         if self.lr_drop < 1:

@@ -49,10 +49,13 @@ def claim(directory: str | Path, owner_name: str, ignore: Iterable[str] = ()) ->
         return path
     entries = sorted(p.name for p in path.iterdir() if p.name not in set(ignore))
     if entries:
-        what = f"is marked as made by {found}" if found else f"holds files that detr-ray did not create ({_listing(entries)})"
+        what = (
+            f"is marked as made by {found}"
+            if found
+            else f"holds files that detr-ray did not create ({_listing(entries)})"
+        )
         raise NotOwnedError(
-            f"{path}: {what}; refusing to write into it, nothing was changed. "
-            "Choose a new or empty directory."
+            f"{path}: {what}; refusing to write into it, nothing was changed. Choose a new or empty directory."
         )
     try:  # "x": of two processes claiming one empty directory, exactly one writes the marker
         with open(path / MARKER, "x") as f:

@@ -80,7 +80,9 @@ def parse_rule(text: str) -> Rule:
         for part in re.split(r"\s+and\s+|,", tail):
             match = _CONSTRAINT.match(part)
             if not match:
-                raise RuleError(f"rule {text!r}: constraint {part.strip()!r}: expected METRIC<=NUMBER (or >=, <, >, ==)")
+                raise RuleError(
+                    f"rule {text!r}: constraint {part.strip()!r}: expected METRIC<=NUMBER (or >=, <, >, ==)"
+                )
             try:
                 constraints.append((match[1], match[2], float(match[3])))
             except ValueError as e:

@@ -69,8 +69,11 @@ def differences(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
     """(key, stored value, requested value) of every dotted key whose values differ, sorted;
     ABSENT stands for a key one side lacks."""
     old, new = flatten(_plain(stored)), flatten(_plain(requested))
-    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(old.keys() | new.keys())
-            if not _same(old.get(k, ABSENT), new.get(k, ABSENT))]
+    return [
+        (k, old.get(k, ABSENT), new.get(k, ABSENT))
+        for k in sorted(old.keys() | new.keys())
+        if not _same(old.get(k, ABSENT), new.get(k, ABSENT))
+    ]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -100,9 +103,13 @@ def read_record(directory: str, filename: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise RelaunchError(f"{location}: not a configuration record written by detr-ray ({e}); left as it is: move it away or choose another name") from e
+        raise RelaunchError(
+            f"{location}: not a configuration record written by detr-ray ({e}); left as it is: move it away or choose another name"
+        ) from e
     if not isinstance(record, dict) or record.get("written_by") != WRITER or not isinstance(record.get("config"), dict):
-        raise RelaunchError(f"{location}: not a configuration record written by detr-ray; left as it is: move it away or choose another name")
+        raise RelaunchError(
+            f"{location}: not a configuration record written by detr-ray; left as it is: move it away or choose another name"
+        )
     return record["config"]
 
 
@@ -110,7 +117,9 @@ def write_record(directory: str, filename: str, config: dict) -> None:
     """Records `config`, replacing only a record detr-ray wrote."""
     read_record(directory, filename)  # raises on a file that is not ours
     payload = {"written_by": WRITER, "format": FORMAT, "config": _plain(config)}
-    storage.write_bytes_atomic(storage.join(directory, filename), json.dumps(payload, indent=2, sort_keys=True).encode())
+    storage.write_bytes_atomic(
+        storage.join(directory, filename), json.dumps(payload, indent=2, sort_keys=True).encode()
+    )
 
 
 def _refusal(what: str, location: str, diffs: list, note: str = "") -> RelaunchError:
@@ -165,14 +174,22 @@ def plan_run(run_dir: str, experiment: ExperimentConfig, *, as_stored: bool = Fa
     diffs = differences(stored_exp.to_dict(), requested)
     if as_stored:
         if diffs:
-            log.warning("%s: resuming with the stored configuration; this launch's differences are ignored:\n%s", run_dir, format_differences(diffs))
+            log.warning(
+                "%s: resuming with the stored configuration; this launch's differences are ignored:\n%s",
+                run_dir,
+                format_differences(diffs),
+            )
         plan = RunPlan(stored_exp, "resume as stored", f"resuming run {run_dir} with its stored configuration")
     elif not diffs:
         plan = RunPlan(experiment, "resume", f"resuming run {run_dir} (same configuration)")
     elif [d[0] for d in diffs] == [GROWABLE] and diffs[0][2] > diffs[0][1]:
-        plan = RunPlan(experiment, "continue", f"resuming run {run_dir}: continuing to {diffs[0][2]} epochs (was {diffs[0][1]})")
+        plan = RunPlan(
+            experiment, "continue", f"resuming run {run_dir}: continuing to {diffs[0][2]} epochs (was {diffs[0][1]})"
+        )
     else:
-        note = f" Only {GROWABLE} may change on a relaunch, and only upwards (the run then continues to the new number)."
+        note = (
+            f" Only {GROWABLE} may change on a relaunch, and only upwards (the run then continues to the new number)."
+        )
         raise _refusal("run", run_dir, diffs, note)
     write_record(run_dir, RUN_RECORD, plan.experiment.to_dict())
     return plan
@@ -211,8 +228,12 @@ def check_sweep(exp_dir: str, space, *, as_stored: bool = False):
     stored = read_record(exp_dir, SWEEP_RECORD)
     if stored is None:
         if as_stored:
-            log.warning("%s has no %s (a sweep of an older detr-ray): restoring it as Tune stored it; its "
-                        "summary uses this launch's search space", exp_dir, SWEEP_RECORD)
+            log.warning(
+                "%s has no %s (a sweep of an older detr-ray): restoring it as Tune stored it; its "
+                "summary uses this launch's search space",
+                exp_dir,
+                SWEEP_RECORD,
+            )
             return space
         raise RelaunchError(
             f"{exp_dir} holds a sweep without {SWEEP_RECORD} (started by an older detr-ray), so this launch "
@@ -223,6 +244,15 @@ def check_sweep(exp_dir: str, space, *, as_stored: bool = False):
     if not diffs:
         return space
     if as_stored:
-        log.warning("%s: restoring with the stored configuration; this launch's differences are ignored:\n%s", exp_dir, format_differences(diffs))
+        log.warning(
+            "%s: restoring with the stored configuration; this launch's differences are ignored:\n%s",
+            exp_dir,
+            format_differences(diffs),
+        )
         return stored_space
-    raise _refusal("sweep", exp_dir, diffs, " A sweep's configuration cannot change on a restore (Tune keeps its search space and scheduler).")
+    raise _refusal(
+        "sweep",
+        exp_dir,
+        diffs,
+        " A sweep's configuration cannot change on a restore (Tune keeps its search space and scheduler).",
+    )

@@ -47,7 +47,9 @@ def crash_point(hooks: TestingHooks, rank: int, global_step: int) -> None:
     os._exit(1)  # dies without clean-up, as a worker whose node is lost
 
 
-def audit_point(hooks: TestingHooks, rank: int, epoch: int, image_ids: list[int], model, losses=(), val_image_ids=None) -> None:
+def audit_point(
+    hooks: TestingHooks, rank: int, epoch: int, image_ids: list[int], model, losses=(), val_image_ids=None
+) -> None:
     """Writes `<audit_dir>/rank<R>_epoch<E>.json` (see the module docstring); no audit_dir: nothing."""
     if not hooks.audit_dir:
         return
@@ -57,8 +59,13 @@ def audit_point(hooks: TestingHooks, rank: int, epoch: int, image_ids: list[int]
     for p in getattr(model, "module", model).parameters():
         h.update(p.detach().float().cpu().numpy().tobytes())
     record = {
-        "rank": rank, "epoch": epoch, "node_id": ray.get_runtime_context().get_node_id(), "image_ids": image_ids,
-        "params_sha256": h.hexdigest(), "losses": list(losses), "val_image_ids": val_image_ids,
+        "rank": rank,
+        "epoch": epoch,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "image_ids": image_ids,
+        "params_sha256": h.hexdigest(),
+        "losses": list(losses),
+        "val_image_ids": val_image_ids,
     }
     os.makedirs(hooks.audit_dir, exist_ok=True)
     Path(hooks.audit_dir, f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(record))

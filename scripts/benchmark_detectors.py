@@ -1,4 +1,5 @@
-"""`python scripts/benchmark_detectors.py ARGS` runs `detr-ray benchmark-detectors ARGS`: the code and its --help are in detr_ray/cli/benchmark_detectors.py."""
+"""`python scripts/benchmark_detectors.py ARGS` runs `detr-ray benchmark-detectors ARGS`:
+the code and its --help are in detr_ray/cli/benchmark_detectors.py."""
 
 import sys
 

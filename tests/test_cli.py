@@ -78,14 +78,24 @@ def test_prepare_through_the_dispatcher_does_what_the_script_does(tmp_path, caps
 
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the dispatcher names the command in sys.argv[0]
     coco = make_coco(tmp_path / "coco")
-    args = ["--images", str(tmp_path / "coco" / "images"), "--annotations", str(tmp_path / "coco" / "instances.json"),
-            "--workers", "0", "--no-progress", "--out"]
+    args = [
+        "--images",
+        str(tmp_path / "coco" / "images"),
+        "--annotations",
+        str(tmp_path / "coco" / "instances.json"),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+    ]
     printed = {}
     for how, run in (("script", _script("prepare_coco").main), ("dispatcher", lambda a: detr_ray(["prepare", *a]))):
         assert run([*args, str(tmp_path / how)]) == 0
         printed[how] = capsys.readouterr().out.replace(str(tmp_path / how), "OUT")
         # a refusal: the same exit code and message
-        assert run(["--images", "x", "--annotations", str(tmp_path / "missing.json"), "--out", str(tmp_path / "no")]) == 2
+        assert (
+            run(["--images", "x", "--annotations", str(tmp_path / "missing.json"), "--out", str(tmp_path / "no")]) == 2
+        )
         assert "missing.json" in capsys.readouterr().err
     assert printed["script"] == printed["dispatcher"] and f"{len(coco['images'])} images" in printed["script"]
     meta = [json.loads((tmp_path / how / "_meta.json").read_text()) for how in ("script", "dispatcher")]
@@ -105,8 +115,13 @@ def _third_party_imports() -> dict[str, Path]:
     found = {}
     for path in sorted((ROOT / "detr_ray").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top != "detr_ray":
@@ -129,7 +144,9 @@ def test_every_third_party_import_is_a_declared_dependency():
     assert {"torch", "ray", "optuna", "pycocotools", "pyarrow"} <= set(imports)
     for module, path in imports.items():
         dists = {d.lower().replace("_", "-") for d in distributions.get(module, [])}
-        assert dists & provided, f"{path} imports {module} (from {sorted(dists)}), which pyproject.toml does not declare"
+        assert dists & provided, (
+            f"{path} imports {module} (from {sorted(dists)}), which pyproject.toml does not declare"
+        )
 
 
 def test_every_requirements_pin_lies_in_its_pyproject_range():

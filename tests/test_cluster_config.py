@@ -47,8 +47,14 @@ def requirement_pins() -> dict[str, str]:
 
 
 def all_commands(config: dict) -> list[str]:
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     commands = [c for k in keys for c in config.get(k) or []]
     for node_type in config["available_node_types"].values():
         commands += node_type.get("initialization_commands") or []
@@ -61,14 +67,18 @@ def public_exposures(rules: list[dict]) -> list[str]:
     all ports, or anything at all but SSH."""
     problems = []
     for rule in rules:
-        cidrs = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])}
+        cidrs = {r.get("CidrIp") for r in rule.get("IpRanges", [])} | {
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        }
         if not cidrs & WORLD:
             continue
         proto, lo, hi = str(rule.get("IpProtocol")), rule.get("FromPort", -1), rule.get("ToPort", -1)
         if proto == "-1" or lo in (-1, None) or (lo, hi) == (0, 65535):
             problems.append(f"all ports open to the internet: {rule}")
             continue
-        problems += [f"{name} port {port} open to the internet: {rule}" for port, name in RAY_PORTS.items() if lo <= port <= hi]
+        problems += [
+            f"{name} port {port} open to the internet: {rule}" for port, name in RAY_PORTS.items() if lo <= port <= hi
+        ]
         if (lo, hi) != (22, 22):
             problems.append(f"ports {lo}-{hi} open to the internet: {rule}")
         else:
@@ -192,7 +202,9 @@ def test_files_named_in_commands_exist_and_are_not_filtered_out(config):
 def test_token_is_distributed_by_file_mounts_and_never_committed(config):
     local = config["file_mounts"][TOKEN_PATH]
     path = Path(os.path.expanduser(local)).resolve()
-    assert not (ROOT == path or ROOT in path.parents) or _git_ignored(path), f"{local}: inside the repository and not ignored"
+    assert not (ROOT == path or ROOT in path.parents) or _git_ignored(path), (
+        f"{local}: inside the repository and not ignored"
+    )
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
     assert not any(name.endswith(b"auth_token") for name in tracked)
     # nothing that looks like a token (Ray's: 64 hex characters) in the config itself
@@ -237,20 +249,38 @@ def test_no_public_dashboard_or_ray_ports(config):
 
 def test_exposure_check_flags_public_rules():
     assert public_exposures([{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    assert public_exposures([{"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    assert public_exposures([{"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 11000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}])
-    assert public_exposures([{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}])
-    assert not public_exposures([{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}])
+    assert public_exposures(
+        [{"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+    )
+    assert public_exposures(
+        [{"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 11000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}]
+    )
+    assert public_exposures(
+        [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]
+    )
+    assert not public_exposures(
+        [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]}]
+    )
 
 
 def test_security_group_script_opens_only_ssh_from_the_operator():
-    out = subprocess.run([str(SECURITY_GROUP_SCRIPT), "--print-rules", "203.0.113.7/32", "sg-0abc"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(SECURITY_GROUP_SCRIPT), "--print-rules", "203.0.113.7/32", "sg-0abc"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rules = json.loads(out)  # exactly what the script passes to authorize-security-group-ingress
     assert public_exposures(rules) == []
     cidr_rules = [r for r in rules if r.get("IpRanges") or r.get("Ipv6Ranges")]
-    assert cidr_rules == [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-                           "IpRanges": [{"CidrIp": "203.0.113.7/32", "Description": "SSH from the operator"}]}]
+    assert cidr_rules == [
+        {
+            "IpProtocol": "tcp",
+            "FromPort": 22,
+            "ToPort": 22,
+            "IpRanges": [{"CidrIp": "203.0.113.7/32", "Description": "SSH from the operator"}],
+        }
+    ]
     group_rules = [r for r in rules if r.get("UserIdGroupPairs")]
     assert [p["GroupId"] for r in group_rules for p in r["UserIdGroupPairs"]] == ["sg-0abc"]
 
@@ -336,29 +366,44 @@ def test_readme_cluster_commands_match_the_real_command_lines(monkeypatch):
             ray_args, entrypoint = words[1:], []
             if "--" in ray_args:  # ray job submit ... -- ENTRYPOINT
                 i = ray_args.index("--")
-                ray_args, entrypoint = ray_args[:i], ray_args[i + 1:]
+                ray_args, entrypoint = ray_args[:i], ray_args[i + 1 :]
             seen.add(" ".join(ray_args[:2]) if ray_args[0] == "job" else ray_args[0])
             words = entrypoint
         if words[:1] == ["python"] and words[1].startswith("scripts/"):
             module, args = _script_parse(words[1], words[2:])
             seen.add(words[1])
             if words[1] == "scripts/tune.py" and args.data:
-                importlib.import_module("detr_ray.cli.tune").load(args)  # the search space and every --set override are valid
+                importlib.import_module("detr_ray.cli.tune").load(
+                    args
+                )  # the search space and every --set override are valid
         elif words and words[0] == "scripts/local_cluster.sh":
             assert words[1:] and words[1] in ("up", "down", "env", "status"), words
             seen.add(" ".join(words[:2]))
     # ray up, shards to S3, the sweep as a job, the dashboard, the results, ray down; the rehearsal
-    assert {"get-auth-token", "up", "scripts/prepare_coco.py", "dashboard", "job submit", "scripts/tune.py",
-            "exec", "scripts/evaluate.py", "rsync-down", "down", "scripts/local_cluster.sh up",
-            "scripts/local_cluster.sh down"} <= seen, seen
+    assert {
+        "get-auth-token",
+        "up",
+        "scripts/prepare_coco.py",
+        "dashboard",
+        "job submit",
+        "scripts/tune.py",
+        "exec",
+        "scripts/evaluate.py",
+        "rsync-down",
+        "down",
+        "scripts/local_cluster.sh up",
+        "scripts/local_cluster.sh down",
+    } <= seen, seen
 
 
 def test_readme_rehearsal_is_the_sweep_the_local_cluster_test_runs():
     """tests/test_local_cluster.py submits docs/cluster.md's rehearsal command; it must be a tiny sweep."""
-    submit = [w for w in readme_cluster_commands() if w[:3] == ["ray", "job", "submit"] and "/tmp/detr-ray-rehearsal" in w]
+    submit = [
+        w for w in readme_cluster_commands() if w[:3] == ["ray", "job", "submit"] and "/tmp/detr-ray-rehearsal" in w
+    ]
     assert len(submit) == 1, submit
     words = submit[0]
-    assert words[words.index("--") + 1:][:2] == ["python", "scripts/tune.py"]
+    assert words[words.index("--") + 1 :][:2] == ["python", "scripts/tune.py"]
     assert words[3:5] == ["--working-dir", "."]
     assert "--entrypoint-resources" in words  # the sweep's own driver on the head too
 
@@ -386,7 +431,9 @@ def readme_policies() -> dict[str, list[dict]]:
 
 def _glob(pattern: str, value: str) -> bool:
     """IAM's wildcard matching: `*` any run of characters (slashes included), `?` one."""
-    return re.fullmatch(".*".join(".".join(map(re.escape, p.split("?"))) for p in pattern.split("*")), value) is not None
+    return (
+        re.fullmatch(".*".join(".".join(map(re.escape, p.split("?"))) for p in pattern.split("*")), value) is not None
+    )
 
 
 def allowed(statements: list[dict], action: str, arn: str) -> bool:
@@ -408,10 +455,16 @@ def test_readme_iam_keeps_the_cluster_off_the_shards_and_workers_off_the_sweep_s
     sweep = f"{sweeps}/{words[words.index('--name') + 1]}"
     policies = readme_policies()
     key = "arn:aws:s3:::BUCKET/{}".format
-    checkpoint = [key(f"{sweep}/runs/TorchTrainer_1a2b3/checkpoint_epoch0003/model.pt"),
-                  key("runs/detr-r50/checkpoint_epoch0003/model.pt")]
-    sweep_state = [key(f"{sweep}/tuner.pkl"), key(f"{sweep}/experiment_state-2026-01-01_00-00-00.json"),
-                   key(f"{sweep}/searcher-state-2026-01-01_00-00-00.pkl"), key(f"{sweep}/best.json")]
+    checkpoint = [
+        key(f"{sweep}/runs/TorchTrainer_1a2b3/checkpoint_epoch0003/model.pt"),
+        key("runs/detr-r50/checkpoint_epoch0003/model.pt"),
+    ]
+    sweep_state = [
+        key(f"{sweep}/tuner.pkl"),
+        key(f"{sweep}/experiment_state-2026-01-01_00-00-00.json"),
+        key(f"{sweep}/searcher-state-2026-01-01_00-00-00.pkl"),
+        key(f"{sweep}/best.json"),
+    ]
     shard = key(f"{shards}/train/shard-00000.parquet")
     for node, statements in policies.items():
         assert allowed(statements, "s3:GetObject", shard), node

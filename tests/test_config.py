@@ -61,15 +61,26 @@ def test_the_old_name_of_ray_data_cpus_is_read_with_a_warning(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING, logger="detr_ray.config"):
         exp = experiment_from_dict({"data": {"cpus": 2.0}}, "old.yaml")
-    assert exp.data.ray_data_cpus == 2.0 and "old.yaml.data.cpus is now called old.yaml.data.ray_data_cpus" in caplog.text
+    assert (
+        exp.data.ray_data_cpus == 2.0 and "old.yaml.data.cpus is now called old.yaml.data.ray_data_cpus" in caplog.text
+    )
     with pytest.raises(ConfigError, match="cpus is the old name of ray_data_cpus; give only ray_data_cpus"):
         experiment_from_dict({"data": {"cpus": 2.0, "ray_data_cpus": 2.0}})
     with pytest.raises(ConfigError, match="data.ray_data_cpus: 0.5 is below one decode task's decode_num_cpus"):
         experiment_from_dict({"data": {"cpus": 0.5}})
 
     # A checkpoint whose stored config has the old key.
-    model_cfg = DETRConfig(backbone="resnet18", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,
-                           num_queries=5, num_classes=3, frozen_bn=False)
+    model_cfg = DETRConfig(
+        backbone="resnet18",
+        hidden_dim=32,
+        nheads=4,
+        enc_layers=1,
+        dec_layers=1,
+        dim_feedforward=64,
+        num_queries=5,
+        num_classes=3,
+        frozen_bn=False,
+    )
     torch.manual_seed(0)
     config = experiment_from_dict({"model": vars(model_cfg)}).to_dict()
     config["data"]["cpus"] = config["data"].pop("ray_data_cpus") or 1.0

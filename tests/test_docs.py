@@ -32,8 +32,14 @@ def _console() -> dict[str, str]:
     try:
         from detr_ray.cli.main import COMMANDS
     except ImportError:
-        return {"prepare": "prepare_coco", "train": "train", "tune": "tune", "evaluate": "evaluate",
-                "serve": "serve", "export": "export"}
+        return {
+            "prepare": "prepare_coco",
+            "train": "train",
+            "tune": "tune",
+            "evaluate": "evaluate",
+            "serve": "serve",
+            "export": "export",
+        }
     return {name: module for name, (module, _) in COMMANDS.items()}
 
 
@@ -58,7 +64,7 @@ def fenced_blocks(page: Path) -> list[tuple[str, str, int]]:
     text = page.read_text()
     blocks = []
     for m in re.finditer(r"^( *)```([\w-]*)\n(.*?)^\1```", text, flags=re.S | re.M):
-        body = "\n".join(line[len(m.group(1)):] for line in m.group(3).splitlines())
+        body = "\n".join(line[len(m.group(1)) :] for line in m.group(3).splitlines())
         blocks.append((m.group(2), body, text.count("\n", 0, m.start()) + 1))
     return blocks
 
@@ -74,7 +80,7 @@ def shell_commands(body: str) -> list[list[str]]:
             if "&&" in words:
                 i = words.index("&&")
                 commands.append(words[:i])
-                words = words[i + 1:]
+                words = words[i + 1 :]
             else:
                 commands.append(words)
                 words = []
@@ -122,8 +128,14 @@ def declared_options(path: str) -> frozenset[str]:
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
             options |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
     if not options:  # a thin wrapper: ask the program itself
-        run = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
-                             cwd=ROOT, timeout=120, check=False)
+        run = subprocess.run(
+            [sys.executable, str(ROOT / path), "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         options = set(re.findall(r"(?<![\w-])(--?[\w][\w-]*)", run.stdout))
     return frozenset(options | {"-h", "--help"})
@@ -175,7 +187,7 @@ def check_ray(args: list[str]) -> None:
         raise DocError(f"ray {shlex.join(args)}: {e.format_message()}") from e
     inner = []
     if "--" in rest:  # ray job submit OPTIONS -- ENTRYPOINT
-        inner = [rest[rest.index("--") + 1:]]
+        inner = [rest[rest.index("--") + 1 :]]
     elif name == "exec":
         inner = shell_commands(context.params["cmd"])
     for words in inner:
@@ -247,7 +259,9 @@ def check_command(words: list[str]) -> str:
             return "conda"
         if args == ["activate", name]:
             return "conda"
-        raise DocError(f"conda {' '.join(args)}: expected `conda env create -f environment.yml` or `conda activate {name}`")
+        raise DocError(
+            f"conda {' '.join(args)}: expected `conda env create -f environment.yml` or `conda activate {name}`"
+        )
     if head == "pip" and args == ["install", "--no-deps", "-e", "."]:
         return "pip"
     if head == "export" and args and all(re.fullmatch(r"[A-Z_]+=\S+", a) for a in args):
@@ -289,8 +303,10 @@ def test_every_fenced_shell_command_is_checked():
 
 
 def test_inline_commands_name_real_programs_and_options():
-    pattern = re.compile(r"`((?:python (?:scripts|benchmarks)/\w+\.py|detr-ray [a-z]+|make [a-z]|bash benchmarks/"
-                         r"|conda |scripts/\w+\.sh )[^`]*)`")
+    pattern = re.compile(
+        r"`((?:python (?:scripts|benchmarks)/\w+\.py|detr-ray [a-z]+|make [a-z]|bash benchmarks/"
+        r"|conda |scripts/\w+\.sh )[^`]*)`"
+    )
     failures, seen = [], 0
     for page in PAGES:
         for m in pattern.finditer(page.read_text()):
@@ -353,17 +369,20 @@ def test_relative_links_lead_somewhere():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("words", [
-    ["python", "scripts/tune.py", "--no-such-option"],
-    ["python", "scripts/nonexistent.py"],
-    ["make", "no-such-target"],
-    ["ray", "job", "submit", "--no-such-flag", "--", "python", "scripts/tune.py"],
-    ["ray", "exec", "cluster.yaml", "python scripts/train.py --bogus"],
-    ["python", "benchmarks/serve.py", "--no-such-option"],
-    ["python", "scripts/tune.py", "--space", "search_spaces/missing.yaml"],
-    ["detr-ray", "frobnicate"],
-    ["rm", "-rf", "runs"],
-])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["python", "scripts/tune.py", "--no-such-option"],
+        ["python", "scripts/nonexistent.py"],
+        ["make", "no-such-target"],
+        ["ray", "job", "submit", "--no-such-flag", "--", "python", "scripts/tune.py"],
+        ["ray", "exec", "cluster.yaml", "python scripts/train.py --bogus"],
+        ["python", "benchmarks/serve.py", "--no-such-option"],
+        ["python", "scripts/tune.py", "--space", "search_spaces/missing.yaml"],
+        ["detr-ray", "frobnicate"],
+        ["rm", "-rf", "runs"],
+    ],
+)
 def test_the_checker_refuses_what_is_wrong(words):
     with pytest.raises(DocError):
         check_command(words)
@@ -374,7 +393,9 @@ def test_files_the_pages_name_exist():
     in the text exists, so a rename cannot leave the pages behind."""
     failures = []
     for page in PAGES:
-        for name in re.findall(r"`((?:detr_ray|scripts|benchmarks|tests|search_spaces|docs)/[\w./-]*)`", page.read_text()):
+        for name in re.findall(
+            r"`((?:detr_ray|scripts|benchmarks|tests|search_spaces|docs)/[\w./-]*)`", page.read_text()
+        ):
             if not (ROOT / name).exists():
                 failures.append(f"{_rel(page)}: `{name}` does not exist")
     assert not failures, "\n".join(failures)
@@ -383,8 +404,11 @@ def test_files_the_pages_name_exist():
 def test_the_package_layout_is_the_package():
     """docs/architecture.md's tree of detr_ray/ lists modules and folders that exist, and every
     module of the package is in it."""
-    block = next(body for lang, body, _ in fenced_blocks(ROOT / "docs" / "architecture.md")
-                 if lang == "text" and body.startswith("detr_ray/\n"))
+    block = next(
+        body
+        for lang, body, _ in fenced_blocks(ROOT / "docs" / "architecture.md")
+        if lang == "text" and body.startswith("detr_ray/\n")
+    )
     listed, stack = set(), []
     for line in block.splitlines():
         m = re.match(r"^( *)([\w.]+/?)(?:\s{2,}|$)", line)

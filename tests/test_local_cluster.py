@@ -35,8 +35,10 @@ RAY = str(BIN / "ray")
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(not (BIN / "ray").exists() or not (shutil.which("setsid") and shutil.which("pgrep")),
-                       reason="needs the venv's ray, setsid and pgrep"),
+    pytest.mark.skipif(
+        not (BIN / "ray").exists() or not (shutil.which("setsid") and shutil.which("pgrep")),
+        reason="needs the venv's ray, setsid and pgrep",
+    ),
 ]
 
 
@@ -82,7 +84,9 @@ class LocalCluster:
         self.dashboard = f"http://127.0.0.1:{self.base + 1}"
 
     def script(self, *args, timeout=300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(SCRIPT), *args], env=self.script_env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(SCRIPT), *args], env=self.script_env, capture_output=True, text=True, timeout=timeout
+        )
 
     def up(self):
         run = self.script("up")
@@ -98,8 +102,9 @@ class LocalCluster:
 
     def python(self, code: str, timeout=120) -> Any:
         """Runs `code` in a fresh interpreter with the cluster's env; returns the JSON it prints last."""
-        run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=self.env, capture_output=True,
-                             text=True, timeout=timeout)
+        run = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         assert run.returncode == 0, run.stdout + run.stderr
         return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -107,8 +112,14 @@ class LocalCluster:
         cmd = [RAY, "job", "submit", *extra]
         if working_dir:
             cmd += ["--working-dir", str(working_dir)]
-        return subprocess.run([*cmd, "--", *entrypoint], env=env or self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.dir)
+        return subprocess.run(
+            [*cmd, "--", *entrypoint],
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.dir,
+        )
 
     def nodes(self) -> dict[str, str]:
         """{custom resource that names the node: node id} of the alive nodes."""
@@ -125,7 +136,9 @@ class LocalCluster:
         """)
 
     def cluster_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", "--", self.script_env["DETR_RAY_CLUSTER_DIR"] + "/"], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["pgrep", "-f", "--", self.script_env["DETR_RAY_CLUSTER_DIR"] + "/"], capture_output=True, text=True
+        ).stdout
         return [int(p) for p in out.split()]
 
 
@@ -147,8 +160,13 @@ def test_up_starts_head_and_two_workers_with_their_resources(cluster):
     # `ray status` (the autoscaler's view, a few seconds behind the GCS) shows the same cluster
     deadline = time.time() + 60
     while True:
-        status = subprocess.run([RAY, "status", f"--address=127.0.0.1:{cluster.base}"], env=cluster.env,
-                                capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            [RAY, "status", f"--address=127.0.0.1:{cluster.base}"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert status.returncode == 0, status.stderr
         if re.search(r"/7\.0 CPU", status.stdout) or time.time() > deadline:  # 1 + 3 + 3
             break
@@ -178,8 +196,12 @@ def test_dashboard_on_localhost_requires_the_token(cluster):
         assert not _listening(cluster.node_ip, cluster.base + 1)
         assert _listening(cluster.node_ip, cluster.base)  # while the GCS is
     if shutil.which("ss"):
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{cluster.base + 1}"], capture_output=True, text=True).stdout
-        assert listening.strip() and all(line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for line in listening.splitlines())
+        listening = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{cluster.base + 1}"], capture_output=True, text=True
+        ).stdout
+        assert listening.strip() and all(
+            line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for line in listening.splitlines()
+        )
 
 
 def test_job_without_the_token_is_refused(cluster):
@@ -204,7 +226,9 @@ def test_job_runs_its_driver_on_the_head_and_tasks_on_every_node(cluster):
     """)
     run = cluster.submit("python", "-c", code, extra=["--entrypoint-resources", '{"sweep_driver": 1}'])
     assert run.returncode == 0, run.stdout + run.stderr
-    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    result = json.loads(
+        next(line for line in run.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT ")
+    )
     assert result["driver"] == nodes["rehearsal_head"]
     assert result["tasks"] == nodes
 
@@ -251,16 +275,39 @@ def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data)
     and writes its checkpoint to the shared (here: local) storage."""
     storage = os.path.join(cluster.dir, "runs")
     run = cluster.submit(
-        "python", "scripts/train.py", "--data", demo_data, "--storage", storage, "--name", "rehearsal-train",
-        "--workers", "2", "--epochs", "1",
-        "--set", "train.cpus_per_worker=2", "--set", "train.max_steps_per_epoch=2", "--set", "data.decode_num_cpus=0.5",
-        "--set", "data.batch_size=4", "--set", "model.hidden_dim=32", "--set", "model.dim_feedforward=64",
-        working_dir=ROOT, extra=["--entrypoint-resources", '{"sweep_driver": 1}'],
+        "python",
+        "scripts/train.py",
+        "--data",
+        demo_data,
+        "--storage",
+        storage,
+        "--name",
+        "rehearsal-train",
+        "--workers",
+        "2",
+        "--epochs",
+        "1",
+        "--set",
+        "train.cpus_per_worker=2",
+        "--set",
+        "train.max_steps_per_epoch=2",
+        "--set",
+        "data.decode_num_cpus=0.5",
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "model.hidden_dim=32",
+        "--set",
+        "model.dim_feedforward=64",
+        working_dir=ROOT,
+        extra=["--entrypoint-resources", '{"sweep_driver": 1}'],
     )
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
     nodes = cluster.nodes()
     job = _job_id(cluster, _submission_id(run))
-    assert sorted(_actor_nodes(cluster, "RayTrainWorker", job)) == sorted([nodes["rehearsal_worker_1"], nodes["rehearsal_worker_2"]])
+    assert sorted(_actor_nodes(cluster, "RayTrainWorker", job)) == sorted(
+        [nodes["rehearsal_worker_1"], nodes["rehearsal_worker_2"]]
+    )
     assert _actor_nodes(cluster, "TrainController", job) == [nodes["rehearsal_head"]]
     assert list(Path(storage, "rehearsal-train").glob("checkpoint_*")), "no checkpoint in the run's storage"
 
@@ -304,7 +351,9 @@ def test_readme_sweep_runs_trials_on_more_than_one_node(cluster):
     assert rank0_nodes and rank0_nodes <= workers
     job = _job_id(cluster, _submission_id(run))
     used = _actor_nodes(cluster, "RayTrainWorker", job)
-    assert len(used) == workers_per_trial * num_samples and set(used) == workers, f"the trials' Train workers ran on {used}"
+    assert len(used) == workers_per_trial * num_samples and set(used) == workers, (
+        f"the trials' Train workers ran on {used}"
+    )
     for driver in ("ImplicitFunc", "TrainController"):  # trial drivers and the Train drivers they start
         where = _actor_nodes(cluster, driver, job)
         assert where == [nodes["rehearsal_head"]] * num_samples, f"{driver} ran on {where}, not only on the head"

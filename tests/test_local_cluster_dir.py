@@ -24,8 +24,12 @@ def _run(command: str, directory: Path, tmp_path: Path) -> subprocess.CompletedP
     fake.mkdir(exist_ok=True)
     (fake / "ray").write_text("#!/bin/sh\nexit 1\n")
     (fake / "ray").chmod(0o755)
-    env = {**os.environ, "RAY_BIN": str(fake / "ray"), "DETR_RAY_CLUSTER_DIR": str(directory),
-           "DETR_RAY_CLUSTER_PORT_BASE": "47000"}
+    env = {
+        **os.environ,
+        "RAY_BIN": str(fake / "ray"),
+        "DETR_RAY_CLUSTER_DIR": str(directory),
+        "DETR_RAY_CLUSTER_PORT_BASE": "47000",
+    }
     return subprocess.run([str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=50)
 
 

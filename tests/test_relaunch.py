@@ -101,8 +101,14 @@ def test_a_run_without_a_record_is_compared_with_its_newest_checkpoint(tmp_path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4)
     for epoch in (1, 2):
         config = _exp(lr=2e-4, epochs=epoch + 1).to_dict()
-        ckpt.save(run_dir / f"checkpoint_epoch{epoch:04d}", model, optimizer, None, None,
-                  ckpt.TrainingState(epoch=epoch, global_step=epoch, config=config))
+        ckpt.save(
+            run_dir / f"checkpoint_epoch{epoch:04d}",
+            model,
+            optimizer,
+            None,
+            None,
+            ckpt.TrainingState(epoch=epoch, global_step=epoch, config=config),
+        )
     with pytest.raises(RelaunchError, match=r"train\.lr: 0\.0002 -> 0\.001"):
         plan_run(str(run_dir), _exp(lr=1e-3, epochs=3))
     assert not (run_dir / relaunch.RUN_RECORD).exists()
@@ -135,13 +141,18 @@ def test_sweep_restore_with_a_changed_space_is_refused_unless_as_stored(tmp_path
     record_sweep(exp_dir, _space())
     same = _space(experiment__train={"epochs": 3, "lr": 1e-4})  # the YAML's "1e-4" string, as a number: the same value
     assert check_sweep(exp_dir, same) is same
-    changed = _space(search__train__lr={"loguniform": [1.0e-5, 1.0e-2]}, scheduler__num_samples=6,
-                     experiment__model={"backbone": "resnet34", "hidden_dim": 32})
+    changed = _space(
+        search__train__lr={"loguniform": [1.0e-5, 1.0e-2]},
+        scheduler__num_samples=6,
+        experiment__model={"backbone": "resnet34", "hidden_dim": 32},
+    )
     with pytest.raises(RelaunchError) as e:
         check_sweep(exp_dir, changed)
     message = str(e.value)
     assert "search.train.lr.loguniform: [1e-05, 0.001] -> [1e-05, 0.01]" in message
-    assert "scheduler.num_samples: 4 -> 6" in message and "experiment.model.backbone: 'resnet18' -> 'resnet34'" in message
+    assert (
+        "scheduler.num_samples: 4 -> 6" in message and "experiment.model.backbone: 'resnet18' -> 'resnet34'" in message
+    )
     assert "--resume-as-stored" in message and "--name" in message
 
     stored = check_sweep(exp_dir, changed, as_stored=True)

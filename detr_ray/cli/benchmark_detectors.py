@@ -50,7 +50,14 @@ log = logging.getLogger("benchmark_detectors")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), choices=ARCHS, metavar="ARCH", help=f"default: {' '.join(DEFAULT_ARCHS)}")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=list(DEFAULT_ARCHS),
+        choices=ARCHS,
+        metavar="ARCH",
+        help=f"default: {' '.join(DEFAULT_ARCHS)}",
+    )
     p.add_argument("--config", help="experiment YAML shared by every arch (default: the demo experiment)")
     p.add_argument("--data", help="directory or URI with train/ and val/ shards (default: the demo data)")
     p.add_argument("--epochs", type=int, default=2)
@@ -59,7 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting of every run")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting of every run"
+    )
     p.add_argument("--latency-images", type=int, default=20, help="val images timed at batch 1 per detector")
     p.add_argument("--out", default="runs/detector-benchmark", help="report directory")
     p.add_argument("--storage", help="where the training runs go (default: OUT/runs)")
@@ -79,8 +88,14 @@ def _experiment(args, arch: str):
     if args.batch_size:
         raw.setdefault("data", {})["batch_size"] = args.batch_size
     raw.setdefault("train", {}).update(
-        epochs=args.epochs, eval_every=args.epochs, max_steps_per_epoch=args.max_steps_per_epoch, num_workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker, tensorboard=False, max_failures=0,
+        epochs=args.epochs,
+        eval_every=args.epochs,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        num_workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        tensorboard=False,
+        max_failures=0,
         keep_checkpoints=args.epochs,  # every epoch's metrics stay readable (Result.metrics_dataframe)
     )
     return experiment_from_dict(apply_overrides(raw, args.set), args.config or "demo experiment")
@@ -96,8 +111,13 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__, "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
     }
 
 
@@ -109,7 +129,9 @@ def train_all(args, storage: str) -> list[dict]:
     for arch in args.archs:
         exp = _experiment(args, arch)
         if os.path.exists(os.path.join(storage, arch)):
-            raise ConfigError(f"{storage}/{arch}: a run of that name exists; its training time would not be this benchmark's (choose a new --out or --storage)")
+            raise ConfigError(
+                f"{storage}/{arch}: a run of that name exists; its training time would not be this benchmark's (choose a new --out or --storage)"
+            )
         log.info("training %s for %d epochs", arch, args.epochs)
         start = time.perf_counter()
         result = build_trainer(exp, name=arch, storage_path=storage).fit()
@@ -121,16 +143,26 @@ def train_all(args, storage: str) -> list[dict]:
         checkpoint, value = best_checkpoint(result.path, "val/AP", "max")
         if checkpoint is None:
             raise RuntimeError(f"{arch}: no verified checkpoint with val/AP in {result.path}")
-        runs.append({
-            "arch": arch, "run": result.path, "checkpoint": checkpoint, "val_AP_in_training": value,
-            "training_s": sum(float(h.get("train/epoch_time_s", 0.0)) for h in history),  # the epochs' training steps only
-            "wall_s": wall,  # the whole fit(): Ray Train start-up, data, validation, checkpoints
-            "steps": int(result.metrics.get("global_step", 0)),
-            "images": int(sum(h.get("train/steps", 0) for h in history)) * exp.data.batch_size * exp.train.num_workers,
-            "train_images_per_s": sum(float(h.get("train/images_per_s", 0.0)) for h in history) / max(len(history), 1),
-            "final_train_loss": result.metrics.get("train/loss"),
-            "experiment": exp.to_dict(),
-        })
+        runs.append(
+            {
+                "arch": arch,
+                "run": result.path,
+                "checkpoint": checkpoint,
+                "val_AP_in_training": value,
+                "training_s": sum(
+                    float(h.get("train/epoch_time_s", 0.0)) for h in history
+                ),  # the epochs' training steps only
+                "wall_s": wall,  # the whole fit(): Ray Train start-up, data, validation, checkpoints
+                "steps": int(result.metrics.get("global_step", 0)),
+                "images": int(sum(h.get("train/steps", 0) for h in history))
+                * exp.data.batch_size
+                * exp.train.num_workers,
+                "train_images_per_s": sum(float(h.get("train/images_per_s", 0.0)) for h in history)
+                / max(len(history), 1),
+                "final_train_loss": result.metrics.get("train/loss"),
+                "experiment": exp.to_dict(),
+            }
+        )
     return runs
 
 
@@ -141,17 +173,33 @@ def evaluate_all(runs: list[dict], out: Path, args):
 
     work = out / "evaluation-work"
     subjects = [from_checkpoint(r["checkpoint"], str(work), name=r["arch"]) for r in runs]
-    options = EvaluationOptions(out=out / "evaluation", inference=InferenceConfig(progress=False), latency_images=args.latency_images)
+    options = EvaluationOptions(
+        out=out / "evaluation", inference=InferenceConfig(progress=False), latency_images=args.latency_images
+    )
     report, paths = run_evaluation(subjects[0], options, subjects[1:])
-    rows = [{"name": report.title, "metrics": report.metrics, "tide": _tide(report.analysis.tide), "efficiency": report.efficiency}]
-    rows += [{"name": o["name"], "metrics": o["metrics"], "tide": o["tide"], "efficiency": o["efficiency"]} for o in report.comparison]
+    rows = [
+        {
+            "name": report.title,
+            "metrics": report.metrics,
+            "tide": _tide(report.analysis.tide),
+            "efficiency": report.efficiency,
+        }
+    ]
+    rows += [
+        {"name": o["name"], "metrics": o["metrics"], "tide": o["tide"], "efficiency": o["efficiency"]}
+        for o in report.comparison
+    ]
     for run, row in zip(runs, rows):
         row.update({k: v for k, v in run.items() if k != "experiment"})
     return rows, report, paths
 
 
 def _tide(t) -> dict:
-    return {**{k: v["dAP"] for k, v in t.errors.items()}, "false_positives": t.false_positives_dap, "false_negatives": t.false_negatives_dap}
+    return {
+        **{k: v["dAP"] for k, v in t.errors.items()},
+        "false_positives": t.false_positives_dap,
+        "false_negatives": t.false_negatives_dap,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,8 +218,10 @@ def figures(rows: list[dict], directory: Path) -> dict[str, Path]:
         fig.savefig(directory / f"{name}.png", dpi=110, bbox_inches="tight")
         out[name] = directory / f"{name}.png"
 
-    for name, x_of, xlabel in (("ap_vs_training_time", lambda r: r["training_s"], "training time (s, training steps of all epochs)"),
-                               ("ap_vs_latency", lambda r: r["efficiency"]["latency_ms"]["p50"], "inference latency, batch 1, p50 (ms)")):
+    for name, x_of, xlabel in (
+        ("ap_vs_training_time", lambda r: r["training_s"], "training time (s, training steps of all epochs)"),
+        ("ap_vs_latency", lambda r: r["efficiency"]["latency_ms"]["p50"], "inference latency, batch 1, p50 (ms)"),
+    ):
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
         for i, r in enumerate(rows):
@@ -180,7 +230,11 @@ def figures(rows: list[dict], directory: Path) -> dict[str, Path]:
             if name == "ap_vs_latency":
                 ax.plot([x, r["efficiency"]["latency_ms"]["p90"]], [r["metrics"]["AP"]] * 2, color=f"C{i}", lw=1)
             ax.annotate(r["name"], (x, r["metrics"]["AP"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set(xlabel=xlabel, ylabel="AP @ IoU .50:.95", title=name.replace("_", " ") + (" (line: to p90)" if name == "ap_vs_latency" else ""))
+        ax.set(
+            xlabel=xlabel,
+            ylabel="AP @ IoU .50:.95",
+            title=name.replace("_", " ") + (" (line: to p90)" if name == "ap_vs_latency" else ""),
+        )
         ax.grid(alpha=0.3)
         save(fig, name)
 
@@ -209,15 +263,21 @@ def _fmt(v, digits=3) -> str:
 def markdown(summary: dict, figure_dir: str) -> str:
     rows = summary["rows"]
     b = summary["budget"]
-    lines = [f"# Detector benchmark: {', '.join(r['name'] for r in rows)}", "",
-             f"Command: `{summary['command']}`  ", f"Date: {summary['date']}  ",
-             f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_cores']} cores, GPU: {summary['machine']['gpu'] or 'none'}; "
-             f"torch {summary['machine']['torch']}, torchvision {summary['machine']['torchvision']}  ",
-             f"Data: train `{summary['data']['train']}`, val `{summary['data']['val']}` ({summary['data']['val_images']} images)  ",
-             f"Budget, the same for every detector: {b['epochs']} epochs x {b['max_steps_per_epoch'] or 'all'} steps, batch {b['batch_size']} x "
-             f"{b['workers']} worker(s) ({rows[0]['images']} training images seen); AdamW lr {b['lr']}, lr_backbone {b['lr_backbone']}, "
-             f"weight decay {b['weight_decay']}, clip {b['clip_max_norm']}; validation at the last epoch.", "",
-             "| | " + " | ".join(r["name"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    lines = [
+        f"# Detector benchmark: {', '.join(r['name'] for r in rows)}",
+        "",
+        f"Command: `{summary['command']}`  ",
+        f"Date: {summary['date']}  ",
+        f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_cores']} cores, GPU: {summary['machine']['gpu'] or 'none'}; "
+        f"torch {summary['machine']['torch']}, torchvision {summary['machine']['torchvision']}  ",
+        f"Data: train `{summary['data']['train']}`, val `{summary['data']['val']}` ({summary['data']['val_images']} images)  ",
+        f"Budget, the same for every detector: {b['epochs']} epochs x {b['max_steps_per_epoch'] or 'all'} steps, batch {b['batch_size']} x "
+        f"{b['workers']} worker(s) ({rows[0]['images']} training images seen); AdamW lr {b['lr']}, lr_backbone {b['lr_backbone']}, "
+        f"weight decay {b['weight_decay']}, clip {b['clip_max_norm']}; validation at the last epoch.",
+        "",
+        "| | " + " | ".join(r["name"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
 
     def line(label, get, digits=3):
         lines.append(f"| {label} | " + " | ".join(_fmt(get(r), digits) for r in rows) + " |")
@@ -234,14 +294,25 @@ def markdown(summary: dict, figure_dir: str) -> str:
     line("training time (s)", lambda r: r["training_s"], 1)
     line("fit() wall time (s)", lambda r: r["wall_s"], 1)
     line("final training loss", lambda r: r["final_train_loss"])
-    lines += ["", "Latency and GFLOPs: one val image at a time after the val transform, measured in this run on "
-              f"{rows[0]['efficiency']['device']} ({rows[0]['efficiency']['threads']} threads). Training time: the training steps "
-              "of all epochs (no start-up, validation or checkpointing); fit() wall time includes them. The training losses "
-              "are each model's own objective and are not comparable across architectures.", ""]
-    for name, caption in (("ap_vs_training_time", "AP vs training time"), ("ap_vs_latency", "AP vs latency"), ("ap_by_size", "AP by object size")):
+    lines += [
+        "",
+        "Latency and GFLOPs: one val image at a time after the val transform, measured in this run on "
+        f"{rows[0]['efficiency']['device']} ({rows[0]['efficiency']['threads']} threads). Training time: the training steps "
+        "of all epochs (no start-up, validation or checkpointing); fit() wall time includes them. The training losses "
+        "are each model's own objective and are not comparable across architectures.",
+        "",
+    ]
+    for name, caption in (
+        ("ap_vs_training_time", "AP vs training time"),
+        ("ap_vs_latency", "AP vs latency"),
+        ("ap_by_size", "AP by object size"),
+    ):
         lines += [f"![{caption}]({figure_dir}/{name}.png)", ""]
-    lines += ["The full evaluation (per category, TIDE, COCO breakdown, PR curves, worst images) of every detector is "
-              "`evaluation/report.md` in the benchmark's output directory.", ""]
+    lines += [
+        "The full evaluation (per category, TIDE, COCO breakdown, PR curves, worst images) of every detector is "
+        "`evaluation/report.md` in the benchmark's output directory.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -278,8 +349,16 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "data": {"train": train_uri, "val": val_uri, "val_images": sum(s["rows"] for s in read_meta(val_uri).shards)},
-        "budget": {"epochs": t.epochs, "max_steps_per_epoch": t.max_steps_per_epoch, "batch_size": experiments[0].data.batch_size,
-                   "workers": t.num_workers, "lr": t.lr, "lr_backbone": t.lr_backbone, "weight_decay": t.weight_decay, "clip_max_norm": t.clip_max_norm},
+        "budget": {
+            "epochs": t.epochs,
+            "max_steps_per_epoch": t.max_steps_per_epoch,
+            "batch_size": experiments[0].data.batch_size,
+            "workers": t.num_workers,
+            "lr": t.lr,
+            "lr_backbone": t.lr_backbone,
+            "weight_decay": t.weight_decay,
+            "clip_max_norm": t.clip_max_norm,
+        },
         "rows": rows,
         "evaluation_report": str(paths["report.md"]),
     }
@@ -296,8 +375,12 @@ def main(argv=None) -> int:
         prefix.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=str))
         prefix.with_suffix(".md").write_text(markdown(summary, figure_dir.name))
     print(f"\n{'':14s}" + "".join(f"{r['name']:>30s}" for r in rows))
-    for key, get in (("AP", lambda r: r["metrics"]["AP"]), ("AP50", lambda r: r["metrics"]["AP50"]),
-                     ("train s", lambda r: r["training_s"]), ("latency p50", lambda r: r["efficiency"]["latency_ms"]["p50"])):
+    for key, get in (
+        ("AP", lambda r: r["metrics"]["AP"]),
+        ("AP50", lambda r: r["metrics"]["AP50"]),
+        ("train s", lambda r: r["training_s"]),
+        ("latency p50", lambda r: r["efficiency"]["latency_ms"]["p50"]),
+    ):
         print(f"{key:14s}" + "".join(f"{get(r):30.3f}" for r in rows))
     print(f"\nreport: {out / 'report.md'}\nfull evaluation: {paths['report.md']}")
     return 0

@@ -48,28 +48,70 @@ from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment, 
 from detr_ray.ownership import NotOwnedError
 from detr_ray.train.checkpoint import CheckpointError
 
-ERRORS = (EvaluationTargetError, ResultsError, InferenceError, CheckpointError, ShardError, ConfigError, NotOwnedError, FileNotFoundError)
+ERRORS = (
+    EvaluationTargetError,
+    ResultsError,
+    InferenceError,
+    CheckpointError,
+    ShardError,
+    ConfigError,
+    NotOwnedError,
+    FileNotFoundError,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
-    what.add_argument("--checkpoint", metavar="DIR_OR_FILE", help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)")
-    p.add_argument("--choose", metavar="RULE", help="a Pareto front's member to evaluate: '[max|min] METRIC "
-                   "[subject to METRIC<=NUMBER [and ...]]' (several objectives only)")
+    what.add_argument(
+        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
+    )
+    what.add_argument(
+        "--checkpoint",
+        metavar="DIR_OR_FILE",
+        help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)",
+    )
+    p.add_argument(
+        "--choose",
+        metavar="RULE",
+        help="a Pareto front's member to evaluate: '[max|min] METRIC "
+        "[subject to METRIC<=NUMBER [and ...]]' (several objectives only)",
+    )
     p.add_argument("--data", metavar="VAL_SHARDS", help="val shard directory or URI; default: the run's own")
-    p.add_argument("--out", metavar="REPORT_DIR", default="evaluation", help="output directory: new, empty or an earlier report's (default: ./evaluation)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="OTHER", help="checkpoints, experiments, published DETR weights or COCO results files to compare")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="for published DETR weights: a model.* or data.* setting the file cannot tell, e.g. model.dilation=true")
+    p.add_argument(
+        "--out",
+        metavar="REPORT_DIR",
+        default="evaluation",
+        help="output directory: new, empty or an earlier report's (default: ./evaluation)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="OTHER",
+        help="checkpoints, experiments, published DETR weights or COCO results files to compare",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="for published DETR weights: a model.* or data.* setting the file cannot tell, e.g. model.dilation=true",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per inference batch")
     p.add_argument("--actors", type=int, default=0, help="inference actors (default: one per GPU, else one)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="inference device (auto: GPUs when the cluster has them)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="inference device (auto: GPUs when the cluster has them)",
+    )
     p.add_argument("--score-threshold", type=float, default=0.5, help="detections drawn on the worst images")
     p.add_argument("--worst", type=int, default=6, help="how many worst images / categories to show")
-    p.add_argument("--latency-images", type=int, default=20, help="val images timed at batch 1 per checkpoint (0: no cost columns)")
+    p.add_argument(
+        "--latency-images", type=int, default=20, help="val images timed at batch 1 per checkpoint (0: no cost columns)"
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -100,15 +142,21 @@ def _print_summary(report, paths: dict) -> None:
         print(f"  {name:15s} {e['dAP']:+.3f} ({e['count']})")
     costs = [(report.title, report.efficiency)] + [(o["name"], o.get("efficiency")) for o in others]
     if any(e for _, e in costs):
-        print("\ncost (measured here): parameters, GFLOPs at the val resolution, latency batch 1 p50/p90, training images/s")
+        print(
+            "\ncost (measured here): parameters, GFLOPs at the val resolution, latency batch 1 p50/p90, training images/s"
+        )
         for name, e in costs:
             if e:
                 ips = f"{e['train_images_per_s']:.1f}" if e["train_images_per_s"] is not None else "n/a"
-                print(f"  {name:{width}s} {e['arch']:28s} {e['parameters'] / 1e6:7.2f} M {e['gflops']:8.2f} GFLOPs "
-                      f"{e['latency_ms']['p50']:8.1f} / {e['latency_ms']['p90']:.1f} ms  {ips} img/s")
+                print(
+                    f"  {name:{width}s} {e['arch']:28s} {e['parameters'] / 1e6:7.2f} M {e['gflops']:8.2f} GFLOPs "
+                    f"{e['latency_ms']['p50']:8.1f} / {e['latency_ms']['p90']:.1f} ms  {ips} img/s"
+                )
     if report.inference:
         inf = report.inference
-        print(f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} {inf['device']} actor(s)")
+        print(
+            f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} {inf['device']} actor(s)"
+        )
     print(f"\nreport: {paths['report.md']}\n        {paths['report.json']}  ({len(paths) - 2} figures)")
 
 
@@ -122,12 +170,20 @@ def main(argv=None) -> int:
         use_gpu={"auto": None, "gpu": True, "cpu": False}[args.device],
         progress=not args.no_progress,
     )
-    options = EvaluationOptions(out=Path(args.out), data=args.data, inference=cfg, score_threshold=args.score_threshold, worst=args.worst,
-                                latency_images=args.latency_images)
+    options = EvaluationOptions(
+        out=Path(args.out),
+        data=args.data,
+        inference=cfg,
+        score_threshold=args.score_threshold,
+        worst=args.worst,
+        latency_images=args.latency_images,
+    )
     with tempfile.TemporaryDirectory(prefix="detr-eval-") as workdir:  # checkpoints fetched from URIs
         try:
             if args.choose and not args.experiment:
-                raise EvaluationTargetError("--choose picks a member of an experiment's Pareto front: it needs --experiment")
+                raise EvaluationTargetError(
+                    "--choose picks a member of an experiment's Pareto front: it needs --experiment"
+                )
             if args.experiment:
                 subject = from_experiment(args.experiment, workdir, choose=args.choose)
             else:
@@ -138,9 +194,14 @@ def main(argv=None) -> int:
             for s in [subject, *compare]:
                 if s.weights:
                     print(f"published {s.source}\n  sha256 {s.weights['sha256']}\n  {s.weights['load']['summary']}")
-            print(f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}")
+            print(
+                f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}"
+            )
             if subject.front:
-                print(f"  trial {subject.trial} of a Pareto front of {len(subject.front)}" + (f", chosen by {subject.choice!r}" if subject.choice else ""))
+                print(
+                    f"  trial {subject.trial} of a Pareto front of {len(subject.front)}"
+                    + (f", chosen by {subject.choice!r}" if subject.choice else "")
+                )
             _ray(args.num_cpus)
             report, paths = run_evaluation(subject, options, compare)
         except ERRORS as e:

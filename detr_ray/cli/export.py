@@ -31,9 +31,13 @@ from detr_ray.train.checkpoint import CheckpointError
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
+    what.add_argument(
+        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
+    )
     what.add_argument("--checkpoint", metavar="DIR_OR_URI", help="a checkpoint directory (checkpoint_epochNNNN)")
-    p.add_argument("--out", default="export", help="output directory: new, empty or an earlier export's (default: ./export)")
+    p.add_argument(
+        "--out", default="export", help="output directory: new, empty or an earlier export's (default: ./export)"
+    )
     return p.parse_args(argv)
 
 
@@ -50,9 +54,11 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     check = metadata["check"]
-    print(f"exported {spec.identity['checkpoint']} -> {args.out}/model.pt2 (+ model.json)\n"
-          f"  largest |exported - eager| on padded batches of several sizes: {check['max_abs_difference']:.3g} "
-          f"(tolerance {check['tolerance']})")
+    print(
+        f"exported {spec.identity['checkpoint']} -> {args.out}/model.pt2 (+ model.json)\n"
+        f"  largest |exported - eager| on padded batches of several sizes: {check['max_abs_difference']:.3g} "
+        f"(tolerance {check['tolerance']})"
+    )
     return 0
 
 

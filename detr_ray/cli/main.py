@@ -20,15 +20,22 @@ COMMANDS = {
     "serve": ("serve", "serve a checkpoint as an HTTP detection endpoint (Ray Serve)"),
     "export": ("export", "export a checkpoint's DETR as a torch.export program"),
     "pretrain-demo": ("pretrain_demo", "pre-train the demo DETR on part of the demo categories"),
-    "benchmark-detectors": ("benchmark_detectors", "train DETR and torchvision detectors on one budget and compare them"),
+    "benchmark-detectors": (
+        "benchmark_detectors",
+        "train DETR and torchvision detectors on one budget and compare them",
+    ),
 }
 
 
 def parser() -> argparse.ArgumentParser:
     width = max(map(len, COMMANDS))
     listing = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
-    p = argparse.ArgumentParser(prog="detr-ray", description=__doc__, epilog="commands:\n" + listing,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="detr-ray",
+        description=__doc__,
+        epilog="commands:\n" + listing,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("command", choices=COMMANDS, metavar="command", help="one of the commands below")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the command's own options (see detr-ray <command> --help)")
     return p

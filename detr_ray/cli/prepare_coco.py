@@ -28,13 +28,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--annotations", help="COCO instances JSON of the split")
     p.add_argument("--out", required=True, help="output directory or pyarrow URI (s3://, gs://)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per Parquet file (default 1000)")
-    p.add_argument("--strict", action="store_true", help="missing, undecodable, too large or mis-sized images are errors")
+    p.add_argument(
+        "--strict", action="store_true", help="missing, undecodable, too large or mis-sized images are errors"
+    )
     p.add_argument("--workers", type=int, default=None, help="parallel processes (default: one per core)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"skip images whose header declares more pixels (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--read-attempts", type=int, default=ReadRetry.attempts,
-                   help=f"reads of an image file before an I/O error fails its shard (default {ReadRetry.attempts}, "
-                   f"waiting {ReadRetry.first_delay} s, then twice as long after each failure)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images whose header declares more pixels (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--read-attempts",
+        type=int,
+        default=ReadRetry.attempts,
+        help=f"reads of an image file before an I/O error fails its shard (default {ReadRetry.attempts}, "
+        f"waiting {ReadRetry.first_delay} s, then twice as long after each failure)",
+    )
     p.add_argument("--demo", action="store_true", help="generate the synthetic demo dataset into --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

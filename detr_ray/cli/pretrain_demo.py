@@ -52,15 +52,29 @@ def parse_categories(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = {c["id"]: c["name"] for c in demo.CATEGORIES}
-    p.add_argument("--categories", default=",".join(names[c] for c in DEFAULT_CATEGORIES),
-                   help="demo categories to pre-train on, by name or id (default: %(default)s)")
+    p.add_argument(
+        "--categories",
+        default=",".join(names[c] for c in DEFAULT_CATEGORIES),
+        help="demo categories to pre-train on, by name or id (default: %(default)s)",
+    )
     p.add_argument("--epochs", type=int, default=PRETRAIN_EPOCHS, help="pre-training epochs (default: %(default)s)")
-    p.add_argument("--num-train", type=int, default=SOURCE["num_train"],
-                   help="demo images generated for pre-training, before keeping those of the categories (default: %(default)s)")
-    p.add_argument("--num-val", type=int, default=SOURCE["num_val"], help="the same for validation (default: %(default)s)")
+    p.add_argument(
+        "--num-train",
+        type=int,
+        default=SOURCE["num_train"],
+        help="demo images generated for pre-training, before keeping those of the categories (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-val", type=int, default=SOURCE["num_val"], help="the same for validation (default: %(default)s)"
+    )
     p.add_argument("--root", default=default_pretrained_root(), help="cache directory (default: %(default)s)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a pre-training experiment value; fine-tune with the same model.* values")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a pre-training experiment value; fine-tune with the same model.* values",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all); RAY_ADDRESS joins a cluster")
     return p.parse_args(argv)
 
@@ -93,7 +107,10 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
     print(f"pre-trained demo model ({time.time() - start:.0f} s): {path}")
-    print("fine-tune it on all demo categories with:\n  " + shlex.join(["python", "scripts/train.py", "--pretrained", path]))
+    print(
+        "fine-tune it on all demo categories with:\n  "
+        + shlex.join(["python", "scripts/train.py", "--pretrained", path])
+    )
     return 0
 
 

@@ -39,27 +39,58 @@ log = logging.getLogger("serve")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)")
-    what.add_argument("--checkpoint", metavar="DIR_FILE_OR_URI",
-                      help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)")
-    p.add_argument("--data", metavar="SHARDS", help="published weights: the shards whose categories (_meta.json) the class head is mapped to")
-    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="published weights: a setting the file cannot tell, e.g. model.dilation=true")
+    what.add_argument(
+        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
+    )
+    what.add_argument(
+        "--checkpoint",
+        metavar="DIR_FILE_OR_URI",
+        help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="SHARDS",
+        help="published weights: the shards whose categories (_meta.json) the class head is mapped to",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="published weights: a setting the file cannot tell, e.g. model.dilation=true",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (no --address)")
     p.add_argument("--name", default="detr", help="Serve application name")
     p.add_argument("--max-batch-size", type=int, default=8, help="most images per forward pass (dynamic batching)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="longest wait for a batch to fill")
     p.add_argument("--replicas", type=int, help="replicas (default: one per GPU, else one CPU replica)")
-    p.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), help="autoscale between MIN and MAX replicas instead")
+    p.add_argument(
+        "--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"), help="autoscale between MIN and MAX replicas instead"
+    )
     p.add_argument("--target-ongoing", type=float, default=8.0, help="requests per replica the autoscaler aims at")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (and torch threads) of a CPU replica")
-    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU replicas when the cluster has GPUs")
+    p.add_argument(
+        "--device", choices=("auto", "gpu", "cpu"), default="auto", help="auto: GPU replicas when the cluster has GPUs"
+    )
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20, help="largest request body")
-    p.add_argument("--max-pixels", type=int, help="largest image (width x height) by its header (default: images.DEFAULT_MAX_PIXELS)")
-    p.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD, help="default of the score_threshold query parameter")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image (width x height) by its header (default: images.DEFAULT_MAX_PIXELS)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        help="default of the score_threshold query parameter",
+    )
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds before the proxy gives up on a request")
     return p.parse_args(argv)
 
@@ -86,8 +117,13 @@ def main(argv=None) -> int:
             score_threshold=args.score_threshold,
             **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
         ).validate()
-        spec = choose_checkpoint(experiment=args.experiment, checkpoint=args.checkpoint, workdir=workdir.name,
-                                 data=args.data, overrides=args.set)
+        spec = choose_checkpoint(
+            experiment=args.experiment,
+            checkpoint=args.checkpoint,
+            workdir=workdir.name,
+            data=args.data,
+            overrides=args.set,
+        )
     except (EvaluationTargetError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -102,9 +138,14 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: stopping.set())
     started = None  # set once the app is deployed: `start` undoes its own half-done work
     try:
-        started = start(spec, options, host=args.host, port=args.port, name=args.name, request_timeout_s=args.request_timeout)
-        print(f"serving {spec.identity['checkpoint']} (manifest {spec.identity['manifest_sha256'][:12]}) "
-              f"at http://{args.host}:{args.port}/detect ; Ctrl-C to stop", flush=True)
+        started = start(
+            spec, options, host=args.host, port=args.port, name=args.name, request_timeout_s=args.request_timeout
+        )
+        print(
+            f"serving {spec.identity['checkpoint']} (manifest {spec.identity['manifest_sha256'][:12]}) "
+            f"at http://{args.host}:{args.port}/detect ; Ctrl-C to stop",
+            flush=True,
+        )
         while not stopping.wait(0.5):
             pass
         log.info("stopping")

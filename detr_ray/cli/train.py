@@ -40,8 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="directory or URI with train/ and val/ shard directories; default: demo data")
     p.add_argument("--storage", default=default_storage(), help="run storage: local directory or s3://, gs:// URI")
     p.add_argument("--name", help="run name: rerun with it to resume (default: a new unique name)")
-    p.add_argument("--resume-as-stored", action="store_true",
-                   help="resume the run --name with its stored configuration, ignoring this command's settings")
+    p.add_argument(
+        "--resume-as-stored",
+        action="store_true",
+        help="resume the run --name with its stored configuration, ignoring this command's settings",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
     p.add_argument("--gpus-per-worker", type=float)
@@ -63,7 +66,12 @@ def main(argv=None) -> int:
         raw = {k: dict(v or {}) for k, v in raw.items()}
         if args.data:
             raw.setdefault("data", {}).update(train=join(args.data, "train"), val=join(args.data, "val"))
-        for key, value in (("epochs", args.epochs), ("num_workers", args.workers), ("gpus_per_worker", args.gpus_per_worker), ("pretrained", args.pretrained)):
+        for key, value in (
+            ("epochs", args.epochs),
+            ("num_workers", args.workers),
+            ("gpus_per_worker", args.gpus_per_worker),
+            ("pretrained", args.pretrained),
+        ):
             if value is not None:
                 raw.setdefault("train", {})[key] = value
         raw = apply_overrides(raw, args.set)
@@ -89,14 +97,18 @@ def main(argv=None) -> int:
     start = time.time()
     result = build_trainer(exp, name=args.name, storage_path=storage).fit()
     m = result.metrics or {}
-    print(f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
-          f"val/AP50 {m.get('val/AP50', float('nan')):.3f}")
+    print(
+        f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
+        f"val/AP50 {m.get('val/AP50', float('nan')):.3f}"
+    )
     from detr_ray.train.checkpoint import best_checkpoint
 
     # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
     best, value = best_checkpoint(result.path, "val/AP", "max")
-    print(f"run directory: {result.path}\nbest verified checkpoint: "
-          + (f"{best} (val/AP {value:.3f})" if best else "none (no verified checkpoint with val/AP)"))
+    print(
+        f"run directory: {result.path}\nbest verified checkpoint: "
+        + (f"{best} (val/AP {value:.3f})" if best else "none (no verified checkpoint with val/AP)")
+    )
     return 0
 
 

@@ -44,7 +44,9 @@ from detr_ray.tune.summary import best_row_value, summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 
 # The repository's search_spaces/ (two levels above this package): the project runs from its checkout.
-DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "search_spaces", "demo.yaml")
+DEFAULT_SPACE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "search_spaces", "demo.yaml"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,25 +54,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: search_spaces/demo.yaml)")
     p.add_argument("--data", help="directory or URI with train/ and val/ shard directories; default: demo data")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the YAML's scheduler.num_samples)")
-    p.add_argument("--storage", default=os.environ.get("DETR_RAY_STORAGE", "runs"), help="local directory or s3://, gs:// URI; "
-                   "a restore unpickles the sweep's state from it, so it must be writable only by those trusted "
-                   "to run code here")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("DETR_RAY_STORAGE", "runs"),
+        help="local directory or s3://, gs:// URI; "
+        "a restore unpickles the sweep's state from it, so it must be writable only by those trusted "
+        "to run code here",
+    )
     p.add_argument("--name", help="experiment name (default: the space file's name); stable, so rerunning resumes")
     p.add_argument("--resume", action="store_true", help="require an existing sweep to resume (error if none)")
-    p.add_argument("--resume-as-stored", action="store_true",
-                   help="restore the sweep with its stored search space, scheduler and experiment, ignoring this command's")
+    p.add_argument(
+        "--resume-as-stored",
+        action="store_true",
+        help="restore the sweep with its stored search space, scheduler and experiment, ignoring this command's",
+    )
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, split over its workers (fractions allowed)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved by each Train worker")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds now)")
     p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
     p.add_argument("--reduction-factor", type=int, help="ASHA: keep 1/factor of the trials at each rung")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fixed experiment value")
-    p.add_argument("--study-storage", help="Optuna storage of the sweep's study: an RDB URL (postgresql://..., "
-                   "sqlite:////abs/path.db) or a journal file; default: <storage>/<name>/optuna.journal")
-    p.add_argument("--warm-start", metavar="SWEEP_OR_STORAGE", help="seed TPE with the results of an earlier sweep's "
-                   "study (its directory, a journal file or an RDB URL) whose parameters lie inside this space")
-    p.add_argument("--warm-start-study", metavar="NAME", help="the study to warm-start from, when the storage holds several")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a fixed experiment value"
+    )
+    p.add_argument(
+        "--study-storage",
+        help="Optuna storage of the sweep's study: an RDB URL (postgresql://..., "
+        "sqlite:////abs/path.db) or a journal file; default: <storage>/<name>/optuna.journal",
+    )
+    p.add_argument(
+        "--warm-start",
+        metavar="SWEEP_OR_STORAGE",
+        help="seed TPE with the results of an earlier sweep's "
+        "study (its directory, a journal file or an RDB URL) whose parameters lie inside this space",
+    )
+    p.add_argument(
+        "--warm-start-study", metavar="NAME", help="the study to warm-start from, when the storage holds several"
+    )
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster (default: a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     return p.parse_args(argv)
@@ -122,7 +142,9 @@ def main(argv=None) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.space))[0]
     try:
         space = load(args)
-        shards = resolve_shards(space.fixed.data)  # once for every trial (the demo data generated now, before any starts)
+        shards = resolve_shards(
+            space.fixed.data
+        )  # once for every trial (the demo data generated now, before any starts)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,9 +163,18 @@ def main(argv=None) -> int:
 
     start = time.time()
     try:
-        sweep = build_sweep(space, name=name, storage_path=args.storage, resume=True, max_concurrent=args.max_concurrent,
-                            as_stored=args.resume_as_stored, study_storage=args.study_storage,
-                            warm_start=args.warm_start, warm_start_study=args.warm_start_study, shards=shards)
+        sweep = build_sweep(
+            space,
+            name=name,
+            storage_path=args.storage,
+            resume=True,
+            max_concurrent=args.max_concurrent,
+            as_stored=args.resume_as_stored,
+            study_storage=args.study_storage,
+            warm_start=args.warm_start,
+            warm_start_study=args.warm_start_study,
+            shards=shards,
+        )
         if args.resume and not sweep.restored:
             print(f"error: --resume but there is no sweep at {sweep.experiment_dir}", file=sys.stderr)
             return 2
@@ -159,10 +190,15 @@ def main(argv=None) -> int:
         flush=True,
     )
     if sweep.study_storage:
-        print(f"Optuna study {sweep.study_name!r}: {study.dashboard_command(sweep.study_storage)}  (http://127.0.0.1:8080)", flush=True)
+        print(
+            f"Optuna study {sweep.study_name!r}: {study.dashboard_command(sweep.study_storage)}  (http://127.0.0.1:8080)",
+            flush=True,
+        )
     if sweep.warm is not None:
         warm = sweep.warm
-        print(f"warm start from {warm.source} (study {warm.study}): {len(warm.used)} trials used, {len(warm.ignored)} ignored")
+        print(
+            f"warm start from {warm.source} (study {warm.study}): {len(warm.used)} trials used, {len(warm.ignored)} ignored"
+        )
         for number, why in warm.ignored:
             print(f"  ignored trial {number}: {why}")
     results = sweep.fit()
@@ -171,7 +207,9 @@ def main(argv=None) -> int:
 
     print(f"\nsweep finished in {time.time() - start:.0f} s ({len(rows)} trials)\n")
     print_summary(rows, space.scheduler.metric)
-    leaks = json.loads(open(written["trials"]).read())["leaked_placement_groups"] if "://" not in written["trials"] else []
+    leaks = (
+        json.loads(open(written["trials"]).read())["leaked_placement_groups"] if "://" not in written["trials"] else []
+    )
     if leaks:
         print(f"\nWARNING: Ray left {len(leaks)} finished trials' placement groups behind; they were removed: {leaks}")
     print(f"\ntrials: {written['trials']}")
@@ -180,18 +218,25 @@ def main(argv=None) -> int:
         if "best" not in written:
             print("no trial ran all its epochs with a verified checkpoint: no Pareto front", file=sys.stderr)
             return 1
-        print(f"Pareto front of {', '.join(f'{m} ({d})' for m, d in study.objectives(space).items())}: "
-              f"{len(front) or 'see'} trial(s)\nbest: {written['best']}")
+        print(
+            f"Pareto front of {', '.join(f'{m} ({d})' for m, d in study.objectives(space).items())}: "
+            f"{len(front) or 'see'} trial(s)\nbest: {written['best']}"
+        )
         for member in front:
             print(f"  {member['trial']}: " + ", ".join(f"{k} {v:.4g}" for k, v in member["values"].items()))
-        print(f"evaluate one: python scripts/evaluate.py --experiment {sweep.experiment_dir} --choose \"max {space.scheduler.metric}\"")
+        print(
+            f'evaluate one: python scripts/evaluate.py --experiment {sweep.experiment_dir} --choose "max {space.scheduler.metric}"'
+        )
         return 0
     if best is None:
         print("no trial produced a verified checkpoint", file=sys.stderr)
         return 1
     ap50 = best_row_value(best, space.scheduler.metric, "val/AP50")
-    print(f"best trial {best['trial']}: {space.scheduler.metric} {best['best']:.4f}"
-          + (f", val/AP50 {ap50:.4f}" if ap50 is not None else "") + f"\nbest: {written['best']}")
+    print(
+        f"best trial {best['trial']}: {space.scheduler.metric} {best['best']:.4f}"
+        + (f", val/AP50 {ap50:.4f}" if ap50 is not None else "")
+        + f"\nbest: {written['best']}"
+    )
     print(f"evaluate it: python scripts/evaluate.py --experiment {sweep.experiment_dir}")
     return 0
 

@@ -102,7 +102,12 @@ class DetectionBatches:
 
     @classmethod
     def from_config(
-        cls, source: Any, cfg: DataConfig, train: bool, device: str | torch.device = "cpu", shuffle_seed: int | None = None
+        cls,
+        source: Any,
+        cfg: DataConfig,
+        train: bool,
+        device: str | torch.device = "cpu",
+        shuffle_seed: int | None = None,
     ):
         return cls(
             source,
@@ -175,4 +180,3 @@ class DetectionBatches:
                     for t in targets
                 ]
             yield images, mask, targets
-

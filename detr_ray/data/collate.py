@@ -63,11 +63,20 @@ def image_rows(batch: Any) -> tuple[list[Row], int]:
     Arrow table or a dict of numpy arrays). Pixels are not copied."""
     skipped = _column(batch, "skipped")
     columns = zip(
-        _column(batch, "image_id"), _pixel_views(batch), _column(batch, "height"), _column(batch, "width"),
-        _column(batch, "orig_height"), _column(batch, "orig_width"), _column(batch, "boxes"), _column(batch, "labels"),
+        _column(batch, "image_id"),
+        _pixel_views(batch),
+        _column(batch, "height"),
+        _column(batch, "width"),
+        _column(batch, "orig_height"),
+        _column(batch, "orig_width"),
+        _column(batch, "boxes"),
+        _column(batch, "labels"),
     )
-    rows = [Row(int(i), px, int(h), int(w), int(oh), int(ow), b, lab)
-            for (i, px, h, w, oh, ow, b, lab), s in zip(columns, skipped) if not s]
+    rows = [
+        Row(int(i), px, int(h), int(w), int(oh), int(ow), b, lab)
+        for (i, px, h, w, oh, ow, b, lab), s in zip(columns, skipped)
+        if not s
+    ]
     return rows, len(skipped) - len(rows)
 
 
@@ -115,4 +124,3 @@ def collate(batch: Any) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """Pads a batch of decoded rows (an Arrow table or a dict of numpy arrays, DECODED_SCHEMA)
     into (images, mask, targets); skipped rows are left out."""
     return collate_rows(image_rows(batch)[0])
-

@@ -152,7 +152,9 @@ def resolve_shards(cfg: DataConfig) -> tuple[str, str]:
     return ensure_demo_shards(cfg.demo_root or default_demo_root())
 
 
-def build_datasets(cfg: DataConfig, train_uri: str, val_uri: str, augment: TransformConfig, seed: int | None = None) -> dict[str, Any]:
+def build_datasets(
+    cfg: DataConfig, train_uri: str, val_uri: str, augment: TransformConfig, seed: int | None = None
+) -> dict[str, Any]:
     """{"train": Dataset, "val": Dataset} for TorchTrainer(datasets=...), from the shards the
     run resolved (resolve_shards) with its recipe (recipe.augment_recipe)."""
     common = dict(
@@ -163,4 +165,3 @@ def build_datasets(cfg: DataConfig, train_uri: str, val_uri: str, augment: Trans
         "train": train_dataset(train_uri, augment, seed=seed, **common),
         "val": val_dataset(val_uri, augment, **common),
     }
-

@@ -145,13 +145,24 @@ def decode_augment(
             try:
                 image = decode_rgb(rows["image"][i], *orig)  # oriented as at conversion
             except RuntimeError as e:
-                logger.warning("%s: skipping image_id=%s (%s): cannot decode: %s",
-                               paths[i], image_id, file_name, str(e).splitlines()[0])
+                logger.warning(
+                    "%s: skipping image_id=%s (%s): cannot decode: %s",
+                    paths[i],
+                    image_id,
+                    file_name,
+                    str(e).splitlines()[0],
+                )
                 emit(image_id, orig=orig, skipped=True)
                 continue
             if tuple(image.shape[-2:]) != orig:
-                logger.warning("%s: skipping image_id=%s (%s): decoded size %s, row says %s",
-                               paths[i], image_id, file_name, tuple(image.shape[-2:]), orig)
+                logger.warning(
+                    "%s: skipping image_id=%s (%s): decoded size %s, row says %s",
+                    paths[i],
+                    image_id,
+                    file_name,
+                    tuple(image.shape[-2:]),
+                    orig,
+                )
                 emit(image_id, orig=orig, skipped=True)
                 continue
             keep = [j for j, crowd in enumerate(rows["iscrowd"][i]) if not crowd]

@@ -209,9 +209,13 @@ def _demo_params(shards: Path) -> dict[str, Any] | None:
 def _remove_generated(root: Path) -> None:
     """Deletes train/, val/ and raw/ under root, which the generator marked as its own, only if
     every file there is one the generator writes (ownership.remove_generated)."""
-    remove_generated(root, ("train", "val", "raw"), _GENERATED,
-                     f"not written by the demo generator; refusing to regenerate the demo data in {root}, "
-                     "nothing was removed. Move it away, or point DETR_RAY_DEMO_DIR / data.demo_root at another directory.")
+    remove_generated(
+        root,
+        ("train", "val", "raw"),
+        _GENERATED,
+        f"not written by the demo generator; refusing to regenerate the demo data in {root}, "
+        "nothing was removed. Move it away, or point DETR_RAY_DEMO_DIR / data.demo_root at another directory.",
+    )
 
 
 def ensure_demo_shards(

@@ -4,7 +4,8 @@ fixes, installed when a dataset is built (datasets.py) and when decode.py is imp
 1. Prompt resource limits at the start of every execution. What happens without it: a
 streaming execution learns the resources it may use from Ray Data's autoscaling coordinator (an
 actor), without blocking: the first query only sends the request and returns an empty
-reservation, and `ResourceManager` asks again only after `GLOBAL_LIMITS_UPDATE_INTERVAL_S` (1 s). For that first second every operator's budget is zero,
+reservation, and `ResourceManager` asks again only after `GLOBAL_LIMITS_UPDATE_INTERVAL_S` (1 s).
+For that first second every operator's budget is zero,
 so only the one task that Ray Data always lets an idle pipeline run is started. Each epoch and
 each validation pass is a new execution, so each started with a second of one-task decoding.
 Measured on 2 CPUs (640 COCO-sized images, a 3 s epoch): the first decoded block reached the
@@ -86,7 +87,11 @@ def _cannot_install(fix: str, why: str) -> bool:
 
         logger.warning(
             "detr_ray.data.ray_data_scheduling_patch: %s not installed on Ray %s (%s); Ray Data runs at its own pace "
-            "(written for Ray 2.60; %s=0 silences this)", fix, ray.__version__, why, ENV_SWITCH,
+            "(written for Ray 2.60; %s=0 silences this)",
+            fix,
+            ray.__version__,
+            why,
+            ENV_SWITCH,
         )
     return False
 
@@ -138,8 +143,11 @@ def _install_prompt_limits() -> bool:
         or not hasattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S")
         or "_global_limits_last_update_time" not in init_names  # what the fix resets
     ):
-        return _cannot_install(fix, "ResourceManager has no get_global_limits, GLOBAL_LIMITS_UPDATE_INTERVAL_S "
-                                    "or _global_limits_last_update_time")
+        return _cannot_install(
+            fix,
+            "ResourceManager has no get_global_limits, GLOBAL_LIMITS_UPDATE_INTERVAL_S "
+            "or _global_limits_last_update_time",
+        )
 
     def get_global_limits(self):
         limits = original(self)

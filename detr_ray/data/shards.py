@@ -56,7 +56,6 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from detr_ray.data import storage
-from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord
 from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord, unsafe_name
 
@@ -168,7 +167,7 @@ class DatasetMeta:
             file = shard.get("file") if isinstance(shard, dict) else None
             rows = shard.get("rows") if isinstance(shard, dict) else None
             if not isinstance(file, str) or isinstance(rows, bool) or not isinstance(rows, int):
-                raise ShardError(f"{where}: shards[{i}] must be {{\"file\": name, \"rows\": count}}, got {shard!r}")
+                raise ShardError(f'{where}: shards[{i}] must be {{"file": name, "rows": count}}, got {shard!r}')
             if unsafe_name(file, uri=True) or "/" in file or "\\" in file or file == ".":
                 raise ShardError(
                     f"{where}: shards[{i}]: file {file!r} is not a file name inside the shard directory; "
@@ -184,8 +183,7 @@ def read_meta(shards_uri: str) -> DatasetMeta:
         text = storage.read_bytes(location).decode()
     except FileNotFoundError as e:
         raise ShardError(
-            f"{shards_uri}: no {META_FILE}; not a finished shard directory "
-            "(run scripts/prepare_coco.py to write one)"
+            f"{shards_uri}: no {META_FILE}; not a finished shard directory (run scripts/prepare_coco.py to write one)"
         ) from e
     return DatasetMeta.from_json(text, location)
 
@@ -262,8 +260,15 @@ def _read_with_retries(location: str, retry: ReadRetry) -> bytes:
             if attempt == retry.attempts:
                 raise ImageReadError(f"{location}: {type(e).__name__}: {e} (failed {attempt} reads)") from e
             delay = min(retry.max_delay, retry.first_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            logger.warning("%s: %s: %s; read attempt %d of %d failed, retrying in %.2f s",
-                           location, type(e).__name__, e, attempt, retry.attempts, delay)
+            logger.warning(
+                "%s: %s: %s; read attempt %d of %d failed, retrying in %.2f s",
+                location,
+                type(e).__name__,
+                e,
+                attempt,
+                retry.attempts,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -295,7 +300,7 @@ def _write_shard(task: _ShardTask) -> dict[str, Any]:
     """Builds and writes one shard; returns its report (also stored in the file's metadata)."""
     columns: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     skipped, lost_annotations = [], 0
-    for record, annotations in task.items:
+    for record, annotations in task.items:  # noqa: F402 (the __future__ import is not a name in use)
         try:
             data, reason = _load_image(task, record)
         except ImageReadError as e:
@@ -392,7 +397,9 @@ def _check_output(out_uri: str, files: list[str]) -> None:
             f"({', '.join(shards[:5])}{' ...' if len(shards) > 5 else ''}): shards of another "
             "annotation file or shard size, or not detr-ray's; choose another output or move them away"
         )
-    others = [f for f in present if not (f in files or f.endswith(".parquet") or f == META_FILE or _LEFTOVER.fullmatch(f))]
+    others = [
+        f for f in present if not (f in files or f.endswith(".parquet") or f == META_FILE or _LEFTOVER.fullmatch(f))
+    ]
     if META_FILE in present and not _is_detr_ray_meta(storage.join(out_uri, META_FILE)):
         others.append(f"{META_FILE} (not detr-ray's)")
     others += [f"{d}/" for d in storage.list_dirs(out_uri)]
@@ -489,8 +496,9 @@ def _check_inputs(dataset: CocoDataset, images_dir: str, out_uri: str, files: li
             raise ShardError(f"{images_dir}: {len(missing)} image files are missing (--strict): {listed}")
 
 
-def _run_tasks(tasks: list[_ShardTask], reports: dict[int, dict[str, Any]], workers: int | None, progress: bool,
-               out_uri: str) -> list[str]:
+def _run_tasks(
+    tasks: list[_ShardTask], reports: dict[int, dict[str, Any]], workers: int | None, progress: bool, out_uri: str
+) -> list[str]:
     """Writes the shards of `tasks` (in `workers` processes), their reports into `reports`.
     Returns the errors of the shards a persistent read error left unwritten."""
     if workers is None:
@@ -519,7 +527,9 @@ def _run_tasks(tasks: list[_ShardTask], reports: dict[int, dict[str, Any]], work
     return failed
 
 
-def _write_report(dataset: CocoDataset, ordered: list[dict[str, Any]], out_uri: str, *, written: int, reused: int) -> WriteReport:
+def _write_report(
+    dataset: CocoDataset, ordered: list[dict[str, Any]], out_uri: str, *, written: int, reused: int
+) -> WriteReport:
     """The totals of every shard's report (`ordered`: by shard index)."""
     report = WriteReport(out=out_uri, shards_written=written, shards_reused=reused)
     report.clipped_boxes = dataset.clipped
@@ -535,11 +545,16 @@ def _write_report(dataset: CocoDataset, ordered: list[dict[str, Any]], out_uri: 
     return report
 
 
-def _meta(dataset: CocoDataset, report: WriteReport, ordered: list[dict[str, Any]], shard_size: int,
-          extra_meta: dict[str, Any] | None) -> DatasetMeta:
+def _meta(
+    dataset: CocoDataset,
+    report: WriteReport,
+    ordered: list[dict[str, Any]],
+    shard_size: int,
+    extra_meta: dict[str, Any] | None,
+) -> DatasetMeta:
     """`_meta.json` of the written shards: per-category counts leave out the skipped images."""
     per_category = Counter()
-    for annotations in dataset.annotations.values():
+    for annotations in dataset.annotations.values():  # noqa: F402
         per_category.update(a.category_id for a in annotations)
     skipped_ids = {s["image_id"] for s in report.skipped_images}
     for image_id in skipped_ids:
@@ -583,7 +598,9 @@ def read_shard_table(shards_uri: str, columns: Iterable[str] | None = None) -> p
     return pa.concat_tables(tables)
 
 
-def read_rows(shards_uri: str, image_ids: Iterable[int], columns: Iterable[str] = ("image_id", "image")) -> dict[int, dict[str, Any]]:
+def read_rows(
+    shards_uri: str, image_ids: Iterable[int], columns: Iterable[str] = ("image_id", "image")
+) -> dict[int, dict[str, Any]]:
     """image_id -> row (the given columns) for a few images, e.g. to draw them; only row groups
     that may hold them are read. Ids not in the split are absent from the result."""
     wanted = sorted({int(i) for i in image_ids})

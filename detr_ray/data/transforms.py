@@ -224,14 +224,20 @@ class DetectionTransform:
             if torch.rand(1, generator=generator) < cfg.flip_prob:  # v2.RandomHorizontalFlip's draw
                 image = F.horizontal_flip_image(image)
                 boxes = F.horizontal_flip_bounding_boxes(boxes, _XYXY, size)
-            if cfg.crop_prob > 0 and int(torch.multinomial(self._branch_p, 1, generator=generator)) == 1:  # v2.RandomChoice's
+            if (
+                cfg.crop_prob > 0 and int(torch.multinomial(self._branch_p, 1, generator=generator)) == 1
+            ):  # v2.RandomChoice's
                 (y0, x0, y1, x1), out_size = _plan_scale_crop(
                     *size, cfg.crop_resize_scales, cfg.crop_min, cfg.crop_max, cfg.train_scales, cfg.max_size, generator
                 )
-                image = F.resize_image(_dense_hwc(F.crop_image(image, y0, x0, y1 - y0, x1 - x0)), out_size, antialias=True)
+                image = F.resize_image(
+                    _dense_hwc(F.crop_image(image, y0, x0, y1 - y0, x1 - x0)), out_size, antialias=True
+                )
                 boxes, size = F.crop_bounding_boxes(boxes, _XYXY, y0, x0, y1 - y0, x1 - x0)
             else:
-                out_size = list(_shortest_side_size(*size, cfg.train_scales, cfg.max_size, generator))  # v2.RandomShortestSize
+                out_size = list(
+                    _shortest_side_size(*size, cfg.train_scales, cfg.max_size, generator)
+                )  # v2.RandomShortestSize
                 image = F.resize_image(image, out_size, antialias=True)
             boxes, size = F.resize_bounding_boxes(boxes, size, out_size)
         boxes = F.clamp_bounding_boxes(boxes, _XYXY, size, clamping_mode="soft")  # as _drop_degenerate()

@@ -15,7 +15,8 @@ result set against its ground truth.
       localization    0.1 <= IoU < 0.5 with a box of its class
       both            0.1 <= IoU < 0.5 with a box of another class
       background      IoU < 0.1 with every box
-  (a reading of the paper's IoU_max definitions; crowd boxes take no part), and every ground-truth box is exactly one of: matched (a true positive), covered (the target
+  (a reading of the paper's IoU_max definitions; crowd boxes take no part), and every ground-truth box is exactly one of: matched (a true positive),
+  covered (the target
   of a classification or localization error: fixing that error finds it), or missed.
   Each type's dAP is AP50 after fixing only that type minus AP50 as it is, with this module's
   own AP (COCO's 101-point interpolation; its base value equals COCOeval's AP50). Fixes, as in
@@ -138,7 +139,9 @@ class Matching:
     gt_matched_by: dict[int, int] = field(default_factory=dict)  # ann id -> result index
 
 
-def match(gt: GroundTruth, results: Sequence[dict], iou_threshold: float = FG_IOU, max_dets: int = MAX_DETS) -> Matching:
+def match(
+    gt: GroundTruth, results: Sequence[dict], iou_threshold: float = FG_IOU, max_dets: int = MAX_DETS
+) -> Matching:
     n = len(results)
     status = np.full(n, DROPPED, dtype=np.int8)
     matched_gt = np.zeros(n, dtype=np.int64)
@@ -230,7 +233,9 @@ class _Scored:
         qs = []
         for c in self.categories:
             sel = keep & (cat == c)
-            qs.append(_category_precision(self.score[sel], tp[sel], self.image_order[sel], self.rank[sel], positives[c]))
+            qs.append(
+                _category_precision(self.score[sel], tp[sel], self.image_order[sel], self.rank[sel], positives[c])
+            )
         return float(np.mean(np.stack(qs, axis=1)))  # [R, K], as pycocotools' summarize
 
 
@@ -335,7 +340,9 @@ def tide(gt: GroundTruth, results: Sequence[dict], matching: Matching | None = N
     return Tide(base, errors, fp_dap, missed_dap, kind, gt_status)
 
 
-def _fixed_ap(scored: _Scored, kind: np.ndarray, target: np.ndarray, gt: GroundTruth, found: set[int], types: set[str]) -> float:
+def _fixed_ap(
+    scored: _Scored, kind: np.ndarray, target: np.ndarray, gt: GroundTruth, found: set[int], types: set[str]
+) -> float:
     """AP50 after fixing the false positives of `types` (see the module docstring); `found`:
     the boxes true positives already took."""
     cat, tp = scored.cat.copy(), scored.tp.copy()
@@ -407,8 +414,15 @@ def _with_confusions_ignored(gt: GroundTruth, results: Sequence[dict], same_supe
                     continue
                 a = anns[int(g.ann_ids[j])]
                 dataset["annotations"].append(
-                    {"id": next_id, "image_id": image_id, "category_id": int(c), "bbox": list(a["bbox"]),
-                     "area": a.get("area", a["bbox"][2] * a["bbox"][3]), "iscrowd": a.get("iscrowd", 0), "analysis_ignore": 1}
+                    {
+                        "id": next_id,
+                        "image_id": image_id,
+                        "category_id": int(c),
+                        "bbox": list(a["bbox"]),
+                        "area": a.get("area", a["bbox"][2] * a["bbox"][3]),
+                        "iscrowd": a.get("iscrowd", 0),
+                        "analysis_ignore": 1,
+                    }
                 )
                 next_id += 1
     return dataset
@@ -496,7 +510,15 @@ def pr_curves(ev: Evaluation, worst: int = 6) -> PRCurves:
     for k, cid in enumerate(E.params.catIds):
         p = precision[:, :, k]
         if p.min() > -1:
-            cats.append({"id": int(cid), "name": ev.gt.cats[cid].get("name", str(cid)), "AP": float(p.mean()), "curve50": p[0], "curve75": p[5]})
+            cats.append(
+                {
+                    "id": int(cid),
+                    "name": ev.gt.cats[cid].get("name", str(cid)),
+                    "AP": float(p.mean()),
+                    "curve50": p[0],
+                    "curve75": p[5],
+                }
+            )
     cats.sort(key=lambda c: (c["AP"], c["id"]))
     return PRCurves(iou_thrs, overall, cats[:worst])
 
@@ -508,10 +530,16 @@ class IoUStats:
 
     def to_json(self) -> dict:
         counts, _ = np.histogram(self.ious, bins=self.edges)
-        out = {"count": int(len(self.ious)), "histogram": {"edges": self.edges.round(4).tolist(), "counts": counts.tolist()}}
+        out = {
+            "count": int(len(self.ious)),
+            "histogram": {"edges": self.edges.round(4).tolist(), "counts": counts.tolist()},
+        }
         if len(self.ious):
             q = np.quantile(self.ious, [0.1, 0.25, 0.5, 0.75, 0.9])
-            out.update(mean=float(self.ious.mean()), quantiles=dict(zip(("p10", "p25", "median", "p75", "p90"), q.round(6).tolist())))
+            out.update(
+                mean=float(self.ious.mean()),
+                quantiles=dict(zip(("p10", "p25", "median", "p75", "p90"), q.round(6).tolist())),
+            )
         return out
 
 
@@ -531,7 +559,11 @@ class WorstImages:
     false_negatives: list[dict]
 
     def to_json(self) -> dict:
-        return {"score_threshold": self.score_threshold, "false_positives": self.false_positives, "false_negatives": self.false_negatives}
+        return {
+            "score_threshold": self.score_threshold,
+            "false_positives": self.false_positives,
+            "false_negatives": self.false_negatives,
+        }
 
 
 def worst_images(gt: GroundTruth, results: Sequence[dict], score_threshold: float = 0.5, k: int = 6) -> WorstImages:
@@ -545,26 +577,45 @@ def worst_images(gt: GroundTruth, results: Sequence[dict], score_threshold: floa
     for image_id in gt.image_ids:
         idx = by_image.get(image_id, np.zeros(0, dtype=np.int64))
         idx = idx[m.status[idx] != DROPPED]
-        dets = [{"bbox": [float(v) for v in shown[i]["bbox"]], "category_id": int(shown[i]["category_id"]),
-                 "score": float(shown[i]["score"]), "tp": bool(m.status[i] == TP)} for i in idx]
+        dets = [
+            {
+                "bbox": [float(v) for v in shown[i]["bbox"]],
+                "category_id": int(shown[i]["category_id"]),
+                "score": float(shown[i]["score"]),
+                "tp": bool(m.status[i] == TP),
+            }
+            for i in idx
+        ]
         g = gt.images[image_id]
-        boxes = [{"bbox": g.boxes[j].tolist(), "category_id": int(g.cats[j]), "crowd": bool(g.crowd[j]),
-                  "matched": int(g.ann_ids[j]) in m.gt_matched_by} for j in range(len(g.ann_ids))]
+        boxes = [
+            {
+                "bbox": g.boxes[j].tolist(),
+                "category_id": int(g.cats[j]),
+                "crowd": bool(g.crowd[j]),
+                "matched": int(g.ann_ids[j]) in m.gt_matched_by,
+            }
+            for j in range(len(g.ann_ids))
+        ]
         fp = [d for d, i in zip(dets, idx) if m.status[i] == FP]
         fn = [b for b in boxes if not b["matched"] and not b["crowd"]]
         info = gt.coco.imgs[image_id]
-        entries.append({
-            "image_id": int(image_id),
-            "file_name": info.get("file_name", ""),
-            "width": info.get("width"),
-            "height": info.get("height"),
-            "false_positives": len(fp),
-            "false_negatives": len(fn),
-            "fp_score": sum(d["score"] for d in fp),
-            "detections": dets,
-            "ground_truth": boxes,
-        })
-    most_fp = sorted((e for e in entries if e["false_positives"]), key=lambda e: (-e["false_positives"], -e["fp_score"], e["image_id"]))
+        entries.append(
+            {
+                "image_id": int(image_id),
+                "file_name": info.get("file_name", ""),
+                "width": info.get("width"),
+                "height": info.get("height"),
+                "false_positives": len(fp),
+                "false_negatives": len(fn),
+                "fp_score": sum(d["score"] for d in fp),
+                "detections": dets,
+                "ground_truth": boxes,
+            }
+        )
+    most_fp = sorted(
+        (e for e in entries if e["false_positives"]),
+        key=lambda e: (-e["false_positives"], -e["fp_score"], e["image_id"]),
+    )
     most_fn = sorted((e for e in entries if e["false_negatives"]), key=lambda e: (-e["false_negatives"], e["image_id"]))
     return WorstImages(score_threshold, most_fp[:k], most_fn[:k])
 

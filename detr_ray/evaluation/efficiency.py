@@ -45,8 +45,15 @@ def _val_images(detector: Detector, val_uri: str, n: int) -> list[tuple[torch.Te
 
 
 @torch.no_grad()
-def measure(detector: Detector, val_uri: str, *, images: int = 20, warmup: int = 3, flop_images: int = 3,
-            device: str | None = None) -> dict:
+def measure(
+    detector: Detector,
+    val_uri: str,
+    *,
+    images: int = 20,
+    warmup: int = 3,
+    flop_images: int = 3,
+    device: str | None = None,
+) -> dict:
     """{"parameters", "gflops", "resolution" (mean h, w of the FLOP-counted images),
     "latency_ms": {"p50", "p90", "mean"}, "latency_images", "device", "threads",
     "train_images_per_s" (the checkpoint's last recorded epoch; None when absent)}."""
@@ -94,7 +101,11 @@ def measure(detector: Detector, val_uri: str, *, images: int = 20, warmup: int =
         "parameters": sum(p.numel() for p in model.parameters()),
         "gflops": float(np.mean(flops)) / 1e9,
         "resolution": [float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))],
-        "latency_ms": {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "mean": float(np.mean(times))},
+        "latency_ms": {
+            "p50": float(np.percentile(times, 50)),
+            "p90": float(np.percentile(times, 90)),
+            "mean": float(np.mean(times)),
+        },
         "latency_images": len(times),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),

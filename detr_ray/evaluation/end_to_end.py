@@ -67,7 +67,9 @@ class ScoredTarget:
     efficiency: dict | None = None
 
 
-def score(subject: EvaluationTarget, val: str, gt, results_file: Path, cfg: InferenceConfig, latency_images: int = 0) -> ScoredTarget:
+def score(
+    subject: EvaluationTarget, val: str, gt, results_file: Path, cfg: InferenceConfig, latency_images: int = 0
+) -> ScoredTarget:
     """Detections of `subject` on `val` (inference, or its own results file), written to and read
     back from `results_file`, scored by pycocotools against `gt`; a checkpoint's cost measured
     on `latency_images` val images (0: not measured)."""
@@ -111,18 +113,26 @@ def _comparison_row(scored: ScoredTarget, gt: GroundTruth) -> dict:
         "results_file": str(scored.results_file),
         "metrics": scored.evaluation.metrics,
         "per_category": {row["id"]: row["AP"] for row in per_category(scored.evaluation)},
-        "tide": {**{k: v["dAP"] for k, v in t.errors.items()}, "false_positives": t.false_positives_dap, "false_negatives": t.false_negatives_dap},
+        "tide": {
+            **{k: v["dAP"] for k, v in t.errors.items()},
+            "false_positives": t.false_positives_dap,
+            "false_negatives": t.false_negatives_dap,
+        },
         "inference": scored.inference.summary() if scored.inference else None,
         "efficiency": scored.efficiency,
         **({"weights": scored.subject.weights} if scored.subject.weights else {}),
     }
 
 
-def run_evaluation(subject: EvaluationTarget, options: EvaluationOptions, compare: list[EvaluationTarget] = ()) -> tuple[Report, dict[str, Path]]:
+def run_evaluation(
+    subject: EvaluationTarget, options: EvaluationOptions, compare: list[EvaluationTarget] = ()
+) -> tuple[Report, dict[str, Path]]:
     """Evaluates `subject` (and `compare`) on the val data and writes the report to options.out."""
     val = options.data or subject.val
     if not val:
-        raise EvaluationTargetError(f"{subject.source}: no validation data is known for it; give the val shards (--data)")
+        raise EvaluationTargetError(
+            f"{subject.source}: no validation data is known for it; give the val shards (--data)"
+        )
     out = claim(options.out, OWNER)
     gt_dict = coco_ground_truth(val)
     (out / GROUND_TRUTH_FILE).write_text(json.dumps(gt_dict))
@@ -139,21 +149,33 @@ def run_evaluation(subject: EvaluationTarget, options: EvaluationOptions, compar
             name += "'"
         names.add(name)
         other.name = name
-        scored = score(other, val, gt, out / "compare" / f"{_slug(name)}.json", options.inference, options.latency_images)
+        scored = score(
+            other, val, gt, out / "compare" / f"{_slug(name)}.json", options.inference, options.latency_images
+        )
         rows.append(_comparison_row(scored, index))
 
     n_boxes = sum(1 for a in gt_dict["annotations"] if not a.get("iscrowd"))
     report = Report(
         title=subject.name,
         subject=subject.describe(),
-        data={"val": val, "images": len(gt_dict["images"]), "annotations": n_boxes, "categories": len(gt_dict["categories"])},
+        data={
+            "val": val,
+            "images": len(gt_dict["images"]),
+            "annotations": n_boxes,
+            "categories": len(gt_dict["categories"]),
+        },
         metrics=main.evaluation.metrics,
         ap_per_iou=ap_per_iou(main.evaluation),
         per_category=per_category(main.evaluation),
         analysis=analysis,
         inference=main.inference.summary() if main.inference else None,
         efficiency=main.efficiency,
-        files={"results": str(main.results_file.relative_to(out)) if main.results_file.is_relative_to(out) else str(main.results_file), "ground_truth": GROUND_TRUTH_FILE},
+        files={
+            "results": str(main.results_file.relative_to(out))
+            if main.results_file.is_relative_to(out)
+            else str(main.results_file),
+            "ground_truth": GROUND_TRUTH_FILE,
+        },
         config=subject.experiment,
         hyperparameters=subject.hyperparameters,
         history=subject.history,

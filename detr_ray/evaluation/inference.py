@@ -104,7 +104,9 @@ def load_detector(directory: str | Path, manifest: dict | None = None) -> Detect
     except (KeyError, TypeError, ValueError) as e:
         raise ckpt.CheckpointError(f"{where}: no usable config / categories.label_to_category_id: {e}") from e
     model = replace(exp.model, num_classes=len(mapping))  # the run trained with the data's classes
-    return Detector(Path(directory), exp, model, loaded.model, mapping, names, loaded.state.epoch, dict(loaded.state.metrics))
+    return Detector(
+        Path(directory), exp, model, loaded.model, mapping, names, loaded.state.epoch, dict(loaded.state.metrics)
+    )
 
 
 def check_categories(detector: Detector, shards_uri: str) -> None:
@@ -120,7 +122,12 @@ def check_categories(detector: Detector, shards_uri: str) -> None:
         )
     absent = sorted(data_ids - set(detector.label_to_category_id))
     if absent:
-        log.warning("%s: the checkpoint never predicts categories %s of %s; they will score AP 0", detector.checkpoint, absent, shards_uri)
+        log.warning(
+            "%s: the checkpoint never predicts categories %s of %s; they will score AP 0",
+            detector.checkpoint,
+            absent,
+            shards_uri,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +221,9 @@ def run_inference(detector: Detector, shards_uri: str, cfg: InferenceConfig | No
     device = "gpu" if use_gpu else "cpu"
     log.info("inference of %s on %s: %d images, %d %s actor(s)", detector.checkpoint, shards_uri, total, actors, device)
 
-    dataset = val_dataset(shards_uri, detector.transform, decode_batch_size=cfg.decode_batch_size, decode_num_cpus=cfg.decode_num_cpus)
+    dataset = val_dataset(
+        shards_uri, detector.transform, decode_batch_size=cfg.decode_batch_size, decode_num_cpus=cfg.decode_num_cpus
+    )
     predictions = dataset.map_batches(
         Predictor,
         batch_size=cfg.batch_size,
@@ -244,13 +253,16 @@ def run_inference(detector: Detector, shards_uri: str, cfg: InferenceConfig | No
                     skipped.append(image_id)
                 xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist()
                 results += [
-                    {"image_id": image_id, "category_id": c, "bbox": b, "score": s} for c, s, b in zip(cats, scores, xywh)
+                    {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                    for c, s, b in zip(cats, scores, xywh)
                 ]
             seen += batch.num_rows
             bar.update(batch.num_rows)
     seconds = time.perf_counter() - start
     if skipped:
-        log.warning("%d images of %s could not be decoded and have no detections: %s", len(skipped), shards_uri, skipped[:20])
+        log.warning(
+            "%d images of %s could not be decoded and have no detections: %s", len(skipped), shards_uri, skipped[:20]
+        )
     if seen != total:
         raise InferenceError(f"{shards_uri}: inference saw {seen} images, the shards' meta lists {total}")
     results.sort(key=lambda r: r["image_id"])  # stable: query order within an image is kept

@@ -37,9 +37,19 @@ log = logging.getLogger(__name__)
 FIGURES = "figures"
 METRIC_ROWS = (*METRIC_NAMES, "mean_iou")
 METRIC_HELP = {
-    "AP": "AP @ IoU .50:.95", "AP50": "AP @ IoU .50", "AP75": "AP @ IoU .75", "APs": "AP small", "APm": "AP medium",
-    "APl": "AP large", "AR1": "AR, 1 detection", "AR10": "AR, 10 detections", "AR100": "AR, 100 detections",
-    "ARs": "AR small", "ARm": "AR medium", "ARl": "AR large", "mean_iou": "mean IoU of true positives @ .50",
+    "AP": "AP @ IoU .50:.95",
+    "AP50": "AP @ IoU .50",
+    "AP75": "AP @ IoU .75",
+    "APs": "AP small",
+    "APm": "AP medium",
+    "APl": "AP large",
+    "AR1": "AR, 1 detection",
+    "AR10": "AR, 10 detections",
+    "AR100": "AR, 100 detections",
+    "ARs": "AR small",
+    "ARm": "AR medium",
+    "ARl": "AR large",
+    "mean_iou": "mean IoU of true positives @ .50",
 }
 HISTORY_CURVES = (("train/loss", "train loss"), ("val/AP", "val AP"), ("val/AP50", "val AP50"))
 
@@ -141,11 +151,15 @@ def _draw_figures(r: Report, out: Path) -> dict[str, Path]:
     if any(any(k in h for k, _ in HISTORY_CURVES) for h in r.history):
         figures["training"] = _save(_training(r.history), out / "training.png")
     if r.sweep:
-        figures.update(sweep_report.save_figures(r.sweep, r.trials, r.sweep.get("search") or {}, r.importances, out, _save))
+        figures.update(
+            sweep_report.save_figures(r.sweep, r.trials, r.sweep.get("search") or {}, r.importances, out, _save)
+        )
     for key, title in (("false_positives", "most false positives"), ("false_negatives", "most missed boxes")):
         entries = getattr(a.worst, key)
         if entries:
-            figures[f"worst_{key}"] = _save(_worst(entries, r.images, r.category_names, title, a.worst.score_threshold), out / f"worst_{key}.png")
+            figures[f"worst_{key}"] = _save(
+                _worst(entries, r.images, r.category_names, title, a.worst.score_threshold), out / f"worst_{key}.png"
+            )
     return figures
 
 
@@ -154,7 +168,12 @@ def _pr_overall(a: Analysis) -> Figure:
     ax = fig.add_subplot()
     for i, t in enumerate(a.pr.iou_thrs):
         curve = a.pr.overall[i]
-        ax.plot(REC_THRS, curve, color=(0.1 + 0.8 * i / 9, 0.2, 0.9 - 0.8 * i / 9), label=f"IoU {t:.2f}  AP {curve.mean():.3f}")
+        ax.plot(
+            REC_THRS,
+            curve,
+            color=(0.1 + 0.8 * i / 9, 0.2, 0.9 - 0.8 * i / 9),
+            label=f"IoU {t:.2f}  AP {curve.mean():.3f}",
+        )
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall, all categories")
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
@@ -168,7 +187,9 @@ def _pr_worst(a: Analysis) -> Figure:
         colour = f"C{i % 10}"
         ax.plot(REC_THRS, c["curve50"], color=colour, label=f"{c['name']} (AP {c['AP']:.3f}) IoU .50")
         ax.plot(REC_THRS, c["curve75"], color=colour, linestyle="--", label=f"{c['name']} IoU .75")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall, lowest-AP categories")
+    ax.set(
+        xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall, lowest-AP categories"
+    )
     ax.legend(fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     return fig
@@ -197,8 +218,17 @@ def _tide(a: Analysis) -> Figure:
     daps = [errors[t]["dAP"] * 100 for t in ERROR_TYPES]
     bars = ax.barh(list(ERROR_TYPES)[::-1], daps[::-1], color=["C0", "C1", "C2", "C3", "C4", "C5"][::-1])
     for bar, t in zip(bars, list(ERROR_TYPES)[::-1]):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {errors[t]['dAP'] * 100:.2f} ({errors[t]['count']})", va="center", fontsize=8)
-    ax.set(xlabel="dAP50 (points of AP gained by fixing only this error; count in brackets)", title=f"TIDE errors (AP50 {a.tide.base_ap50 * 100:.2f})")
+        ax.text(
+            bar.get_width(),
+            bar.get_y() + bar.get_height() / 2,
+            f" {errors[t]['dAP'] * 100:.2f} ({errors[t]['count']})",
+            va="center",
+            fontsize=8,
+        )
+    ax.set(
+        xlabel="dAP50 (points of AP gained by fixing only this error; count in brackets)",
+        title=f"TIDE errors (AP50 {a.tide.base_ap50 * 100:.2f})",
+    )
     ax.set_xlim(0, max(daps + [0.01]) * 1.35)
     return fig
 
@@ -208,7 +238,11 @@ def _tp_iou(a: Analysis) -> Figure:
     ax = fig.add_subplot()
     ax.hist(a.tp_iou.ious, bins=a.tp_iou.edges, color="C2", edgecolor="white")
     mean = f", mean {a.tp_iou.ious.mean():.3f}" if len(a.tp_iou.ious) else ""
-    ax.set(xlabel="IoU with the matched box", ylabel="true positives", title=f"IoU of true positives at IoU .50 ({len(a.tp_iou.ious)}{mean})")
+    ax.set(
+        xlabel="IoU with the matched box",
+        ylabel="true positives",
+        title=f"IoU of true positives at IoU .50 ({len(a.tp_iou.ious)}{mean})",
+    )
     return fig
 
 
@@ -228,12 +262,17 @@ def _training(history: list[dict]) -> Figure:
     return fig
 
 
-def _worst(entries: list[dict], images: dict[int, np.ndarray], names: dict[int, str], title: str, threshold: float) -> Figure:
+def _worst(
+    entries: list[dict], images: dict[int, np.ndarray], names: dict[int, str], title: str, threshold: float
+) -> Figure:
     cols = min(3, len(entries))
     rows = math.ceil(len(entries) / cols)
     fig = Figure(figsize=(4 * cols, 3.6 * rows))
-    fig.suptitle(f"Images with the {title} (detections with score >= {threshold:g}; green: true positive, red: false "
-                 "positive, white dashed: found box, yellow: missed box)", fontsize=8)
+    fig.suptitle(
+        f"Images with the {title} (detections with score >= {threshold:g}; green: true positive, red: false "
+        "positive, white dashed: found box, yellow: missed box)",
+        fontsize=8,
+    )
     for i, e in enumerate(entries):
         ax = fig.add_subplot(rows, cols, i + 1)
         pixels = images.get(e["image_id"])
@@ -250,15 +289,46 @@ def _worst(entries: list[dict], images: dict[int, np.ndarray], names: dict[int, 
         for g in e["ground_truth"]:
             x, y, w, h = g["bbox"]
             found = g["matched"] or g["crowd"]
-            ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1.2 if found else 2.2, ls="--" if found else "-", ec="white" if found else "yellow"))
+            ax.add_patch(
+                Rectangle(
+                    (x, y),
+                    w,
+                    h,
+                    fill=False,
+                    lw=1.2 if found else 2.2,
+                    ls="--" if found else "-",
+                    ec="white" if found else "yellow",
+                )
+            )
             if not found:
-                ax.text(x, y + h, names.get(g["category_id"], str(g["category_id"])), color="black", fontsize=6, va="top", backgroundcolor="yellow", clip_on=True)
+                ax.text(
+                    x,
+                    y + h,
+                    names.get(g["category_id"], str(g["category_id"])),
+                    color="black",
+                    fontsize=6,
+                    va="top",
+                    backgroundcolor="yellow",
+                    clip_on=True,
+                )
         for d in e["detections"]:
             x, y, w, h = d["bbox"]
             colour = "lime" if d["tp"] else "red"
             ax.add_patch(Rectangle((x, y), w, h, fill=False, lw=1.2, ec=colour))
-            ax.text(x, y, f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}", color="white", fontsize=6, va="bottom", backgroundcolor=colour, clip_on=True)
-        ax.set_title(f"image {e['image_id']} {e['file_name']}\n{e['false_positives']} FP, {e['false_negatives']} missed", fontsize=7)
+            ax.text(
+                x,
+                y,
+                f"{names.get(d['category_id'], d['category_id'])} {d['score']:.2f}",
+                color="white",
+                fontsize=6,
+                va="bottom",
+                backgroundcolor=colour,
+                clip_on=True,
+            )
+        ax.set_title(
+            f"image {e['image_id']} {e['file_name']}\n{e['false_positives']} FP, {e['false_negatives']} missed",
+            fontsize=7,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
@@ -306,15 +376,33 @@ def _md_subject(r: Report, rel: dict[str, str]) -> list[str]:
     s = r.subject
     lines: list[str] = []
     lines += ["| | |", "|---|---|"]
-    for label, value in (("evaluated", f"{s.get('kind')} `{s.get('source')}`"), ("checkpoint", f"`{s['checkpoint']}`" if s.get("checkpoint") else None),
-                         ("weights", f"sha256 `{s['weights']['sha256']}`; {s['weights']['load']['summary']}" if s.get("weights") else None),
-                         ("trial", s.get("trial")), (f"{s.get('metric')} recorded in training", _num(s.get("best_value")) if s.get("best_value") is not None else None),
-                         ("validation data", f"`{r.data.get('val')}`"), ("images / boxes / categories", f"{r.data.get('images')} / {r.data.get('annotations')} / {r.data.get('categories')}")):
+    for label, value in (
+        ("evaluated", f"{s.get('kind')} `{s.get('source')}`"),
+        ("checkpoint", f"`{s['checkpoint']}`" if s.get("checkpoint") else None),
+        (
+            "weights",
+            f"sha256 `{s['weights']['sha256']}`; {s['weights']['load']['summary']}" if s.get("weights") else None,
+        ),
+        ("trial", s.get("trial")),
+        (
+            f"{s.get('metric')} recorded in training",
+            _num(s.get("best_value")) if s.get("best_value") is not None else None,
+        ),
+        ("validation data", f"`{r.data.get('val')}`"),
+        (
+            "images / boxes / categories",
+            f"{r.data.get('images')} / {r.data.get('annotations')} / {r.data.get('categories')}",
+        ),
+    ):
         if value is not None:
             lines.append(f"| {label} | {value} |")
     if r.inference:
         inf = r.inference
-        lines.append(f"| inference | {inf['images']} images in {inf['seconds']:.1f} s ({inf['images_per_s']:.1f} images/s), {inf['actors']} {inf['device']} actor(s), {inf['detections']} detections, {len(inf['skipped_images'])} undecodable |")
+        lines.append(
+            f"| inference | {inf['images']} images in {inf['seconds']:.1f} s ({inf['images_per_s']:.1f} images/s), "
+            f"{inf['actors']} {inf['device']} actor(s), {inf['detections']} detections, "
+            f"{len(inf['skipped_images'])} undecodable |"
+        )
     for label, name in (("detections (COCO results)", "results"), ("ground truth (COCO)", "ground_truth")):
         if r.files.get(name):
             lines.append(f"| {label} | `{r.files[name]}` |")
@@ -328,10 +416,16 @@ def _md_metrics(r: Report, rel: dict[str, str]) -> list[str]:
     lines: list[str] = []
     lines += ["## Metrics", "", "COCO bbox metrics from pycocotools (-1, shown n/a: no ground truth of that size)."]
     if others:
-        lines.append("Other detectors evaluated on the same images: " + ", ".join(f"**{o['name']}** ({o['kind']} `{o['source']}`)" for o in others) + ".")
+        lines.append(
+            "Other detectors evaluated on the same images: "
+            + ", ".join(f"**{o['name']}** ({o['kind']} `{o['source']}`)" for o in others)
+            + "."
+        )
     lines.append("")
     header = ["metric", "", r.title] + [o["name"] for o in others]
-    lines += _table(header, [[m, METRIC_HELP[m], r.metrics.get(m)] + [o["metrics"].get(m) for o in others] for m in METRIC_ROWS])
+    lines += _table(
+        header, [[m, METRIC_HELP[m], r.metrics.get(m)] + [o["metrics"].get(m) for o in others] for m in METRIC_ROWS]
+    )
 
     lines += _cost(r)
 
@@ -346,9 +440,27 @@ def _md_per_category(r: Report, rel: dict[str, str]) -> list[str]:
     others = r.comparison
     lines: list[str] = []
     lines += ["## Per category", ""]
-    header = ["id", "category", "supercategory", "boxes", "detections", "AP", "AP50", "AP75", "AR100"] + [f"AP {o['name']}" for o in others]
-    lines += _table(header, [[str(c["id"]), c["name"], c["supercategory"], c["gt"], c["detections"], c["AP"], c["AP50"], c["AP75"], c["AR100"]]
-                             + [o["per_category"].get(c["id"], o["per_category"].get(str(c["id"]))) for o in others] for c in r.per_category])
+    header = ["id", "category", "supercategory", "boxes", "detections", "AP", "AP50", "AP75", "AR100"] + [
+        f"AP {o['name']}" for o in others
+    ]
+    lines += _table(
+        header,
+        [
+            [
+                str(c["id"]),
+                c["name"],
+                c["supercategory"],
+                c["gt"],
+                c["detections"],
+                c["AP"],
+                c["AP50"],
+                c["AP75"],
+                c["AR100"],
+            ]
+            + [o["per_category"].get(c["id"], o["per_category"].get(str(c["id"]))) for o in others]
+            for c in r.per_category
+        ],
+    )
     lines += _figure(rel, "pr_worst_categories", "precision-recall of the lowest-AP categories")
     return lines
 
@@ -358,36 +470,85 @@ def _md_errors(r: Report, rel: dict[str, str]) -> list[str]:
     a, others = r.analysis, r.comparison
     lines: list[str] = []
     t = a.tide
-    lines += ["## Error analysis", "", "### TIDE error types", "",
-              f"TIDE (Bolya et al., 2020) at foreground IoU 0.5 and background IoU 0.1, AP50 {_num(t.base_ap50)}. "
-              "dAP: the AP50 gained when only that error type is fixed. Every false positive has exactly one type; "
-              "a ground-truth box is matched, covered by a classification/localization error, or missed.", ""]
+    lines += [
+        "## Error analysis",
+        "",
+        "### TIDE error types",
+        "",
+        f"TIDE (Bolya et al., 2020) at foreground IoU 0.5 and background IoU 0.1, AP50 {_num(t.base_ap50)}. "
+        "dAP: the AP50 gained when only that error type is fixed. Every false positive has exactly one type; "
+        "a ground-truth box is matched, covered by a classification/localization error, or missed.",
+        "",
+    ]
     header = ["error", "count", "dAP50"] + [f"dAP50 {o['name']}" for o in others]
-    lines += _table(header, [[e, t.errors[e]["count"], t.errors[e]["dAP"]] + [o.get("tide", {}).get(e) for o in others] for e in ERROR_TYPES]
-                    + [["all false positives", "", t.false_positives_dap] + [o.get("tide", {}).get("false_positives") for o in others],
-                       ["all false negatives", "", t.false_negatives_dap] + [o.get("tide", {}).get("false_negatives") for o in others]])
+    lines += _table(
+        header,
+        [
+            [e, t.errors[e]["count"], t.errors[e]["dAP"]] + [o.get("tide", {}).get(e) for o in others]
+            for e in ERROR_TYPES
+        ]
+        + [
+            ["all false positives", "", t.false_positives_dap]
+            + [o.get("tide", {}).get("false_positives") for o in others],
+            ["all false negatives", "", t.false_negatives_dap]
+            + [o.get("tide", {}).get("false_negatives") for o in others],
+        ],
+    )
     tally = t.to_json()
-    lines += ["Detections: " + ", ".join(f"{k} {v}" for k, v in sorted(tally["detections"].items())) + ". "
-              "Ground-truth boxes: " + ", ".join(f"{k} {v}" for k, v in sorted(tally["ground_truth"].items())) + ".", ""]
+    lines += [
+        "Detections: " + ", ".join(f"{k} {v}" for k, v in sorted(tally["detections"].items())) + ". "
+        "Ground-truth boxes: " + ", ".join(f"{k} {v}" for k, v in sorted(tally["ground_truth"].items())) + ".",
+        "",
+    ]
     lines += _figure(rel, "tide", "TIDE dAP per error type")
 
-    lines += ["### COCO analysis (PR curves as errors are forgiven)", "",
-              "C75/C50: PR at IoU .75/.50; Loc: at IoU .10 (localization errors forgiven); Sim: confusions within a "
-              "supercategory forgiven; Oth: all class confusions forgiven; BG: background false positives removed; "
-              "FN: every remaining miss forgiven.", ""]
+    lines += [
+        "### COCO analysis (PR curves as errors are forgiven)",
+        "",
+        "C75/C50: PR at IoU .75/.50; Loc: at IoU .10 (localization errors forgiven); Sim: confusions within a "
+        "supercategory forgiven; Oth: all class confusions forgiven; BG: background false positives removed; "
+        "FN: every remaining miss forgiven.",
+        "",
+    ]
     lines += _table(["stage", "AP"], [[s_, a.breakdown.ap[s_]] for s_ in STAGES])
     lines += _figure(rel, "coco_breakdown", "COCO analysis, stacked PR curves")
 
     iou = a.tp_iou.to_json()
-    lines += ["### IoU of true positives", "", f"{iou['count']} true positives at IoU .50 (all areas, 100 detections)" + (
-        f"; mean {iou['mean']:.3f}, quartiles {iou['quantiles']['p25']:.3f} / {iou['quantiles']['median']:.3f} / {iou['quantiles']['p75']:.3f}." if iou["count"] else "."), ""]
-    lines += _table(["IoU", "true positives"], [[f"{lo:.2f}-{hi:.2f}", n] for lo, hi, n in zip(iou["histogram"]["edges"], iou["histogram"]["edges"][1:], iou["histogram"]["counts"])])
+    lines += [
+        "### IoU of true positives",
+        "",
+        f"{iou['count']} true positives at IoU .50 (all areas, 100 detections)"
+        + (
+            f"; mean {iou['mean']:.3f}, quartiles {iou['quantiles']['p25']:.3f} / {iou['quantiles']['median']:.3f} / {iou['quantiles']['p75']:.3f}."
+            if iou["count"]
+            else "."
+        ),
+        "",
+    ]
+    lines += _table(
+        ["IoU", "true positives"],
+        [
+            [f"{lo:.2f}-{hi:.2f}", n]
+            for lo, hi, n in zip(iou["histogram"]["edges"], iou["histogram"]["edges"][1:], iou["histogram"]["counts"])
+        ],
+    )
     lines += _figure(rel, "tp_iou", "IoU of true positives")
 
     w = a.worst
-    lines += ["### Images with the most errors", "", f"Detections with score >= {w.score_threshold:g}, matched at IoU .50.", ""]
-    lines += _table(["", "image", "file", "false positives", "missed"], [[kind, str(e["image_id"]), e["file_name"], e["false_positives"], e["false_negatives"]]
-                                                                         for kind, entries in (("most FP", w.false_positives), ("most missed", w.false_negatives)) for e in entries])
+    lines += [
+        "### Images with the most errors",
+        "",
+        f"Detections with score >= {w.score_threshold:g}, matched at IoU .50.",
+        "",
+    ]
+    lines += _table(
+        ["", "image", "file", "false positives", "missed"],
+        [
+            [kind, str(e["image_id"]), e["file_name"], e["false_positives"], e["false_negatives"]]
+            for kind, entries in (("most FP", w.false_positives), ("most missed", w.false_negatives))
+            for e in entries
+        ],
+    )
     lines += _figure(rel, "worst_false_positives", "images with the most false positives")
     lines += _figure(rel, "worst_false_negatives", "images with the most missed boxes")
     return lines
@@ -398,7 +559,9 @@ def _md_training(r: Report, rel: dict[str, str]) -> list[str]:
     lines: list[str] = []
     lines += ["## Training", ""]
     if r.hyperparameters:
-        lines += ["Tuned hyperparameters of this trial:", ""] + _table(["parameter", "value"], [[k, _plain(v)] for k, v in r.hyperparameters.items()])
+        lines += ["Tuned hyperparameters of this trial:", ""] + _table(
+            ["parameter", "value"], [[k, _plain(v)] for k, v in r.hyperparameters.items()]
+        )
     lines += _figure(rel, "training", "training loss and validation AP by epoch")
     if r.history:
         keys = [k for k, _ in HISTORY_CURVES if any(k in h for h in r.history)]
@@ -406,7 +569,16 @@ def _md_training(r: Report, rel: dict[str, str]) -> list[str]:
     else:
         lines += ["No training history was found for this checkpoint.", ""]
     if r.config:
-        lines += ["<details><summary>Full configuration</summary>", "", "```json", json.dumps(r.config, indent=1, default=_jsonable), "```", "", "</details>", ""]
+        lines += [
+            "<details><summary>Full configuration</summary>",
+            "",
+            "```json",
+            json.dumps(r.config, indent=1, default=_jsonable),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return lines
 
 
@@ -417,10 +589,26 @@ def _md_trials(r: Report, rel: dict[str, str]) -> list[str]:
     if r.trials:
         lines += ["## Trials", ""]
         params = sorted({k for tr in r.trials for k in (tr.get("config") or {})})
-        rows = sorted(r.trials, key=lambda tr: (not isinstance(tr.get("best"), (int, float)), -(tr.get("best") or 0) if s.get("mode", "max") == "max" else (tr.get("best") or 0)))
-        lines += _table(["trial", "status", "epochs", f"best {s.get('metric')}"] + params,
-                        [[str(tr["trial"]) + (" (evaluated)" if str(tr["trial"]) == str(s.get("trial")) else ""), str(tr.get("status", "")), tr.get("epochs"), tr.get("best")]
-                         + [_plain((tr.get("config") or {}).get(p)) for p in params] for tr in rows])
+        rows = sorted(
+            r.trials,
+            key=lambda tr: (
+                not isinstance(tr.get("best"), (int, float)),
+                -(tr.get("best") or 0) if s.get("mode", "max") == "max" else (tr.get("best") or 0),
+            ),
+        )
+        lines += _table(
+            ["trial", "status", "epochs", f"best {s.get('metric')}"] + params,
+            [
+                [
+                    str(tr["trial"]) + (" (evaluated)" if str(tr["trial"]) == str(s.get("trial")) else ""),
+                    str(tr.get("status", "")),
+                    tr.get("epochs"),
+                    tr.get("best"),
+                ]
+                + [_plain((tr.get("config") or {}).get(p)) for p in params]
+                for tr in rows
+            ],
+        )
         lines += ["### Parameter importances (Optuna)", ""]
         if isinstance(r.importances, dict):
             lines += _table(["parameter", "importance"], [[k, v] for k, v in r.importances.items()])
@@ -439,17 +627,25 @@ def _cost(r: Report) -> list[str]:
     def row(label, get):
         return [label] + [get(e) if e else "" for _, e in columns]
 
-    lines = ["### Cost", "", f"Measured in this run on {first['device']} ({first['threads']} threads), one val image at a time "
-             "after the val transform; training images/s as the run recorded it (its last epoch, all workers).", ""]
-    return lines + _table(["", *(name for name, _ in columns)], [
-        row("architecture", lambda e: e["arch"]),
-        row("parameters (M)", lambda e: e["parameters"] / 1e6),
-        row("GFLOPs (val resolution)", lambda e: e["gflops"]),
-        row("val resolution (mean h x w)", lambda e: f"{e['resolution'][0]:.0f} x {e['resolution'][1]:.0f}"),
-        row("latency p50, batch 1 (ms)", lambda e: e["latency_ms"]["p50"]),
-        row("latency p90, batch 1 (ms)", lambda e: e["latency_ms"]["p90"]),
-        row("training images/s", lambda e: e["train_images_per_s"]),
-    ])
+    lines = [
+        "### Cost",
+        "",
+        f"Measured in this run on {first['device']} ({first['threads']} threads), one val image at a time "
+        "after the val transform; training images/s as the run recorded it (its last epoch, all workers).",
+        "",
+    ]
+    return lines + _table(
+        ["", *(name for name, _ in columns)],
+        [
+            row("architecture", lambda e: e["arch"]),
+            row("parameters (M)", lambda e: e["parameters"] / 1e6),
+            row("GFLOPs (val resolution)", lambda e: e["gflops"]),
+            row("val resolution (mean h x w)", lambda e: f"{e['resolution'][0]:.0f} x {e['resolution'][1]:.0f}"),
+            row("latency p50, batch 1 (ms)", lambda e: e["latency_ms"]["p50"]),
+            row("latency p90, batch 1 (ms)", lambda e: e["latency_ms"]["p90"]),
+            row("training images/s", lambda e: e["train_images_per_s"]),
+        ],
+    )
 
 
 def _plain(v: Any) -> str:

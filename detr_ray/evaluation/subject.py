@@ -242,7 +242,9 @@ def fetch_weights(location: str, workdir: str | Path) -> Path:
     return local
 
 
-def from_published(location: str, workdir: str | Path, data: str | None, overrides: list[str] = (), name: str | None = None) -> EvaluationTarget:
+def from_published(
+    location: str, workdir: str | Path, data: str | None, overrides: list[str] = (), name: str | None = None
+) -> EvaluationTarget:
     """A published DETR file as a subject (module docstring). `data`: the val shards, whose
     categories the class head is mapped to; `overrides`: "model.key=value" / "data.key=value"
     settings the file cannot tell (e.g. model.dilation=true) or that replace inferred ones."""
@@ -253,7 +255,9 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
 
     location = str(location)
     if not data:
-        raise EvaluationTargetError(f"{location}: a published checkpoint carries no val data; give the val shards (--data)")
+        raise EvaluationTargetError(
+            f"{location}: a published checkpoint carries no val data; give the val shards (--data)"
+        )
     local = fetch_weights(location, workdir)
     sha256 = _sha256_file(local)
     file_name = location.rstrip("/").rsplit("/", 1)[-1]
@@ -263,15 +267,20 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
         raise EvaluationTargetError(str(e)) from e
     unknown = sorted(set(given) - PUBLISHED_SECTIONS)
     if unknown:
-        raise EvaluationTargetError(f"--set: only model.* and data.* apply to a published checkpoint, not {', '.join(unknown)}")
+        raise EvaluationTargetError(
+            f"--set: only model.* and data.* apply to a published checkpoint, not {', '.join(unknown)}"
+        )
     meta = read_meta(data)
     categories = list(zip(meta.label_to_category_id, meta.label_names))
     try:
         sd, args = read_reference_checkpoint(local)
         architecture = infer_model_config(sd, args=args, name=file_name, given=given["model"])
         # DETR's val transform (shortest side 800, longest <= 1333): the published figures' own.
-        config = {"model": {**architecture, "num_classes": len(categories)}, "data": {"augment": "coco", **given["data"]},
-                  "train": {"pretrained": location}}
+        config = {
+            "model": {**architecture, "num_classes": len(categories)},
+            "data": {"augment": "coco", **given["data"]},
+            "train": {"pretrained": location},
+        }
         exp = experiment_from_dict(config, f"{location}: inferred experiment")
         model = build_model(exp.model)
         report = load_pretrained(model, local, categories=categories)
@@ -283,15 +292,24 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
             f"{', '.join(sorted(report.reinitialized))} ({'; '.join(report.reinitialized.values())})"
         )
     if report.new_classes:
-        log.warning("%s: categories %s of %s are not among its classes: their scores come from a freshly initialised row",
-                    location, [m.name for m in report.new_classes], data)
+        log.warning(
+            "%s: categories %s of %s are not among its classes: their scores come from a freshly initialised row",
+            location,
+            [m.name for m in report.new_classes],
+            data,
+        )
     # A folder of its own per subject: the same file may be evaluated twice in one run (a new
     # class's row is random, so the two saved models can differ).
     root = Path(workdir) / "published"
     root.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix=f"{sha256[:16]}-", dir=root)) / "checkpoint"
-    state = ckpt.TrainingState(epoch=0, global_step=0, config=exp.to_dict(), metrics={},
-                               categories={"label_to_category_id": meta.label_to_category_id, "names": meta.label_names})
+    state = ckpt.TrainingState(
+        epoch=0,
+        global_step=0,
+        config=exp.to_dict(),
+        metrics={},
+        categories={"label_to_category_id": meta.label_to_category_id, "names": meta.label_names},
+    )
     ckpt.save(directory, model, None, None, None, state)
     return EvaluationTarget(
         name=name or file_name,
@@ -317,7 +335,9 @@ def from_published(location: str, workdir: str | Path, data: str | None, overrid
     )
 
 
-def subject_for_checkpoint(location: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()) -> EvaluationTarget:
+def subject_for_checkpoint(
+    location: str, workdir: str | Path, data: str | None = None, overrides: list[str] = ()
+) -> EvaluationTarget:
     """--checkpoint: a detr-ray checkpoint directory or a published DETR weights file."""
     if is_weights_file(location):
         return from_published(location, workdir, data, overrides)
@@ -339,17 +359,27 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
 
     if isinstance(best, dict):
         if choose:
-            raise EvaluationTargetError(f"{where}: one best trial (a sweep of one objective): --choose applies to a Pareto front")
+            raise EvaluationTargetError(
+                f"{where}: one best trial (a sweep of one objective): --choose applies to a Pareto front"
+            )
         return best, []
-    if not isinstance(best, list) or not best or not all(isinstance(e, dict) and isinstance(e.get("values"), dict) for e in best):
-        raise EvaluationTargetError(f"{where}: expected a JSON object, or a non-empty list of Pareto-front entries with 'values'")
+    if (
+        not isinstance(best, list)
+        or not best
+        or not all(isinstance(e, dict) and isinstance(e.get("values"), dict) for e in best)
+    ):
+        raise EvaluationTargetError(
+            f"{where}: expected a JSON object, or a non-empty list of Pareto-front entries with 'values'"
+        )
     if choose is None:
         if len(best) > 1:
-            listed = "\n".join(f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best)
+            listed = "\n".join(
+                f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best
+            )
             raise EvaluationTargetError(
                 f"{where}: a Pareto front of {len(best)} trials ({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
-                f"choose one with --choose, e.g. --choose \"max {next(iter(objectives))}\" or "
-                f"--choose \"max val/AP subject to model/parameters<=N\":\n{listed}"
+                f'choose one with --choose, e.g. --choose "max {next(iter(objectives))}" or '
+                f'--choose "max val/AP subject to model/parameters<=N":\n{listed}'
             )
         return best[0], best
     try:
@@ -389,7 +419,9 @@ def _trials_record(trials_doc: Any, trials_loc: str, metric: str, mode: str) -> 
     return trials, search, metric, mode
 
 
-def from_experiment(location: str, workdir: str | Path, name: str | None = None, choose: str | None = None) -> EvaluationTarget:
+def from_experiment(
+    location: str, workdir: str | Path, name: str | None = None, choose: str | None = None
+) -> EvaluationTarget:
     """The best trial's best checkpoint of the sweep at `location`; with several objectives, the
     member of the Pareto front that `choose` (pareto.py's rule) picks."""
     location = str(location)
@@ -410,10 +442,17 @@ def from_experiment(location: str, workdir: str | Path, name: str | None = None,
             chosen = fetch_checkpoint(ckpt_loc, workdir)
         except ckpt.CheckpointError as e:
             if front:  # another trial would answer another rule: refuse instead
-                raise EvaluationTargetError(f"{best_loc}: the chosen trial {best.get('trial')}'s checkpoint: {e}") from e
+                raise EvaluationTargetError(
+                    f"{best_loc}: the chosen trial {best.get('trial')}'s checkpoint: {e}"
+                ) from e
             if trials_doc is None:
                 raise EvaluationTargetError(f"{best_loc}.checkpoint: {e}") from e
-            log.warning("%s.checkpoint does not verify, taking the best trial of %s whose checkpoint does: %s", best_loc, TRIALS, e)
+            log.warning(
+                "%s.checkpoint does not verify, taking the best trial of %s whose checkpoint does: %s",
+                best_loc,
+                TRIALS,
+                e,
+            )
     if chosen is not None:
         directory, manifest = chosen
         trial = str(_field(best, "trial", (str, int), best_loc))

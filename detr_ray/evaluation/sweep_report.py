@@ -45,7 +45,9 @@ def summarize(subject) -> dict | None:
         value = _number(t.get("best"))
         if value is not None:
             best_so_far = value if best_so_far is None else better(best_so_far, value)
-        history.append({"index": i, "trial": t["trial"], "status": t.get("status"), "value": value, "best_so_far": best_so_far})
+        history.append(
+            {"index": i, "trial": t["trial"], "status": t.get("status"), "value": value, "best_so_far": best_so_far}
+        )
     return {
         "metric": metric,
         "mode": mode,
@@ -118,7 +120,9 @@ def _history(data: dict) -> Figure:
     best = [(h["index"], h["best_so_far"]) for h in data["history"] if h["best_so_far"] is not None]
     if best:
         ax.step(*zip(*best), where="post", color="black", lw=1, label="best so far")
-    ax.set(xlabel="trial (in the order Tune created them)", ylabel=f"best {data['metric']}", title="Optimisation history")
+    ax.set(
+        xlabel="trial (in the order Tune created them)", ylabel=f"best {data['metric']}", title="Optimisation history"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
@@ -166,7 +170,7 @@ def _curves(data: dict, trials: list[dict]) -> Figure:
 
 def _axis_value(value: Any, spec: dict) -> float | None:
     """`value` on a 0..1 axis for the parameter's distribution."""
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind == "choice":
         return list(args).index(value) / max(1, len(args) - 1) if value in args else None
     v = _number(value)
@@ -182,9 +186,16 @@ def _parallel(data: dict, trials: list[dict], params: list[str], search: dict) -
     objectives = list(data["objectives"])
     fig = Figure(figsize=(1.6 * (len(params) + len(objectives)) + 2, 4.2))
     ax = fig.add_subplot()
-    values = {m: [_number((t.get("values") or {}).get(m, t.get("best") if m == data["metric"] else None)) for t in trials] for m in objectives}
-    ranges = {m: (min(v for v in vs if v is not None), max(v for v in vs if v is not None)) if any(v is not None for v in vs) else (0.0, 1.0)
-              for m, vs in values.items()}
+    values = {
+        m: [_number((t.get("values") or {}).get(m, t.get("best") if m == data["metric"] else None)) for t in trials]
+        for m in objectives
+    }
+    ranges = {
+        m: (min(v for v in vs if v is not None), max(v for v in vs if v is not None))
+        if any(v is not None for v in vs)
+        else (0.0, 1.0)
+        for m, vs in values.items()
+    }
     primary = values[data["metric"]]
     lo, hi = ranges[data["metric"]]
     from matplotlib import colormaps
@@ -199,13 +210,19 @@ def _parallel(data: dict, trials: list[dict], params: list[str], search: dict) -
         if len(xs) < 2:
             continue
         shade = 0.0 if primary[i] is None or hi <= lo else (primary[i] - lo) / (hi - lo)
-        ax.plot(xs, [ys[x] for x in xs], color=colours(shade if data["mode"] == "max" else 1 - shade), lw=1.2,
-                ls="-" if t.get("status") == "completed" else "--", alpha=0.85)
+        ax.plot(
+            xs,
+            [ys[x] for x in xs],
+            color=colours(shade if data["mode"] == "max" else 1 - shade),
+            lw=1.2,
+            ls="-" if t.get("status") == "completed" else "--",
+            alpha=0.85,
+        )
     labels = params + objectives
     for x, label in enumerate(labels):
         ax.axvline(x, color="black", lw=0.8)
         if label in search:
-            (kind, args), = search[label].items()
+            ((kind, args),) = search[label].items()
             bottom, top = (str(args[0]), str(args[-1])) if kind == "choice" else (f"{args[0]:.3g}", f"{args[1]:.3g}")
         else:
             bottom, top = (f"{ranges[label][0]:.4g}", f"{ranges[label][1]:.4g}")
@@ -215,7 +232,9 @@ def _parallel(data: dict, trials: list[dict], params: list[str], search: dict) -
     ax.tick_params(axis="x", pad=14)
     ax.set_yticks([])
     ax.set_ylim(-0.12, 1.12)
-    ax.set_title(f"Parallel coordinates (colour: {data['metric']}, bright = better; dashed: stopped or failed)", fontsize=9)
+    ax.set_title(
+        f"Parallel coordinates (colour: {data['metric']}, bright = better; dashed: stopped or failed)", fontsize=9
+    )
     return fig
 
 
@@ -240,8 +259,21 @@ def _front(data: dict, trials: list[dict]) -> Figure:
     ax.plot(*zip(*front), marker="o", color="C3", label="Pareto front")
     chosen = next((e for e in data["front"] if e.get("trial") == data.get("evaluated")), None)
     if chosen:
-        ax.scatter([chosen["values"][other]], [chosen["values"][primary]], marker="*", s=200, color="gold", edgecolor="black", zorder=4, label="evaluated")
-    ax.set(xlabel=f"{other} ({data['objectives'][other]})", ylabel=f"{primary} ({data['objectives'][primary]})", title="Pareto front")
+        ax.scatter(
+            [chosen["values"][other]],
+            [chosen["values"][primary]],
+            marker="*",
+            s=200,
+            color="gold",
+            edgecolor="black",
+            zorder=4,
+            label="evaluated",
+        )
+    ax.set(
+        xlabel=f"{other} ({data['objectives'][other]})",
+        ylabel=f"{primary} ({data['objectives'][primary]})",
+        title="Pareto front",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
@@ -255,18 +287,38 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     """The section's lines; `table`, `figure`, `num` are report.py's helpers."""
     lines = ["## The sweep", ""]
     if data.get("study"):
-        lines += [f"Optuna study `{data['study']['name']}` in `{data['study']['storage']}`; open it with `{data['study']['dashboard']}`.", ""]
+        lines += [
+            f"Optuna study `{data['study']['name']}` in `{data['study']['storage']}`; open it with `{data['study']['dashboard']}`.",
+            "",
+        ]
     warm = data.get("warm_start")
     if warm:
-        lines += [f"Warm-started from study `{warm['study']}` in `{warm['source']}`: {len(warm['used'])} earlier trials used, "
-                  f"{len(warm['ignored'])} ignored."]
+        lines += [
+            f"Warm-started from study `{warm['study']}` in `{warm['source']}`: {len(warm['used'])} earlier trials used, "
+            f"{len(warm['ignored'])} ignored."
+        ]
         lines += [f"- trial {w['trial']} ignored: {w['why']}" for w in warm["ignored"]] + [""]
     if data.get("front"):
         objectives = list(data["objectives"])
-        lines += ["### Pareto front", "", f"Objectives: {', '.join(f'{m} ({d})' for m, d in data['objectives'].items())}. "
-                  + (f"Evaluated: the member chosen by `--choose \"{data['choice']}\"`." if data.get("choice") else "Evaluated: its only member."), ""]
-        lines += table(["trial"] + objectives, [[str(e.get("trial")) + (" (evaluated)" if e.get("trial") == data.get("evaluated") else "")]
-                                                 + [e["values"].get(m) for m in objectives] for e in data["front"]])
+        lines += [
+            "### Pareto front",
+            "",
+            f"Objectives: {', '.join(f'{m} ({d})' for m, d in data['objectives'].items())}. "
+            + (
+                f'Evaluated: the member chosen by `--choose "{data["choice"]}"`.'
+                if data.get("choice")
+                else "Evaluated: its only member."
+            ),
+            "",
+        ]
+        lines += table(
+            ["trial"] + objectives,
+            [
+                [str(e.get("trial")) + (" (evaluated)" if e.get("trial") == data.get("evaluated") else "")]
+                + [e["values"].get(m) for m in objectives]
+                for e in data["front"]
+            ],
+        )
         lines += figure(rel, "sweep_front", "Pareto front")
     lines += ["### Optimisation history", ""]
     lines += figure(rel, "sweep_history", "optimisation history")
@@ -276,22 +328,48 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     asha = data.get("asha")
     if asha:
         rungs = sorted({m for bracket in asha.get("rungs") or [] for m, _ in bracket})
-        lines += [f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} (of {asha.get('max_t')}), "
-                  f"reduction factor {asha.get('reduction_factor')}; it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
-                  f"of {len(data['history'])} trials before the last epoch.", ""]
+        lines += [
+            f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} (of {asha.get('max_t')}), "
+            f"reduction factor {asha.get('reduction_factor')}; it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
+            f"of {len(data['history'])} trials before the last epoch.",
+            "",
+        ]
     else:
         lines += ["No ASHA records in trials.json (no early stopping, or a sweep older than these records).", ""]
     lines += figure(rel, "sweep_curves", "learning curves with ASHA rungs")
     lines += figure(rel, "sweep_importances", "parameter importances")
     c = data["compute"]
     unit = c["device"]
-    lines += ["### Compute spent", "",
-              f"Against a full-budget grid of the same {c['trials']} trials, each run to {data['epochs']} epochs at its own measured "
-              f"time per epoch ({c['trials_timed']} trials timed; {unit} hours = trial wall time x {c['device_per_trial']:g} {unit}s per trial).", ""]
-    lines += table(["", "this sweep", "full-budget grid", "share"],
-                   [["trial-epochs", c["trial_epochs"], c["grid_trial_epochs"], _share(c["trial_epochs"], c["grid_trial_epochs"])],
-                    ["trial hours (wall)", c["trial_hours"], c["grid_trial_hours"], _share(c["trial_hours"], c["grid_trial_hours"])],
-                    [f"{unit} hours", c[f"{unit.lower()}_hours"], c[f"grid_{unit.lower()}_hours"], _share(c[f"{unit.lower()}_hours"], c[f"grid_{unit.lower()}_hours"])]])
+    lines += [
+        "### Compute spent",
+        "",
+        f"Against a full-budget grid of the same {c['trials']} trials, each run to {data['epochs']} epochs at its own measured "
+        f"time per epoch ({c['trials_timed']} trials timed; {unit} hours = trial wall time x {c['device_per_trial']:g} {unit}s per trial).",
+        "",
+    ]
+    lines += table(
+        ["", "this sweep", "full-budget grid", "share"],
+        [
+            [
+                "trial-epochs",
+                c["trial_epochs"],
+                c["grid_trial_epochs"],
+                _share(c["trial_epochs"], c["grid_trial_epochs"]),
+            ],
+            [
+                "trial hours (wall)",
+                c["trial_hours"],
+                c["grid_trial_hours"],
+                _share(c["trial_hours"], c["grid_trial_hours"]),
+            ],
+            [
+                f"{unit} hours",
+                c[f"{unit.lower()}_hours"],
+                c[f"grid_{unit.lower()}_hours"],
+                _share(c[f"{unit.lower()}_hours"], c[f"grid_{unit.lower()}_hours"]),
+            ],
+        ],
+    )
     return lines
 
 

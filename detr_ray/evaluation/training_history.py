@@ -59,7 +59,9 @@ def run_history(checkpoint_dir: Path) -> list[dict]:
         for state_file in sorted(run_dir.glob(f"checkpoint_*/{ckpt.STATE}")):
             try:
                 state = json.loads(state_file.read_text())
-                by_epoch[int(state["epoch"])] = {k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))}
+                by_epoch[int(state["epoch"])] = {
+                    k: v for k, v in state.get("metrics", {}).items() if isinstance(v, (int, float))
+                }
             except (ValueError, KeyError, TypeError) as e:
                 log.warning("%s: unreadable: %s", state_file, e)
     return [{"epoch": epoch, **{k: v for k, v in m.items() if k != "epoch"}} for epoch, m in sorted(by_epoch.items())]
@@ -74,7 +76,7 @@ def _distribution(spec: Any, key: str):
 
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ValueError(f"trials.json: search.{key}: expected {{distribution: args}}, got {spec!r}")
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind == "loguniform":
         return FloatDistribution(float(args[0]), float(args[1]), log=True)
     if kind == "uniform":
@@ -108,10 +110,18 @@ def parameter_importances(subject) -> dict[str, float] | str:
     finished = []
     for t in subject.trials:
         value, config = t.get("best"), t.get("config") or {}
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not all(k in config for k in distributions):
+        if (
+            not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not all(k in config for k in distributions)
+        ):
             continue
         try:
-            finished.append(optuna.trial.create_trial(params={k: config[k] for k in distributions}, distributions=distributions, value=float(value)))
+            finished.append(
+                optuna.trial.create_trial(
+                    params={k: config[k] for k in distributions}, distributions=distributions, value=float(value)
+                )
+            )
         except (ValueError, TypeError) as e:
             log.warning("trial %s left out of the importances: %s", t.get("trial"), e)
     if len(finished) < 2:

@@ -26,7 +26,9 @@ class Backbone(nn.Module):
     """torchvision ResNet up to layer4 (or layer3 with stages=3), FrozenBatchNorm2d everywhere,
     stride 32 (16 with DC5 or stages=3)."""
 
-    def __init__(self, name: str, train_backbone: bool = True, dilation: bool = False, frozen_bn: bool = True, stages: int = 4):
+    def __init__(
+        self, name: str, train_backbone: bool = True, dilation: bool = False, frozen_bn: bool = True, stages: int = 4
+    ):
         super().__init__()
         resnet = getattr(torchvision.models, name)(
             weights=None,
@@ -64,7 +66,9 @@ class Joiner(nn.Sequential):
         return features, small_mask, pos
 
 
-def build_backbone(name: str, hidden_dim: int, train_backbone: bool, dilation: bool, frozen_bn: bool = True, stages: int = 4) -> Joiner:
+def build_backbone(
+    name: str, hidden_dim: int, train_backbone: bool, dilation: bool, frozen_bn: bool = True, stages: int = 4
+) -> Joiner:
     return Joiner(
         Backbone(name, train_backbone=train_backbone, dilation=dilation, frozen_bn=frozen_bn, stages=stages),
         PositionEmbeddingSine(hidden_dim // 2, normalize=True),
@@ -98,4 +102,3 @@ def calibrate_frozen_batchnorm(backbone: nn.Module, images: torch.Tensor) -> int
         for h in handles:
             h.remove()
     return len(layers)
-

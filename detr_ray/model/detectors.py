@@ -56,8 +56,14 @@ def _resnet101_fpn(returned_layers=None, extra_blocks=None):
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
     # As torchvision's *_resnet50_fpn builders do without weights: BatchNorm2d, all layers trainable.
-    return resnet_fpn_backbone(backbone_name="resnet101", weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5,
-                               returned_layers=returned_layers, extra_blocks=extra_blocks)
+    return resnet_fpn_backbone(
+        backbone_name="resnet101",
+        weights=None,
+        norm_layer=nn.BatchNorm2d,
+        trainable_layers=5,
+        returned_layers=returned_layers,
+        extra_blocks=extra_blocks,
+    )
 
 
 def _builders() -> dict[str, Callable[[int], nn.Module]]:
@@ -73,7 +79,9 @@ def _builders() -> dict[str, Callable[[int], nn.Module]]:
         "fasterrcnn_mobilenet_v3_large_fpn": lambda k: D.fasterrcnn_mobilenet_v3_large_fpn(num_classes=k, **none),
         "retinanet_resnet50_fpn_v2": lambda k: D.retinanet_resnet50_fpn_v2(num_classes=k, **none),
         "retinanet_resnet50_fpn": lambda k: D.retinanet_resnet50_fpn(num_classes=k, **none),
-        "retinanet_resnet101_fpn": lambda k: D.RetinaNet(_resnet101_fpn([2, 3, 4], LastLevelP6P7(256, 256)), num_classes=k),
+        "retinanet_resnet101_fpn": lambda k: D.RetinaNet(
+            _resnet101_fpn([2, 3, 4], LastLevelP6P7(256, 256)), num_classes=k
+        ),
         "fcos_resnet50_fpn": lambda k: D.fcos_resnet50_fpn(num_classes=k, **none),
         "fcos_resnet101_fpn": lambda k: D.FCOS(_resnet101_fpn([2, 3, 4], LastLevelP6P7(256, 256)), num_classes=k),
     }
@@ -124,7 +132,9 @@ class TorchvisionDetector(nn.Module):
         crops = [img[:, :h, :w] for img, (h, w) in zip(images, sizes)]
         if not self.training:
             dets = self.detector(crops)
-            return [{"scores": d["scores"], "labels": d["labels"] - self.label_offset, "boxes": d["boxes"]} for d in dets]
+            return [
+                {"scores": d["scores"], "labels": d["labels"] - self.label_offset, "boxes": d["boxes"]} for d in dets
+            ]
         if targets is None:
             raise ValueError(f"{self.arch}: training needs targets")
         tv_targets = []
@@ -170,19 +180,31 @@ def parameter_groups(model: nn.Module, lr: float, lr_backbone: float) -> list[di
     for name, p in model.named_parameters():
         if p.requires_grad:
             (backbone if name.split("module.", 1)[-1].startswith(PREFIX + "backbone.body.") else rest).append(p)
-    return [{"params": rest, "lr": lr, "name": "transformer"}, {"params": backbone, "lr": lr_backbone, "name": "backbone"}]
+    return [
+        {"params": rest, "lr": lr, "name": "transformer"},
+        {"params": backbone, "lr": lr_backbone, "name": "backbone"},
+    ]
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, mask: Tensor, targets: Sequence[dict],
-            label_to_category_id: Sequence[int] | Tensor | None = None) -> list[dict[str, Tensor]]:
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    mask: Tensor,
+    targets: Sequence[dict],
+    label_to_category_id: Sequence[int] | Tensor | None = None,
+) -> list[dict[str, Tensor]]:
     """Normalised images -> per image {"scores", "labels", "boxes" xyxy in pixels of the original
     image (targets' "orig_size")}; labels are the dataset's category ids when the table is given.
     DETR: every query (postprocess); torchvision detectors: their own NMS-ed detections."""
     orig = torch.stack([torch.as_tensor(t["orig_size"]) for t in targets]).to(images.device)
     if not computes_own_loss(model):
         return postprocess(model(images, mask), orig, label_to_category_id)
-    table = None if label_to_category_id is None else torch.as_tensor(label_to_category_id, dtype=torch.int64, device=images.device)
+    table = (
+        None
+        if label_to_category_id is None
+        else torch.as_tensor(label_to_category_id, dtype=torch.int64, device=images.device)
+    )
     out = []
     for d, (h, w), (oh, ow) in zip(model(images, mask), image_sizes(mask), orig.tolist()):
         scale = torch.tensor([ow / w, oh / h, ow / w, oh / h], dtype=torch.float32, device=images.device)
@@ -205,7 +227,9 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
     if not isinstance(inner, TorchvisionDetector):
         return weights_mod.load_pretrained(model, source, categories=categories)
     if str(source) == "torchvision":
-        raise WeightsError(f"'torchvision' (ImageNet backbone weights) is DETR's; {inner.arch} takes a state dict of the whole detector")
+        raise WeightsError(
+            f"'torchvision' (ImageNet backbone weights) is DETR's; {inner.arch} takes a state dict of the whole detector"
+        )
     sd, table = weights_mod._read_source(source)
     sd = {k.removeprefix(PREFIX): v for k, v in sd.items()}
     target = inner.detector.state_dict()
@@ -214,7 +238,11 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
         sd = _map_class_heads(inner, sd, target, table, list(categories), report)
     unexpected = sorted(set(sd) - set(target))
     missing = sorted(k for k in set(target) - set(sd) if not k.endswith("num_batches_tracked"))
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in sd.items() if k in target and v.shape != target[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
     if unexpected or missing or wrong:
         raise WeightsError(
             f"{source}: not a state dict of {inner.arch} with this model's classes: {len(unexpected)} unexpected keys "
@@ -223,8 +251,14 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
     inner.detector.load_state_dict(sd, strict=False)
     report.loaded = sorted(sd)
     for m in report.mapped_by_name + report.new_classes:
-        log.info("%s: class %d %r (id %d) %s", source, m.label, m.name, m.category_id,
-                 f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised")
+        log.info(
+            "%s: class %d %r (id %d) %s",
+            source,
+            m.label,
+            m.name,
+            m.category_id,
+            f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised",
+        )
     log.info("%s", report.summary())
     return report
 
@@ -237,11 +271,15 @@ def _map_class_heads(inner: TorchvisionDetector, sd, target, table, categories, 
     anchors = _anchors(inner, first)
     k_dst = target[f"{first}.bias"].shape[0] // anchors
     if len(categories) + inner.label_offset != k_dst:
-        raise WeightsError(f"{report.source}: {len(categories)} dataset categories given for a model with {k_dst - inner.label_offset} classes")
+        raise WeightsError(
+            f"{report.source}: {len(categories)} dataset categories given for a model with {k_dst - inner.label_offset} classes"
+        )
     k_src = sd[f"{first}.bias"].shape[0] // anchors
     if table is not None:
         if len(table) + inner.label_offset != k_src:
-            raise WeightsError(f"{report.source}: its category table has {len(table)} categories but its class head {k_src} rows")
+            raise WeightsError(
+                f"{report.source}: its category table has {len(table)} categories but its class head {k_src} rows"
+            )
         rows = {label + inner.label_offset: (cid, name) for label, (cid, name) in enumerate(table)}
     elif k_src == COCO_ROWS:
         rows = {cid: (cid, name) for cid, name in weights_mod.COCO_CATEGORIES.items()}

@@ -48,16 +48,16 @@ class DETR(nn.Module):
         boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4] normalized cx, cy, w, h
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-            ]
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
 
 
 def build_model(cfg: DETRConfig) -> DETR:
     """Builds DETR from `cfg` with freshly initialised weights (see weights.load_pretrained)."""
     cfg.validate()
-    backbone = build_backbone(cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation, cfg.frozen_bn, cfg.backbone_stages)
+    backbone = build_backbone(
+        cfg.backbone, cfg.hidden_dim, cfg.train_backbone, cfg.dilation, cfg.frozen_bn, cfg.backbone_stages
+    )
     transformer = Transformer(
         d_model=cfg.hidden_dim,
         nhead=cfg.nheads,

@@ -49,7 +49,9 @@ def detections_to_results(
         scores = det["scores"].detach().cpu().tolist()
         for box, label, score in zip(xywh, labels, scores):
             category = label_to_category_id[label] if label_to_category_id is not None else label
-            results.append({"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)})
+            results.append(
+                {"image_id": int(image_id), "category_id": int(category), "bbox": box, "score": float(score)}
+            )
     return results
 
 
@@ -60,8 +62,9 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict_batch(model: nn.Module, images: Tensor, mask: Tensor, targets: Sequence[dict],
-                  label_to_category_id: Sequence[int]) -> Predictions:
+def predict_batch(
+    model: nn.Module, images: Tensor, mask: Tensor, targets: Sequence[dict], label_to_category_id: Sequence[int]
+) -> Predictions:
     """One collated batch (collate: uint8 images, padding mask, targets with "image_id" and
     "orig_size") through `model`, which the caller has put in eval mode. Images and mask move to
     the model's device."""

@@ -39,9 +39,7 @@ class EncoderLayer(nn.Module):
         if self.pre_norm:
             x = self.norm1(src)
             q = k = _with_pos(x, pos)
-            src = src + self.dropout1(
-                self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
-            )
+            src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask, need_weights=False)[0])
             return src + self.dropout2(self._ffn(self.norm2(src)))
         q = k = _with_pos(src, pos)
         attn = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]

@@ -77,20 +77,86 @@ REPLACEABLE_HEADS = ("class_embed.", "input_proj.", "query_embed.")
 
 # The 80 COCO (2014/2017 detection) categories: id -> name, as in instances_val2017.json.
 COCO_CATEGORIES: dict[int, str] = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack",
-    28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis",
-    36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove",
-    41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass",
-    47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
-    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza",
-    60: "donut", 61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed",
-    67: "dining table", 70: "toilet", 72: "tv", 73: "laptop", 74: "mouse", 75: "remote",
-    76: "keyboard", 77: "cell phone", 78: "microwave", 79: "oven", 80: "toaster", 81: "sink",
-    82: "refrigerator", 84: "book", 85: "clock", 86: "vase", 87: "scissors", 88: "teddy bear",
-    89: "hair drier", 90: "toothbrush",
+    1: "person",
+    2: "bicycle",
+    3: "car",
+    4: "motorcycle",
+    5: "airplane",
+    6: "bus",
+    7: "train",
+    8: "truck",
+    9: "boat",
+    10: "traffic light",
+    11: "fire hydrant",
+    13: "stop sign",
+    14: "parking meter",
+    15: "bench",
+    16: "bird",
+    17: "cat",
+    18: "dog",
+    19: "horse",
+    20: "sheep",
+    21: "cow",
+    22: "elephant",
+    23: "bear",
+    24: "zebra",
+    25: "giraffe",
+    27: "backpack",
+    28: "umbrella",
+    31: "handbag",
+    32: "tie",
+    33: "suitcase",
+    34: "frisbee",
+    35: "skis",
+    36: "snowboard",
+    37: "sports ball",
+    38: "kite",
+    39: "baseball bat",
+    40: "baseball glove",
+    41: "skateboard",
+    42: "surfboard",
+    43: "tennis racket",
+    44: "bottle",
+    46: "wine glass",
+    47: "cup",
+    48: "fork",
+    49: "knife",
+    50: "spoon",
+    51: "bowl",
+    52: "banana",
+    53: "apple",
+    54: "sandwich",
+    55: "orange",
+    56: "broccoli",
+    57: "carrot",
+    58: "hot dog",
+    59: "pizza",
+    60: "donut",
+    61: "cake",
+    62: "chair",
+    63: "couch",
+    64: "potted plant",
+    65: "bed",
+    67: "dining table",
+    70: "toilet",
+    72: "tv",
+    73: "laptop",
+    74: "mouse",
+    75: "remote",
+    76: "keyboard",
+    77: "cell phone",
+    78: "microwave",
+    79: "oven",
+    80: "toaster",
+    81: "sink",
+    82: "refrigerator",
+    84: "book",
+    85: "clock",
+    86: "vase",
+    87: "scissors",
+    88: "teddy bear",
+    89: "hair drier",
+    90: "toothbrush",
 }
 # The published heads: num_classes=91 (the largest COCO id + 1) plus no-object.
 COCO_ID_HEAD_ROWS = 92
@@ -142,6 +208,7 @@ class LoadReport:
             f"{len(self.skipped)} skipped, re-initialised: {sorted(self.reinitialized) or 'none'}"
         )
         if self.classes:
+
             def names(matches, arrow=False):
                 shown = [f"{m.name}<-{m.source_name}" if arrow else m.name for m in matches[:20]]
                 more = f" and {len(matches) - 20} more" if len(matches) > 20 else ""
@@ -219,7 +286,9 @@ def _state_dict_of(obj: object, src: str) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{src}: expected a state dict (or a dict with a 'model' state dict), got {type(obj).__name__}")
+        raise WeightsError(
+            f"{src}: expected a state dict (or a dict with a 'model' state dict), got {type(obj).__name__}"
+        )
     bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if bad:
         raise WeightsError(f"{src}: entries that are not tensors: {bad[:5]}")
@@ -240,7 +309,12 @@ def _read_source(source: str | Path) -> tuple[dict[str, Tensor], list[tuple[int,
         try:
             table = [(int(c), str(n)) for c, n in zip(cats["label_to_category_id"], cats["names"], strict=True)]
         except (KeyError, TypeError, ValueError) as e:
-            log.warning("%s: %s has no usable category table (%s); its class head cannot be mapped by category", src, ckpt.STATE, e)
+            log.warning(
+                "%s: %s has no usable category table (%s); its class head cannot be mapped by category",
+                src,
+                ckpt.STATE,
+                e,
+            )
     elif src.startswith("torchvision:"):
         enum_name, _, member = src.split(":", 1)[1].partition(".")
         weights_enum = getattr(torchvision.models, enum_name, None)
@@ -296,7 +370,9 @@ def infer_model_config(
     args, given = dict(args or {}), dict(given or {})
     where = name or "checkpoint"
     if not _is_detr_layout(sd) or "query_embed.weight" not in sd:
-        raise WeightsError(f"{where}: not a DETR state dict in the reference layout (no transformer.*, query_embed.weight)")
+        raise WeightsError(
+            f"{where}: not a DETR state dict in the reference layout (no transformer.*, query_embed.weight)"
+        )
     blocks: dict[int, int] = {}
     for k in sd:
         m = re.match(r"backbone\.0\.body\.layer(\d)\.(\d+)\.", k)
@@ -334,7 +410,11 @@ def infer_model_config(
         out["nheads"] = int(given.get("nheads", args.get("nheads")))
     else:
         out["nheads"] = REFERENCE_NHEADS
-        log.info("%s: nheads is not stored in the weights; using the reference's %d (every published DETR's)", where, REFERENCE_NHEADS)
+        log.info(
+            "%s: nheads is not stored in the weights; using the reference's %d (every published DETR's)",
+            where,
+            REFERENCE_NHEADS,
+        )
     if "dilation" in given:
         out["dilation"] = bool(given["dilation"])
     elif "dilation" in args:
@@ -345,7 +425,9 @@ def infer_model_config(
         out["dilation"] = True
     elif PUBLISHED_NAME.fullmatch(name):
         if PUBLISHED_NAME.fullmatch(name)[1] != backbone.removeprefix("resnet"):
-            raise WeightsError(f"{where}: the name says R{PUBLISHED_NAME.fullmatch(name)[1]} but its tensors are a {backbone}")
+            raise WeightsError(
+                f"{where}: the name says R{PUBLISHED_NAME.fullmatch(name)[1]} but its tensors are a {backbone}"
+            )
         out["dilation"] = False
     else:
         raise WeightsError(
@@ -404,8 +486,14 @@ def load_pretrained(
     for name, why in report.reinitialized.items():
         log.warning("%s: re-initialised %s (%s)", source, name, why)
     for m in report.mapped_by_name + report.new_classes:
-        log.info("%s: class %d %r (id %d) %s", source, m.label, m.name, m.category_id,
-                 f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised")
+        log.info(
+            "%s: class %d %r (id %d) %s",
+            source,
+            m.label,
+            m.name,
+            m.category_id,
+            f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised",
+        )
     log.info("%s", report.summary())
     return report
 
@@ -435,7 +523,11 @@ def _load_backbone(model, sd, target, source) -> LoadReport:
 
 
 def _check_shapes(sd, target, source) -> None:
-    wrong = [f"{k}: source {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in sd.items() if v.shape != target[k].shape]
+    wrong = [
+        f"{k}: source {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if v.shape != target[k].shape
+    ]
     if wrong:
         raise WeightsError(f"{source}: shape mismatch in {len(wrong)} tensors: " + "; ".join(wrong[:5]))
 
@@ -484,9 +576,7 @@ def _map_class_head(model, sd, target, table, categories, report) -> dict[str, T
     """`sd` with its class head replaced by one of the model's shape, mapped by category."""
     k = target["class_embed.bias"].shape[0] - 1
     if len(categories) != k:
-        raise WeightsError(
-            f"{report.source}: {len(categories)} dataset categories given for a model with {k} classes"
-        )
+        raise WeightsError(f"{report.source}: {len(categories)} dataset categories given for a model with {k} classes")
     if "class_embed.weight" not in sd or "class_embed.bias" not in sd:
         return sd
     src_w, src_b = sd["class_embed.weight"], sd["class_embed.bias"]

@@ -68,7 +68,9 @@ class ServeOptions:
 
     def validate(self) -> "ServeOptions":
         if self.max_batch_size < 1 or not self.batch_wait_timeout_s >= 0:
-            raise ValueError(f"max_batch_size must be >= 1 and batch_wait_timeout_s >= 0, got {self.max_batch_size}, {self.batch_wait_timeout_s}")
+            raise ValueError(
+                f"max_batch_size must be >= 1 and batch_wait_timeout_s >= 0, got {self.max_batch_size}, {self.batch_wait_timeout_s}"
+            )
         if self.num_replicas is not None and self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         if self.autoscale is not None and not (0 <= self.autoscale[0] <= self.autoscale[1] and self.autoscale[1] >= 1):
@@ -107,7 +109,9 @@ def image_from_multipart(body: bytes, content_type: str) -> bytes:
     from email.parser import BytesParser
 
     try:
-        message = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+        message = BytesParser(policy=policy.HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+        )
         parts = list(message.iter_parts()) if message.is_multipart() else []
         part = next((p for p in parts if p.get_param("name", header="content-disposition") == "image"), None)
         part = part or next((p for p in parts if p.get_filename()), None)
@@ -148,7 +152,11 @@ class DetectionService:
 
     @api.get("/model")
     def describe(self) -> dict:
-        batching = {"max_batch_size": self.options.max_batch_size, "batch_wait_timeout_s": self.options.batch_wait_timeout_s, "so_far": self.batches}
+        batching = {
+            "max_batch_size": self.options.max_batch_size,
+            "batch_wait_timeout_s": self.options.batch_wait_timeout_s,
+            "so_far": self.batches,
+        }
         return {**self.model.describe(), "batching": batching}
 
     @api.post("/detect")
@@ -158,7 +166,11 @@ class DetectionService:
             content_type = request.headers.get("content-type", "")
             media = content_type.split(";")[0].strip().lower()
             if media not in (*IMAGE_TYPES, "multipart/form-data"):
-                raise RequestError(415, f"content type {content_type or '(none)'!r} not accepted: send image/jpeg or image/png bytes, or multipart/form-data with an 'image' field")
+                raise RequestError(
+                    415,
+                    f"content type {content_type or '(none)'!r} not accepted: send image/jpeg or image/png bytes, "
+                    "or multipart/form-data with an 'image' field",
+                )
             body = await read_body(request, self.options.max_body_bytes)
             if media == "multipart/form-data":
                 body = image_from_multipart(body, content_type)
@@ -210,12 +222,21 @@ def build_app(spec: ModelSpec, options: ServeOptions | None = None):
     if options.autoscale is not None:
         low, high = options.autoscale
         deployment = deployment.options(
-            autoscaling_config={"min_replicas": low, "max_replicas": high, "target_ongoing_requests": options.target_ongoing_requests},
+            autoscaling_config={
+                "min_replicas": low,
+                "max_replicas": high,
+                "target_ongoing_requests": options.target_ongoing_requests,
+            },
             num_replicas="auto",
         )
     else:
         deployment = deployment.options(num_replicas=options.num_replicas or (gpus if use_gpu else 1))
-    log.info("Serve app: %s replica(s), %s each, options %s", options.autoscale or options.num_replicas or (gpus if use_gpu else 1), actor, options)
+    log.info(
+        "Serve app: %s replica(s), %s each, options %s",
+        options.autoscale or options.num_replicas or (gpus if use_gpu else 1),
+        actor,
+        options,
+    )
     return deployment.bind(spec, asdict(options))
 
 
@@ -231,8 +252,15 @@ def serve_running() -> bool:
         return False
 
 
-def start(spec: ModelSpec, options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          name: str = APP_NAME, request_timeout_s: float | None = 60.0) -> bool:
+def start(
+    spec: ModelSpec,
+    options: ServeOptions | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str = APP_NAME,
+    request_timeout_s: float | None = 60.0,
+) -> bool:
     """Starts Serve (HTTP on host:port, on the head node) unless it runs already, and deploys
     the app; returns whether Serve was started here (then `stop` shuts it down, else it deletes
     only this app). Returns once every replica is ready."""

@@ -115,15 +115,22 @@ def export_detector(detector, identity: dict, out: str | Path) -> dict:
     model.load_state_dict(detector.weights)
     model.eval()
     program = export_model(model)
-    difference = max(max_difference(program, model, *random_padded_batch(sizes, seed)) for seed, sizes in enumerate(CHECK_BATCHES))
+    difference = max(
+        max_difference(program, model, *random_padded_batch(sizes, seed)) for seed, sizes in enumerate(CHECK_BATCHES)
+    )
     if difference > TOLERANCE:
-        raise RuntimeError(f"the exported program differs from the eager model by {difference:.3g} (tolerance {TOLERANCE})")
+        raise RuntimeError(
+            f"the exported program differs from the eager model by {difference:.3g} (tolerance {TOLERANCE})"
+        )
     torch.export.save(program, out / PROGRAM)
     t = detector.transform
     metadata = {
         "model": identity,
         "arch": to_dict(detector.model),
-        "categories": [{"label": i, "id": c, "name": n} for i, (c, n) in enumerate(zip(detector.label_to_category_id, detector.names))],
+        "categories": [
+            {"label": i, "id": c, "name": n}
+            for i, (c, n) in enumerate(zip(detector.label_to_category_id, detector.names))
+        ],
         "input": {
             "resize": {"shortest_side": t.val_scale, "max_size": t.max_size, "antialias": True},
             "color": "RGB",
@@ -141,7 +148,9 @@ def export_detector(detector, identity: dict, out: str | Path) -> dict:
         "check": {"max_abs_difference": difference, "tolerance": TOLERANCE, "batches": CHECK_BATCHES},
     }
     (out / METADATA).write_text(json.dumps(metadata, indent=2))
-    log.info("exported %s to %s (largest difference to eager %.3g)", identity.get("checkpoint"), out / PROGRAM, difference)
+    log.info(
+        "exported %s to %s (largest difference to eager %.3g)", identity.get("checkpoint"), out / PROGRAM, difference
+    )
     return metadata
 
 

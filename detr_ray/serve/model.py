@@ -75,8 +75,14 @@ def manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None = None, workdir: str | Path,
-                      data: str | None = None, overrides: list[str] = ()) -> ModelSpec:
+def choose_checkpoint(
+    *,
+    experiment: str | None = None,
+    checkpoint: str | None = None,
+    workdir: str | Path,
+    data: str | None = None,
+    overrides: list[str] = (),
+) -> ModelSpec:
     """The verified checkpoint to serve: `checkpoint` itself, or an experiment's best.json
     checkpoint (the best trial of trials.json whose checkpoint verifies, when that one does not),
     chosen exactly as evaluate.py chooses it. EvaluationTargetError / CheckpointError otherwise. `workdir`
@@ -90,13 +96,21 @@ def choose_checkpoint(*, experiment: str | None = None, checkpoint: str | None =
 
     if (experiment is None) == (checkpoint is None):
         raise ValueError("give exactly one of experiment, checkpoint")
-    if (checkpoint is not None and not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file()
-            and (Path(checkpoint).parent / ckpt.MANIFEST).is_file()):
-        raise subject.EvaluationTargetError(f"{checkpoint}: a file of the checkpoint directory {Path(checkpoint).parent}; give the directory")
+    if (
+        checkpoint is not None
+        and not subject.storage.is_uri(checkpoint)
+        and Path(checkpoint).is_file()
+        and (Path(checkpoint).parent / ckpt.MANIFEST).is_file()
+    ):
+        raise subject.EvaluationTargetError(
+            f"{checkpoint}: a file of the checkpoint directory {Path(checkpoint).parent}; give the directory"
+        )
     if checkpoint is not None and subject.is_weights_file(checkpoint):
         return _choose_published(checkpoint, workdir, data, list(overrides))
     if data is not None or overrides:
-        raise subject.EvaluationTargetError("--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings")
+        raise subject.EvaluationTargetError(
+            "--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings"
+        )
     if checkpoint is not None:
         if not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file():
             raise subject.EvaluationTargetError(
@@ -136,11 +150,21 @@ def _choose_published(location: str, workdir: str | Path, data: str | None, over
             f"{location}: categories {new} of {data} are not among its classes; serving them would answer with "
             "freshly initialised rows (different in every replica). Fine-tune it on this data first, then serve that checkpoint"
         )
-    identity = {"source": location, "checkpoint": location, "weights_sha256": published.weights["sha256"],
-                "manifest_sha256": manifest_sha256(published.manifest)}
-    log.info("serving published weights %s (sha256 %s) on the categories of %s", location, published.weights["sha256"], data)
-    return ModelSpec(location, published.manifest, identity,
-                     published={"source": location, "data": data, "overrides": overrides, "sha256": published.weights["sha256"]})
+    identity = {
+        "source": location,
+        "checkpoint": location,
+        "weights_sha256": published.weights["sha256"],
+        "manifest_sha256": manifest_sha256(published.manifest),
+    }
+    log.info(
+        "serving published weights %s (sha256 %s) on the categories of %s", location, published.weights["sha256"], data
+    )
+    return ModelSpec(
+        location,
+        published.manifest,
+        identity,
+        published={"source": location, "data": data, "overrides": overrides, "sha256": published.weights["sha256"]},
+    )
 
 
 def _chosen_location(experiment: str, chosen) -> str | None:
@@ -287,7 +311,9 @@ class ServedModel:
             directory, _ = fetch_checkpoint(spec.location, workdir or self._workdir.name)
             manifest = spec.manifest
         self.detector = load_detector(directory, manifest)  # refuses any other weights than the chosen ones
-        self.predictor = Predictor(to_dict(self.detector.model), self.detector.weights, self.detector.label_to_category_id, use_gpu, threads)
+        self.predictor = Predictor(
+            to_dict(self.detector.model), self.detector.weights, self.detector.label_to_category_id, use_gpu, threads
+        )
         self.device = str(self.predictor.device)
         self.detector.weights = None  # the predictor's model holds them
         self._label_of = {c: i for i, c in enumerate(self.detector.label_to_category_id)}
@@ -298,8 +324,10 @@ class ServedModel:
 
         subject = from_published(published["source"], workdir, published["data"], published["overrides"])
         if subject.weights["sha256"] != published["sha256"]:
-            raise EvaluationTargetError(f"{published['source']}: its sha256 is now {subject.weights['sha256']}, "
-                               f"not {published['sha256']} as when it was chosen; not serving other weights")
+            raise EvaluationTargetError(
+                f"{published['source']}: its sha256 is now {subject.weights['sha256']}, "
+                f"not {published['sha256']} as when it was chosen; not serving other weights"
+            )
         return subject.checkpoint, subject.manifest
 
     @property
@@ -351,8 +379,13 @@ class ServedModel:
         }
         out = self.predictor(pa.Table.from_pydict(rows, schema=DECODED_SCHEMA))
         by_id = {
-            i: [{"category_id": c, "score": s, "bbox": b} for c, s, b in zip(cats, scores, np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist())]
-            for i, cats, scores, boxes in zip(*(out.column(n).to_pylist() for n in ("image_id", "category_ids", "scores", "boxes")))
+            i: [
+                {"category_id": c, "score": s, "bbox": b}
+                for c, s, b in zip(cats, scores, np.asarray(boxes, dtype=np.float64).reshape(-1, 4).tolist())
+            ]
+            for i, cats, scores, boxes in zip(
+                *(out.column(n).to_pylist() for n in ("image_id", "category_ids", "scores", "boxes"))
+            )
         }
         return [by_id[i] for i in range(len(images))]
 
@@ -386,4 +419,3 @@ def check_threshold(value: float) -> float:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
         raise RequestError(400, f"score_threshold must be a number in [0, 1], got {value!r}")
     return float(value)
-

@@ -143,11 +143,15 @@ def _read_manifest(directory: str | Path) -> dict:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise CheckpointError(f"{path}: unreadable manifest: 'files' must map file names to {{sha256, bytes}}, got {files!r:.100}")
+        raise CheckpointError(
+            f"{path}: unreadable manifest: 'files' must map file names to {{sha256, bytes}}, got {files!r:.100}"
+        )
     for name, meta in files.items():
         _check_name(path, name)
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or type(meta.get("bytes")) is not int:
-            raise CheckpointError(f"{path}: files[{name!r}]: expected {{'sha256': str, 'bytes': int}}, got {meta!r:.100}")
+            raise CheckpointError(
+                f"{path}: files[{name!r}]: expected {{'sha256': str, 'bytes': int}}, got {meta!r:.100}"
+            )
     missing = [n for n in (*TENSOR_FILES, STATE) if n not in files]
     if missing:
         raise CheckpointError(f"{path}: manifest lacks {missing}")
@@ -236,12 +240,16 @@ def latest_valid(directories: Iterable[str | Path]) -> Path | None:
     return None
 
 
-def best_verified(candidates: Iterable[tuple], mode: str, check: Callable[[str], Any] = verify) -> tuple[tuple, Any] | None:
+def best_verified(
+    candidates: Iterable[tuple], mode: str, check: Callable[[str], Any] = verify
+) -> tuple[tuple, Any] | None:
     """The best of `candidates`, (value, location, ...) tuples, that passes `check` (default:
     `verify`, hashes and all): best value first by `mode` ("max" or "min"), the next best when
     one fails with CheckpointError or OSError (logged). Returns (candidate, what `check`
     returned), or None. A value that is not a finite number never counts."""
-    scored = [c for c in candidates if isinstance(c[0], (int, float)) and not isinstance(c[0], bool) and math.isfinite(c[0])]
+    scored = [
+        c for c in candidates if isinstance(c[0], (int, float)) and not isinstance(c[0], bool) and math.isfinite(c[0])
+    ]
     scored.sort(key=lambda c: c[0], reverse=(mode == "max"))
     for candidate in scored:
         try:
@@ -267,7 +275,13 @@ def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, f
             continue
         try:
             candidates.append((json.loads(storage.read_bytes(storage.join(path, STATE)))["metrics"].get(metric), path))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # unfinished or damaged: not a candidate
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as e:  # unfinished or damaged: not a candidate
             log.warning("%s: unreadable %s, not a candidate: %s", path, STATE, e)
     chosen = best_verified(candidates, mode)
     if chosen is None:
@@ -279,7 +293,9 @@ def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[str | None, f
 def best_trial(trials: Iterable[dict], mode: str, check: Callable[[str], Any] = verify) -> tuple[dict, Any] | None:
     """The best of a sweep's trials (trials.json rows: "best" value, "checkpoint" location)
     whose checkpoint passes `check` (see best_verified), and what `check` returned; or None."""
-    chosen = best_verified([(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")], mode, check)
+    chosen = best_verified(
+        [(t.get("best"), str(t["checkpoint"]), t) for t in trials if t.get("checkpoint")], mode, check
+    )
     if chosen is None:
         return None
     (_, _, trial), checked = chosen

@@ -140,11 +140,20 @@ def write_subset_shards(source_root: Path, out: Path, category_ids: Sequence[int
         os.replace(tmp, annotation_file)
         shards = out / split
         report = write_shards(
-            load_coco(str(annotation_file)), str(source_root / "raw" / split), str(shards),
-            shard_size=shard_size, workers=0, progress=False,
+            load_coco(str(annotation_file)),
+            str(source_root / "raw" / split),
+            str(shards),
+            shard_size=shard_size,
+            workers=0,
+            progress=False,
         )
-        logger.info("demo pre-training %s split (%d of %d images):\n%s", split, len(part["images"]),
-                    len(full["images"]), report.summary())
+        logger.info(
+            "demo pre-training %s split (%d of %d images):\n%s",
+            split,
+            len(part["images"]),
+            len(full["images"]),
+            report.summary(),
+        )
         result.append(str(shards))
     return result[0], result[1]
 
@@ -169,9 +178,13 @@ def _cached(root: Path, wanted: dict[str, Any]) -> str | None:
 def _remove_generated(root: Path) -> None:
     """Deletes subset/, checkpoint/ and recipe.json under root (marked as this module's) only if
     every file there is one this module writes (ownership.remove_generated)."""
-    remove_generated(root, ("subset", "checkpoint", RECIPE_FILE), _GENERATED,
-                     f"not written by the demo pre-training; refusing to rebuild the pre-trained demo model in {root}, "
-                     "nothing was removed. Move it away, or point DETR_RAY_DEMO_PRETRAINED_DIR at another directory.")
+    remove_generated(
+        root,
+        ("subset", "checkpoint", RECIPE_FILE),
+        _GENERATED,
+        f"not written by the demo pre-training; refusing to rebuild the pre-trained demo model in {root}, "
+        "nothing was removed. Move it away, or point DETR_RAY_DEMO_PRETRAINED_DIR at another directory.",
+    )
 
 
 def _train(root: Path, wanted: dict[str, Any]) -> str:
@@ -182,7 +195,9 @@ def _train(root: Path, wanted: dict[str, Any]) -> str:
 
     src = wanted["source"]
     source_train, _ = demo.ensure_demo_shards(root / "source", **{**src, "image_sizes": tuple(src["image_sizes"])})
-    train_uri, val_uri = write_subset_shards(Path(source_train).parent, root / "subset", wanted["categories"], src["shard_size"])
+    train_uri, val_uri = write_subset_shards(
+        Path(source_train).parent, root / "subset", wanted["categories"], src["shard_size"]
+    )
     raw = copy.deepcopy(wanted["experiment"])
     raw["data"].update(train=train_uri, val=val_uri)
     exp = experiment_from_dict(raw, "demo pre-training experiment")
@@ -201,8 +216,11 @@ def _train(root: Path, wanted: dict[str, Any]) -> str:
     tmp = root / (RECIPE_FILE + ".tmp")
     tmp.write_text(json.dumps(wanted, indent=2))
     os.replace(tmp, root / RECIPE_FILE)
-    logger.info("pre-trained demo model: %s (val/AP on its categories %.3f)", root / "checkpoint",
-                loaded.state.metrics.get("val/AP", float("nan")))
+    logger.info(
+        "pre-trained demo model: %s (val/AP on its categories %.3f)",
+        root / "checkpoint",
+        loaded.state.metrics.get("val/AP", float("nan")),
+    )
     return str(root / "checkpoint")
 
 

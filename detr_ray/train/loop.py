@@ -125,7 +125,11 @@ def run_checkpoints(filesystem, run_dir: str) -> list:
         infos = filesystem.get_file_info(pafs.FileSelector(run_dir))
     except (OSError, FileNotFoundError):
         return []
-    names = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_"))
+    names = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")
+    )
     return [Checkpoint(p, filesystem=filesystem) for p in names]
 
 
@@ -152,7 +156,11 @@ def _resume_candidates(ctx) -> list:
         if registered.path.rstrip("/") not in paths:  # not under the run directory: tried first
             candidates.append(registered)
         elif candidates and candidates[-1].path.rstrip("/") != registered.path.rstrip("/"):
-            log.warning("Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first", registered.path, candidates[-1].path)
+            log.warning(
+                "Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first",
+                registered.path,
+                candidates[-1].path,
+            )
     return candidates
 
 
@@ -208,13 +216,19 @@ def _build_worker(run: WorkerRun, rank: int, device: torch.device) -> _Worker:
     pretrained_backbone = False
     for source in (tcfg.pretrained, tcfg.pretrained_backbone):
         if source:
-            report = detectors.load_weights(model, source, categories=list(zip(meta.label_to_category_id, meta.label_names)))
+            report = detectors.load_weights(
+                model, source, categories=list(zip(meta.label_to_category_id, meta.label_names))
+            )
             pretrained_backbone |= any(k.startswith("backbone.") for k in report.loaded)
     calibrate = is_detr and tcfg.calibrate_frozen_bn and model_cfg.frozen_bn and not pretrained_backbone
 
     precision = resolve_precision(tcfg.precision, device)
     model = ray.train.torch.prepare_model(model)
-    criterion = build_criterion(model_cfg, tcfg.cost_class, tcfg.cost_bbox, tcfg.cost_giou, tcfg.eos_coef).to(device) if is_detr else None
+    criterion = (
+        build_criterion(model_cfg, tcfg.cost_class, tcfg.cost_bbox, tcfg.cost_giou, tcfg.eos_coef).to(device)
+        if is_detr
+        else None
+    )
     optimizer = build_optimizer(model, tcfg.lr, tcfg.lr_backbone, tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, tcfg)
     step = TrainStep(model, criterion, optimizer, StepOptions(precision, tcfg.channels_last, tcfg.clip_max_norm))
@@ -271,7 +285,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # from the seed above; augmentation is drawn in the decode tasks (data/decode.py).
         torch.manual_seed(derive_seed(tcfg.seed, "torch", epoch, rank))
         shuffle_seed = derive_seed(tcfg.seed, "shuffle", epoch, rank)
-        batches = DetectionBatches.from_config(train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed)
+        batches = DetectionBatches.from_config(
+            train_shard, exp.data, train=True, device=device, shuffle_seed=shuffle_seed
+        )
         metrics, w.global_step, w.calibrate, seen, losses = _train_epoch(
             w.step, batches, agree, epoch, w.global_step, tcfg, device, w.calibrate, run.testing, rank
         )
@@ -288,8 +304,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["checkpoint_score"] = -1.0  # ranks below every evaluated checkpoint
         testing_hooks.audit_point(run.testing, rank, done, seen, w.model, losses, val_ids)
         metrics.update(w.last_val)
-        metrics.update({"epoch": done, "global_step": w.global_step, "model/parameters": w.parameters,
-                        "train/start_epoch": w.start_epoch})  # start_epoch > 0: this attempt resumed
+        metrics.update(
+            {
+                "epoch": done,
+                "global_step": w.global_step,
+                "model/parameters": w.parameters,
+                "train/start_epoch": w.start_epoch,
+            }
+        )  # start_epoch > 0: this attempt resumed
         _log_epoch(metrics, writer, rank, done, tcfg.epochs)
         _report(w.model, w.optimizer, w.scheduler, w.step.scaler, exp, categories, metrics, done, w.global_step, rank)
     if writer is not None:
@@ -304,8 +326,13 @@ def _log_epoch(metrics: dict, writer, rank: int, done: int, epochs: int) -> None
     if rank == 0:
         log.info(
             "epoch %d/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s, data wait %.0f%%",
-            done, epochs, metrics["train/loss"], metrics.get("val/AP", float("nan")),
-            metrics.get("val/AP50", float("nan")), metrics["train/images_per_s"], 100 * metrics["train/data_wait_fraction"],
+            done,
+            epochs,
+            metrics["train/loss"],
+            metrics.get("val/AP", float("nan")),
+            metrics.get("val/AP50", float("nan")),
+            metrics["train/images_per_s"],
+            100 * metrics["train/data_wait_fraction"],
         )
     if writer is not None:
         for k, v in metrics.items():
@@ -317,7 +344,9 @@ def _log_epoch(metrics: dict, writer, rank: int, done: int, epochs: int) -> None
         metrics["run/node_id"] = runtime.get_node_id()
 
 
-def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, testing: TestingHooks, rank):
+def _train_epoch(
+    step: TrainStep, batches, agree, epoch, global_step, tcfg, device, calibrate, testing: TestingHooks, rank
+):
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
     losses: list[torch.Tensor] = []  # per step, for the audit only (kept on the device: no sync)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -349,7 +378,9 @@ def _train_epoch(step: TrainStep, batches, agree, epoch, global_step, tcfg, devi
         bad = ~torch.isfinite(out["loss"])
         if device.type == "cpu":
             if bad:
-                raise NonFiniteLossError(f"non-finite loss {out['loss'].item()} at epoch {epoch + 1}, step {global_step}")
+                raise NonFiniteLossError(
+                    f"non-finite loss {out['loss'].item()} at epoch {epoch + 1}, step {global_step}"
+                )
         else:
             first_bad = torch.where(bad & (first_bad < 0), global_step, first_bad)
             if (n_steps + 1) % tcfg.check_finite_every == 0:
@@ -440,10 +471,14 @@ def _report(model, optimizer, scheduler, scaler, exp, categories, metrics, epoch
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    state = ckpt.TrainingState(epoch=epoch, global_step=global_step, config=exp.to_dict(), categories=categories, metrics=metrics)
+    state = ckpt.TrainingState(
+        epoch=epoch, global_step=global_step, config=exp.to_dict(), categories=categories, metrics=metrics
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt.save(tmp, model, optimizer, scheduler, scaler, state)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=_checkpoint_dir_name(epoch))
+        ray.train.report(
+            metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=_checkpoint_dir_name(epoch)
+        )
 
 
 def _checkpoint_dir_name(epoch: int) -> str:
@@ -457,7 +492,9 @@ def _checkpoint_dir_name(epoch: int) -> str:
     storage = ray.train.get_context().get_storage()
     base = name = f"checkpoint_epoch{epoch:04d}"
     attempt = 1
-    while storage.storage_filesystem.get_file_info(f"{storage.experiment_fs_path}/{name}").type != pafs.FileType.NotFound:
+    while (
+        storage.storage_filesystem.get_file_info(f"{storage.experiment_fs_path}/{name}").type != pafs.FileType.NotFound
+    ):
         attempt += 1
         name = f"{base}-{attempt}"
     return name

@@ -81,7 +81,10 @@ class TrainStep:
         x = normalize(images.to(self.device, non_blocking=True), self.options.channels_last)
         mask = mask.to(self.device, non_blocking=True)
         targets = [
-            {"labels": t["labels"].to(self.device, non_blocking=True), "boxes": t["boxes"].to(self.device, non_blocking=True)}
+            {
+                "labels": t["labels"].to(self.device, non_blocking=True),
+                "boxes": t["boxes"].to(self.device, non_blocking=True),
+            }
             for t in targets
         ]
         if computes_own_loss(self.model):  # a torchvision detector: its own losses, summed

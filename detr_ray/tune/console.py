@@ -96,8 +96,9 @@ def trial_name(trial) -> str:
 
 def trial_dirname(trial) -> str:
     """trial_<id>_<searched key>=<value>,...: the sampled values, never the fixed experiment."""
-    values = ",".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items())
-                      if not k.startswith("_") and not isinstance(v, dict))
+    values = ",".join(
+        f"{k}={_short(v)}" for k, v in sorted(trial.config.items()) if not k.startswith("_") and not isinstance(v, dict)
+    )
     name = f"trial_{trial.trial_id}" + (f"_{values}" if values else "")
     return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:MAX_DIRNAME]
 
@@ -145,8 +146,13 @@ class EpochLines(tune.Callback):
 
         log.info(
             "trial %s epoch %s/%d: loss %.3f, val/AP %.3f, val/AP50 %.3f, %.1f images/s",
-            trial.trial_id, result.get("epoch", "?"), self.epochs, number("train/loss"), number("val/AP"),
-            number("val/AP50"), number("train/images_per_s"),
+            trial.trial_id,
+            result.get("epoch", "?"),
+            self.epochs,
+            number("train/loss"),
+            number("val/AP"),
+            number("val/AP50"),
+            number("train/images_per_s"),
         )
 
 

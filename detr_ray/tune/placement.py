@@ -67,7 +67,10 @@ class PlacementGroupWatch(tune.Callback):
                 continue
             log.error(
                 "LEAK: trial %s ended %.0f s ago and Ray still holds its Train placement group %s; "
-                "removing it so that later trials get its resources", trial_id, RELEASE_GRACE_S, pg,
+                "removing it so that later trials get its resources",
+                trial_id,
+                RELEASE_GRACE_S,
+                pg,
             )
             _remove_placement_group(pg)
             leaked.append({"trial": trial_id, "placement_group": pg})

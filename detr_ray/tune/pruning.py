@@ -31,8 +31,18 @@ class PruningOptunaSearch(OptunaSearch):
     those, so the per-epoch values go to the trial's user attribute `history`; ASHA stops trials
     on `metric` alone and they are told PRUNED like single-objective ones."""
 
-    def __init__(self, *, metric: str, mode: str, seed: int, max_epochs: int, startup_trials: int = 10,
-                 objectives: dict[str, str] | None = None, study_storage: str | None = None, study_name: str | None = None):
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        seed: int,
+        max_epochs: int,
+        startup_trials: int = 10,
+        objectives: dict[str, str] | None = None,
+        study_storage: str | None = None,
+        study_name: str | None = None,
+    ):
         objectives = dict(objectives or {})
         super().__init__(
             metric=[metric, *objectives] if objectives else metric,
@@ -83,7 +93,11 @@ class PruningOptunaSearch(OptunaSearch):
         ran = int((result or {}).get("epoch", 0))
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         if not error and result and ran >= self.max_epochs and any(result.get(m) is None for m in metrics):
-            log.error("trial %s finished without reporting %s: told FAIL", trial_id, [m for m in metrics if result.get(m) is None])
+            log.error(
+                "trial %s finished without reporting %s: told FAIL",
+                trial_id,
+                [m for m in metrics if result.get(m) is None],
+            )
             error, result = True, None
         if error or not result or self.primary not in result or ran >= self.max_epochs:
             return super().on_trial_complete(trial_id, None if error else result, error)
@@ -121,13 +135,20 @@ class PruningOptunaSearch(OptunaSearch):
         import optuna
 
         self._storage = open_storage(self.study_storage)
-        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler,
-                                           pruner=optuna.pruners.NopPruner())
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name, storage=self._storage, sampler=self._sampler, pruner=optuna.pruners.NopPruner()
+        )
         known = dict(self._ot_trials)
-        self._ot_trials = {t: optuna.trial.Trial(self._ot_study, i) for t, i in known.items() if t not in self._completed_trials}
+        self._ot_trials = {
+            t: optuna.trial.Trial(self._ot_study, i) for t, i in known.items() if t not in self._completed_trials
+        }
         for frozen in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen._trial_id not in known.values():
-                log.warning("Optuna trial %d (Tune trial %s) was proposed after the last saved sweep state and is lost "
-                            "with the restore: marked FAIL", frozen.number, frozen.user_attrs.get(TUNE_ID))
+                log.warning(
+                    "Optuna trial %d (Tune trial %s) was proposed after the last saved sweep state and is lost "
+                    "with the restore: marked FAIL",
+                    frozen.number,
+                    frozen.user_attrs.get(TUNE_ID),
+                )
                 self._storage.set_trial_user_attr(frozen._trial_id, "lost_in_restore", True)
                 self._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)

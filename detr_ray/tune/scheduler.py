@@ -49,8 +49,12 @@ class RungKeepingASHA(ASHAScheduler):
             bracket._rungs = [(milestone, dict(recorded)) for milestone, recorded in rungs]
         self._restored_brackets = dict(state["trial_brackets"])
         self._num_stopped = state["num_stopped"]
-        log.info("ASHA restored: %d recorded results in %d rungs, %d trials stopped so far",
-                 sum(len(r) for _, r in self._brackets[0]._rungs), len(self._brackets[0]._rungs), self._num_stopped)
+        log.info(
+            "ASHA restored: %d recorded results in %d rungs, %d trials stopped so far",
+            sum(len(r) for _, r in self._brackets[0]._rungs),
+            len(self._brackets[0]._rungs),
+            self._num_stopped,
+        )
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)  # assigns a bracket at random

@@ -47,7 +47,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ConfigError, _check_type, DataConfig, DETRConfig, ExperimentConfig, TrainConfig, experiment_from_dict, load_yaml
+from detr_ray.config import (
+    ConfigError,
+    _check_type,
+    DataConfig,
+    DETRConfig,
+    ExperimentConfig,
+    TrainConfig,
+    experiment_from_dict,
+    load_yaml,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed", "by")
 RATIO_KEY = "train.lr_backbone_ratio"
@@ -136,7 +145,7 @@ def apply_sample(experiment: dict, sample: dict[str, Any]) -> dict:
         exp[section][name] = value
     for key, value in sample.items():  # after the choices they follow are in place
         if _is_by(value):
-            (by, table), = value["by"].items()
+            ((by, table),) = value["by"].items()
             by_section, _, by_name = by.partition(".")
             choice = exp[by_section].get(by_name, getattr(SECTIONS[by_section], by_name))
             if choice not in table:
@@ -169,15 +178,17 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
             raise ConfigError(f"{where}: unknown key {key!r}; {section} has {', '.join(sorted(known))}")
     if not isinstance(spec, dict) or len(spec) != 1:
         raise ConfigError(f"{where}: expected one distribution, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}, got {spec!r}")
-    (kind, args), = spec.items()
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise ConfigError(f"{where}: unknown distribution {kind!r}; choose one of {', '.join(DISTRIBUTIONS)}")
     if kind == "fixed":
         return Param(key, kind, args)
     if kind == "by":
         if not isinstance(args, dict) or len(args) != 1 or not isinstance(next(iter(args.values())), dict):
-            raise ConfigError(f"{where}.by: expected {{choice key: {{choice: value, ...}}}}, e.g. "
-                              f"{{model.backbone: {{resnet50: r50.pth, resnet101: r101.pth}}}}, got {args!r}")
+            raise ConfigError(
+                f"{where}.by: expected {{choice key: {{choice: value, ...}}}}, e.g. "
+                f"{{model.backbone: {{resnet50: r50.pth, resnet101: r101.pth}}}}, got {args!r}"
+            )
         return Param(key, kind, {str(k): dict(v) for k, v in args.items()})
     if kind == "choice":
         if not isinstance(args, list) or not args:
@@ -203,16 +214,20 @@ def _extremes(p: Param) -> list[Any]:
 def _check_by(p: Param, params: dict[str, Param], experiment: dict, where: str) -> None:
     """A `by` parameter follows a `choice` of the same space and has a value for each choice
     (and none for anything else); each pair must make a valid experiment."""
-    (by, table), = p.args.items()
+    ((by, table),) = p.args.items()
     leader = params.get(by)
     if leader is None or leader.kind != "choice":
-        raise ConfigError(f"{where}.by: {by!r} must be a choice of this search space (the key it follows), "
-                          f"got {leader.kind if leader else 'no such key'}")
+        raise ConfigError(
+            f"{where}.by: {by!r} must be a choice of this search space (the key it follows), "
+            f"got {leader.kind if leader else 'no such key'}"
+        )
     missing = [c for c in leader.args if c not in table]
     extra = [k for k in table if k not in leader.args]
     if missing or extra:
-        raise ConfigError(f"{where}.by.{by}: needs a value for each of {leader.args} and nothing else; "
-                          f"missing {missing}, not a choice {extra}")
+        raise ConfigError(
+            f"{where}.by.{by}: needs a value for each of {leader.args} and nothing else; "
+            f"missing {missing}, not a choice {extra}"
+        )
     for choice, value in table.items():
         try:
             experiment_from_dict(apply_sample(experiment, {by: choice, p.key: value}), "experiment")
@@ -255,8 +270,10 @@ def parse_space(data: dict, source: str = "search space") -> SearchSpace:
         raise ConfigError(f"{source}: scheduler.objectives: expected {{metric: max|min}}, got {scheduler.objectives!r}")
     for name, mode in scheduler.objectives.items():
         if not isinstance(name, str) or mode not in ("max", "min") or name == scheduler.metric:
-            raise ConfigError(f"{source}: scheduler.objectives.{name}: expected a metric other than scheduler.metric "
-                              f"({scheduler.metric}) with max or min, got {mode!r}")
+            raise ConfigError(
+                f"{source}: scheduler.objectives.{name}: expected a metric other than scheduler.metric "
+                f"({scheduler.metric}) with max or min, got {mode!r}"
+            )
     if scheduler.reduction_factor < 2:
         raise ConfigError(f"{source}: scheduler.reduction_factor: must be >= 2, got {scheduler.reduction_factor}")
     return SearchSpace(source, experiment, params, scheduler, fixed)

@@ -70,7 +70,7 @@ def default_storage(experiment_dir: str, requested: str | None) -> str:
 
 
 def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def open_storage(spec: str) -> optuna.storages.BaseStorage:
@@ -203,7 +203,9 @@ def resolve_source(source: str, study_name: str | None = None) -> tuple[str, str
     names = [s.study_name for s in optuna.get_all_study_summaries(open_storage(spec))]
     if study_name is None:
         if len(names) != 1:
-            raise StudyError(f"{shown(spec)} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --warm-start-study")
+            raise StudyError(
+                f"{shown(spec)} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --warm-start-study"
+            )
         study_name = names[0]
     if study_name not in names:
         raise StudyError(f"{shown(spec)} holds no study named {study_name!r}; it has: {', '.join(names) or 'none'}")
@@ -212,7 +214,11 @@ def resolve_source(source: str, study_name: str | None = None) -> tuple[str, str
 
 def _why_outside(key: str, value: Any, dist: BaseDistribution) -> str | None:
     if isinstance(dist, CategoricalDistribution):
-        return None if value in dist.choices else f"different choice set: {key}={value!r} is not among {list(dist.choices)}"
+        return (
+            None
+            if value in dist.choices
+            else f"different choice set: {key}={value!r} is not among {list(dist.choices)}"
+        )
     try:
         inside = dist._contains(dist.to_internal_repr(value))
     except (ValueError, TypeError):
@@ -234,13 +240,18 @@ def warm_start(source: str, space: SearchSpace, study_name: str | None = None) -
     fixed = space.fixed.to_dict()
     out = WarmStart(shown(spec), name)
     old_names = old.metric_names or [f"objective {i}" for i in range(len(old.directions))]
-    if old_names != wanted or old.directions != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions(space)]:
+    if old_names != wanted or old.directions != [
+        optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+        for d in directions(space)
+    ]:
         why = f"different objectives: {old_names} ({[d.name.lower() for d in old.directions]}) vs this sweep's {wanted} ({directions(space)})"
         out.ignored = [(t.number, why) for t in old.trials]
         return out
     for t in old.trials:
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            out.ignored.append((t.number, "failed" if t.state == TrialState.FAIL else f"no result ({t.state.name.lower()})"))
+            out.ignored.append(
+                (t.number, "failed" if t.state == TrialState.FAIL else f"no result ({t.state.name.lower()})")
+            )
             continue
         why = None
         for key, dist in new_dists.items():
@@ -260,20 +271,31 @@ def warm_start(source: str, space: SearchSpace, study_name: str | None = None) -
         if why:
             out.ignored.append((t.number, why))
             continue
-        out.used.append(optuna.trial.create_trial(
-            state=t.state,
-            values=t.values if t.state == TrialState.COMPLETE else None,
-            params={k: t.params[k] for k in new_dists},
-            distributions=new_dists,
-            intermediate_values=dict(t.intermediate_values),
-            user_attrs={WARM_START: f"{name}#{t.number}", **{k: v for k, v in t.user_attrs.items() if k == "history"}},
-        ))
+        out.used.append(
+            optuna.trial.create_trial(
+                state=t.state,
+                values=t.values if t.state == TrialState.COMPLETE else None,
+                params={k: t.params[k] for k in new_dists},
+                distributions=new_dists,
+                intermediate_values=dict(t.intermediate_values),
+                user_attrs={
+                    WARM_START: f"{name}#{t.number}",
+                    **{k: v for k, v in t.user_attrs.items() if k == "history"},
+                },
+            )
+        )
     return out
 
 
 def seed(study: optuna.Study, warm: WarmStart) -> None:
     """Adds the warm-start trials to `study` (before the sweep asks for its first trial)."""
     study.add_trials(warm.used)
-    log.info("warm start from %s (study %s): %d trials added, %d ignored", warm.source, warm.study, len(warm.used), len(warm.ignored))
+    log.info(
+        "warm start from %s (study %s): %d trials added, %d ignored",
+        warm.source,
+        warm.study,
+        len(warm.used),
+        len(warm.ignored),
+    )
     for number, why in warm.ignored:
         log.info("  trial %d ignored: %s", number, why)

@@ -60,12 +60,17 @@ def summarize(results, space: SearchSpace) -> tuple[list[dict], dict | None]:
             columns = [c for c in df.columns if c in HISTORY_KEYS or c.startswith(HISTORY_PREFIXES)]
             row["history"] = json.loads(df[columns].to_json(orient="records"))
         if row["trial"] and RUNS_KEY in config:
-            row["checkpoint"], row["best"] = ckpt.best_checkpoint(storage.join(config[RUNS_KEY], row["trial"]), metric, mode)
+            row["checkpoint"], row["best"] = ckpt.best_checkpoint(
+                storage.join(config[RUNS_KEY], row["trial"]), metric, mode
+            )
         if row["best"] is None and row["history"]:  # no checkpoint left: the best reported value
             values = [h[metric] for h in row["history"] if isinstance(h.get(metric), (int, float))]
             row["best"] = (max if mode == "max" else min)(values) if values else None
         if space.scheduler.objectives:  # every objective at the trial's best checkpoint's epoch
-            row["values"] = {metric: row["best"], **{m: best_row_value(row, metric, m) for m in space.scheduler.objectives}}
+            row["values"] = {
+                metric: row["best"],
+                **{m: best_row_value(row, metric, m) for m in space.scheduler.objectives},
+            }
         rows.append(row)
     chosen = ckpt.best_trial(rows, mode, check=lambda location: None)  # each row's checkpoint verified above
     return rows, chosen[0] if chosen else None
@@ -100,12 +105,23 @@ def write_summary(sweep: Sweep, rows: list[dict], best: dict | None, data: dict[
         "search": {p.key: {p.kind: p.args} for p in space.params},
         "epochs": space.fixed.train.epochs,
         "resources": {"gpus_per_trial": run.gpus, "cpus_per_trial": run.cpus},
-        "study": {"storage": study.shown(sweep.study_storage), "name": sweep.study_name,
-                  "dashboard": study.dashboard_command(sweep.study_storage)} if sweep.study_storage else None,
+        "study": {
+            "storage": study.shown(sweep.study_storage),
+            "name": sweep.study_name,
+            "dashboard": study.dashboard_command(sweep.study_storage),
+        }
+        if sweep.study_storage
+        else None,
         "warm_start": sweep.warm.describe() if sweep.warm is not None else None,
         # ASHA's records (rungs: [[milestone epoch, {trial: value there}], ...] per bracket) for the report
-        "asha": {**scheduler.get_state(), "metric": space.scheduler.metric, "reduction_factor": scheduler._reduction_factor,
-                 "max_t": scheduler._max_t} if scheduler is not None else None,
+        "asha": {
+            **scheduler.get_state(),
+            "metric": space.scheduler.metric,
+            "reduction_factor": scheduler._reduction_factor,
+            "max_t": scheduler._max_t,
+        }
+        if scheduler is not None
+        else None,
         "leaked_placement_groups": read_leaks(sweep.watch.record),
         "trials": rows,
     }

@@ -27,8 +27,13 @@ def trial_driver(config: dict[str, Any]) -> None:
     experiment = experiment_from_dict(apply_sample(config[EXPERIMENT_KEY], sample_of(config)), f"trial {trial_id}")
     shards = config.get(SHARDS_KEY)  # resolved once for the sweep (absent in sweeps recorded without it)
     DataContext.get_current().enable_progress_bars = False  # many trials' bars would bury Tune's table
-    trainer = build_trainer(experiment, name=trial_id, storage_path=config[RUNS_KEY], callbacks=[TuneReportCallback()],
-                            shards=(shards["train"], shards["val"]) if shards else None)
+    trainer = build_trainer(
+        experiment,
+        name=trial_id,
+        storage_path=config[RUNS_KEY],
+        callbacks=[TuneReportCallback()],
+        shards=(shards["train"], shards["val"]) if shards else None,
+    )
     trainer.fit()
 
 

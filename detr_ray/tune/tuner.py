@@ -28,6 +28,7 @@ from detr_ray import relaunch
 from detr_ray.config import ConfigError
 from detr_ray.data import storage
 from detr_ray.tune import console, study
+
 # A sweep's pickled state (tuner.pkl, searcher-state-*.pkl) may name these two classes as
 # detr_ray.tune.tuner's: importing them here keeps such sweeps restorable.
 from detr_ray.tune.placement import PlacementGroupWatch
@@ -89,7 +90,9 @@ def check_space(space: SearchSpace) -> None:
             f"{space.scheduler.metric} at every epoch), got {exp.train.eval_every}"
         )
     if not space.scheduler.metric.startswith("val/"):
-        raise ConfigError(f"{space.source}: scheduler.metric must be a validation metric (val/...), got {space.scheduler.metric!r}")
+        raise ConfigError(
+            f"{space.source}: scheduler.metric must be a validation metric (val/...), got {space.scheduler.metric!r}"
+        )
 
 
 def build_sweep(
@@ -149,7 +152,9 @@ def build_sweep(
         raise SweepError(f"{relaunch.AS_STORED_FLAG}: there is no sweep at {exp_dir} to resume")
 
     sched = space.scheduler
-    search_alg, spec, warm = _searcher(search, space, name, exp_dir, concurrency, study_storage, warm_start, warm_start_study)
+    search_alg, spec, warm = _searcher(
+        search, space, name, exp_dir, concurrency, study_storage, warm_start, warm_start_study
+    )
     scheduler = _scheduler(space, early_stopping, run_config)
     param_space = {**space.tune_domains(), EXPERIMENT_KEY: space.experiment, RUNS_KEY: storage.join(exp_dir, "runs")}
     if shards is not None:
@@ -193,26 +198,55 @@ def _scheduler(space: SearchSpace, early_stopping: bool, run_config):
     return scheduler
 
 
-def _restore(exp_dir: str, space: SearchSpace, trainable, concurrency: int, watch, as_stored: bool,
-             study_storage: str | None, warm_start: str | None) -> Sweep:
+def _restore(
+    exp_dir: str,
+    space: SearchSpace,
+    trainable,
+    concurrency: int,
+    watch,
+    as_stored: bool,
+    study_storage: str | None,
+    warm_start: str | None,
+) -> Sweep:
     """The sweep at `exp_dir` restored (see build_sweep), with its own study."""
     space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
     recorded = study.read_record(exp_dir)
     if warm_start:
-        raise SweepError(f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)")
-    if study_storage and (recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]):
-        raise SweepError(f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
-                         f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)")
+        raise SweepError(
+            f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)"
+        )
+    if study_storage and (
+        recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]
+    ):
+        raise SweepError(
+            f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
+            f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)"
+        )
     log.info("restoring the sweep at %s", exp_dir)
     tuner = tune.Tuner.restore(
         exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
     )
-    return Sweep(tuner, space, exp_dir, True, concurrency, watch, **(
-        {"study_storage": recorded["spec"], "study_name": recorded["study"]} if recorded else {}))
+    return Sweep(
+        tuner,
+        space,
+        exp_dir,
+        True,
+        concurrency,
+        watch,
+        **({"study_storage": recorded["spec"], "study_name": recorded["study"]} if recorded else {}),
+    )
 
 
-def _searcher(search: str, space: SearchSpace, name: str, exp_dir: str, concurrency: int, study_storage: str | None,
-              warm_start: str | None, warm_start_study: str | None) -> tuple[Any, str | None, Any]:
+def _searcher(
+    search: str,
+    space: SearchSpace,
+    name: str,
+    exp_dir: str,
+    concurrency: int,
+    study_storage: str | None,
+    warm_start: str | None,
+    warm_start_study: str | None,
+) -> tuple[Any, str | None, Any]:
     """(Tune's search algorithm, the Optuna study's storage spec or None, the warm start or None)
     of a new sweep."""
     sched = space.scheduler
@@ -233,8 +267,14 @@ def _searcher(search: str, space: SearchSpace, name: str, exp_dir: str, concurre
     if warm is not None:
         study.seed(ot_study, warm)
     search_alg = PruningOptunaSearch(
-        metric=sched.metric, mode=sched.mode, seed=sched.seed, max_epochs=space.fixed.train.epochs,
-        startup_trials=sched.startup_trials, objectives=sched.objectives, study_storage=spec, study_name=name,
+        metric=sched.metric,
+        mode=sched.mode,
+        seed=sched.seed,
+        max_epochs=space.fixed.train.epochs,
+        startup_trials=sched.startup_trials,
+        objectives=sched.objectives,
+        study_storage=spec,
+        study_name=name,
     )
     log.info("Optuna study %r in %s; watch it with: %s", name, study.shown(spec), study.dashboard_command(spec))
     return search_alg, spec, warm

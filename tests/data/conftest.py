@@ -80,8 +80,14 @@ def make_shards(root: Path, corrupt: bool = True) -> tuple[Path, dict]:
     replaced by garbage after validation, as a corrupt file would be."""
     coco = make_coco(root / "coco")
     out = root / "shards"
-    write_shards(load_coco(str(root / "coco" / "instances.json")), str(root / "coco" / "images"), str(out),
-                 shard_size=3, workers=0, progress=False)
+    write_shards(
+        load_coco(str(root / "coco" / "instances.json")),
+        str(root / "coco" / "images"),
+        str(out),
+        shard_size=3,
+        workers=0,
+        progress=False,
+    )
     if corrupt:
         for path in sorted(out.glob("*.parquet")):
             table = pq.read_table(path)

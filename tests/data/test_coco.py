@@ -103,13 +103,26 @@ def test_load_coco_hashes_the_file_and_reports_bad_json(tmp_path):
 
 @pytest.mark.parametrize(
     "name",
-    ["/etc/passwd", "../x.jpg", "a/../../x.jpg", "a/..", "..\\x.jpg", "C:\\x.jpg", "c:x.jpg", "\\\\host\\share\\x.jpg",
-     "s3://bucket/x.jpg", "file:///x.jpg", ""],
+    [
+        "/etc/passwd",
+        "../x.jpg",
+        "a/../../x.jpg",
+        "a/..",
+        "..\\x.jpg",
+        "C:\\x.jpg",
+        "c:x.jpg",
+        "\\\\host\\share\\x.jpg",
+        "s3://bucket/x.jpg",
+        "file:///x.jpg",
+        "",
+    ],
 )
 def test_a_file_name_leaving_the_images_directory_is_refused(name):
     data = base()
     data["images"][0]["file_name"] = name
-    with pytest.raises(CocoFormatError, match=r"^ann.json: images\[0\] \(id=2\): key 'file_name' .*must be a path relative"):
+    with pytest.raises(
+        CocoFormatError, match=r"^ann.json: images\[0\] \(id=2\): key 'file_name' .*must be a path relative"
+    ):
         parse_coco(data, "ann.json")
 
 

@@ -17,7 +17,10 @@ def test_demo_is_deterministic_and_shaped_as_designed(tmp_path):
         ja = (tmp_path / "a" / "raw" / "annotations" / f"instances_{split}.json").read_bytes()
         jb = (tmp_path / "b" / "raw" / "annotations" / f"instances_{split}.json").read_bytes()
         assert ja == jb
-        assert read_meta(str(tmp_path / "a" / split)).source["sha256"] == read_meta(str(tmp_path / "b" / split)).source["sha256"]
+        assert (
+            read_meta(str(tmp_path / "a" / split)).source["sha256"]
+            == read_meta(str(tmp_path / "b" / split)).source["sha256"]
+        )
     ta, tb = read_shard_table(a[0]), read_shard_table(b[0])
     assert ta.column("image").to_pylist() == tb.column("image").to_pylist()
 
@@ -92,8 +95,14 @@ def test_a_directory_of_other_shards_is_refused_and_left_as_it_was(coco_dir, tmp
     from detr_ray.data.shards import write_shards
 
     root = tmp_path / "mine"
-    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(root / "train"),
-                 shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(coco_dir / "instances.json")),
+        str(coco_dir / "images"),
+        str(root / "train"),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     (root / "raw").mkdir()
     (root / "raw" / "notes.txt").write_text("my only copy")
     before = _tree(root)
@@ -124,7 +133,10 @@ def test_valid_demo_shards_in_an_unmarked_directory_are_used_without_writing(tmp
     for name in (MARKER, demo.LOCK_FILE):  # as made by an earlier detr-ray, or copied
         (tmp_path / "made" / name).unlink(missing_ok=True)
     before = _tree(tmp_path / "made")
-    assert demo.ensure_demo_shards(tmp_path / "made", **small) == (str(tmp_path / "made" / "train"), str(tmp_path / "made" / "val"))
+    assert demo.ensure_demo_shards(tmp_path / "made", **small) == (
+        str(tmp_path / "made" / "train"),
+        str(tmp_path / "made" / "val"),
+    )
     assert _tree(tmp_path / "made") == before and not (tmp_path / "made" / MARKER).exists()
     with pytest.raises(NotOwnedError, match="did not create"):  # stale, unmarked: not replaced
         demo.ensure_demo_shards(tmp_path / "made", **{**small, "seed": 1})

@@ -24,6 +24,7 @@ from detr_ray.data.shards import META_FILE, read_shard_table
 from detr_ray.data.transforms import TransformConfig
 from tests.data.conftest import AUGMENT, AUGMENT_KW, CORRUPT_ID, make_shards
 
+
 @pytest.fixture(scope="module")
 def ray_local():
     init_local_ray(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -50,9 +51,15 @@ def source_boxes(coco: dict) -> dict[int, list]:
 def decoded_row(image_id: int, h: int, w: int, boxes=(), labels=(), skipped=False) -> dict:
     image = torch.arange(3 * h * w, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(3, h, w)
     return {
-        "image_id": image_id, "image": b"" if skipped else image.permute(1, 2, 0).numpy().tobytes(), "height": 0 if skipped else h,
-        "width": 0 if skipped else w, "orig_height": 2 * h, "orig_width": 2 * w, "boxes": list(boxes),
-        "labels": list(labels), "skipped": skipped,
+        "image_id": image_id,
+        "image": b"" if skipped else image.permute(1, 2, 0).numpy().tobytes(),
+        "height": 0 if skipped else h,
+        "width": 0 if skipped else w,
+        "orig_height": 2 * h,
+        "orig_width": 2 * w,
+        "boxes": list(boxes),
+        "labels": list(labels),
+        "skipped": skipped,
     }
 
 
@@ -70,13 +77,18 @@ def test_collate_pads_to_the_largest_image_and_masks_the_padding():
     for k, (h, w) in enumerate([(4, 6), (5, 3), (2, 2)]):
         assert not mask[k, :h, :w].any() and mask[k].sum() == 30 - h * w
         assert (images[k][:, mask[k]] == 0).all()
-    assert torch.equal(images[0, :, :4, :6], torch.frombuffer(bytearray(rows[0]["image"]), dtype=torch.uint8).reshape(4, 6, 3).permute(2, 0, 1))
+    assert torch.equal(
+        images[0, :, :4, :6],
+        torch.frombuffer(bytearray(rows[0]["image"]), dtype=torch.uint8).reshape(4, 6, 3).permute(2, 0, 1),
+    )
     assert images.is_contiguous(memory_format=torch.channels_last)  # as decoded: no transposing copy
     assert [t["image_id"] for t in targets] == [1, 3, 4]
     assert targets[1]["boxes"].dtype == torch.float32 and targets[1]["boxes"].shape == (2, 4)
     assert torch.equal(targets[1]["labels"], torch.tensor([0, 1]))
     assert targets[2]["boxes"].shape == (0, 4) and targets[2]["labels"].dtype == torch.int64
-    assert torch.equal(targets[0]["orig_size"], torch.tensor([8, 12])) and torch.equal(targets[0]["size"], torch.tensor([4, 6]))
+    assert torch.equal(targets[0]["orig_size"], torch.tensor([8, 12])) and torch.equal(
+        targets[0]["size"], torch.tensor([4, 6])
+    )
 
     sliced_images, _, sliced_targets = collate(pa.concat_tables([table.slice(2, 2), table.slice(0, 1)]))
     assert [t["image_id"] for t in sliced_targets] == [3, 4, 1]
@@ -107,7 +119,10 @@ def test_seeded_decode_augment_draws_per_image_whatever_the_batch_and_order(tmp_
     rows = lambda t: {r["image_id"]: r for r in t.to_pylist()}  # noqa: E731
     whole = rows(decode_augment(table, seed=1, **kw))
     torch.manual_seed(123)  # the process's generator plays no part
-    reversed_in_two = {**rows(decode_augment(table.take([5, 4, 3]), seed=1, **kw)), **rows(decode_augment(table.take([2, 1, 0]), seed=1, **kw))}
+    reversed_in_two = {
+        **rows(decode_augment(table.take([5, 4, 3]), seed=1, **kw)),
+        **rows(decode_augment(table.take([2, 1, 0]), seed=1, **kw)),
+    }
     assert reversed_in_two == whole
     other = rows(decode_augment(table, seed=2, **kw))
     assert any(other[i]["image"] != whole[i]["image"] or other[i]["boxes"] != whole[i]["boxes"] for i in whole)
@@ -164,8 +179,11 @@ def test_train_augmentation_is_drawn_from_the_seed_per_epoch_and_image(shards):
         ds = train_dataset(str(out), AUGMENT, decode_batch_size=2, seed=seed)
         it = ds.streaming_split(1)[0] if split else ds.iterator()  # as Ray Train's shards
         return [
-            {t["image_id"]: (t["size"].tolist(), t["boxes"].tolist(), int(images[k].sum()))
-             for images, _, targets in DetectionBatches(it, batch_size=2) for k, t in enumerate(targets)}
+            {
+                t["image_id"]: (t["size"].tolist(), t["boxes"].tolist(), int(images[k].sum()))
+                for images, _, targets in DetectionBatches(it, batch_size=2)
+                for k, t in enumerate(targets)
+            }
             for _ in range(n)
         ]
 
@@ -179,10 +197,15 @@ def test_train_augmentation_is_drawn_from_the_seed_per_epoch_and_image(shards):
 def decoded_blocks(n_blocks: int = 5, rows_per_block: int = 8, skipped_id: int = 13) -> list[pa.Table]:
     """In-memory DECODED_SCHEMA blocks of images of varied sizes; id `skipped_id` is a skipped row."""
     rows = [
-        decoded_row(i, 0, 0, skipped=True) if i == skipped_id else decoded_row(i, 3 + i % 4, 5 + i % 3, boxes=[0.5] * 4, labels=[i % 2])
+        decoded_row(i, 0, 0, skipped=True)
+        if i == skipped_id
+        else decoded_row(i, 3 + i % 4, 5 + i % 3, boxes=[0.5] * 4, labels=[i % 2])
         for i in range(n_blocks * rows_per_block)
     ]
-    return [pa.Table.from_pylist(rows[k : k + rows_per_block], schema=DECODED_SCHEMA) for k in range(0, len(rows), rows_per_block)]
+    return [
+        pa.Table.from_pylist(rows[k : k + rows_per_block], schema=DECODED_SCHEMA)
+        for k in range(0, len(rows), rows_per_block)
+    ]
 
 
 @pytest.mark.timeout(180)
@@ -249,8 +272,10 @@ def test_shape_groups_batch_one_orientation_and_size_together(ray_local):
 
     def one_pass(group_shapes: bool):
         batches = DetectionBatches(ds, batch_size=4, shuffle_buffer=8, shuffle_seed=1, group_shapes=group_shapes)
-        out = [(images.shape, [tuple(t["size"].tolist()) for t in targets], [t["image_id"] for t in targets])
-               for images, _, targets in batches]
+        out = [
+            (images.shape, [tuple(t["size"].tolist()) for t in targets], [t["image_id"] for t in targets])
+            for images, _, targets in batches
+        ]
         assert batches.skipped == 1 and batches.delivered == 39
         return out
 
@@ -299,8 +324,11 @@ def test_building_the_datasets_calls_no_deprecated_ray_api(shards):
         warnings.simplefilter("always")
         train_dataset(str(shards[0]), AUGMENT, seed=0)
         val_dataset(str(shards[0]), AUGMENT)
-    from_us = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
-               if issubclass(w.category, DeprecationWarning) and w.filename.startswith(ours)]
+    from_us = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if issubclass(w.category, DeprecationWarning) and w.filename.startswith(ours)
+    ]
     assert not from_us, from_us
 
 
@@ -386,8 +414,7 @@ def test_two_train_workers_read_disjoint_parts_that_cover_each_epoch(shards, tmp
 # Unusual images: every colour mode becomes uint8 RGB; EXIF orientation follows the annotation.
 
 
-def _convert_and_decode(root: Path, images: list[tuple[str, "Image.Image", int, int, list[int]]], *, train: bool,
-                        save=None) -> dict[int, dict]:
+def _convert_and_decode(root: Path, images: list[tuple], *, train: bool, save=None) -> dict[int, dict]:
     """Writes COCO `images` (file name, PIL image, annotated width, height, one box) with one
     category, converts them with write_shards and runs decode_augment on the rows."""
     from detr_ray.data.coco import load_coco
@@ -398,10 +425,13 @@ def _convert_and_decode(root: Path, images: list[tuple[str, "Image.Image", int, 
     for k, (file_name, image, width, height, box) in enumerate(images):
         (save or {}).get(file_name, lambda im, path: im.save(path))(image, root / "images" / file_name)
         coco["images"].append({"id": k, "file_name": file_name, "width": width, "height": height})
-        coco["annotations"].append({"id": k, "image_id": k, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        coco["annotations"].append(
+            {"id": k, "image_id": k, "category_id": 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+        )
     (root / "instances.json").write_text(json.dumps(coco))
-    report = write_shards(load_coco(str(root / "instances.json")), str(root / "images"), str(root / "shards"),
-                          workers=0, progress=False)
+    report = write_shards(
+        load_coco(str(root / "instances.json")), str(root / "images"), str(root / "shards"), workers=0, progress=False
+    )
     assert not report.skipped_images, report.summary()
     table = read_shard_table(str(root / "shards"), READ_COLUMNS)
     decoded = decode_augment(table, train=train, augment=AUGMENT_KW, category_to_label={1: 0})
@@ -441,8 +471,9 @@ def test_every_colour_mode_decodes_to_three_channel_uint8(tmp_path):
         ("gray16.png", Image.fromarray(gray.astype(np.uint16) * 257), 64, 48, box),
     ]
     assert [im.mode for _, im, *_ in images] == ["L", "LA", "P", "RGBA", "CMYK", "I;16"]
-    rows = _convert_and_decode(tmp_path, images, train=False,
-                               save={"cmyk.jpg": lambda im, path: im.save(path, quality=98)})
+    rows = _convert_and_decode(
+        tmp_path, images, train=False, save={"cmyk.jpg": lambda im, path: im.save(path, quality=98)}
+    )
     expected = [(200, 200, 200), (200, 200, 200), (200, 30, 60), (200, 30, 60), (200, 30, 60), (200, 200, 200)]
     for k, want in enumerate(expected):
         row = rows[k]
@@ -465,7 +496,10 @@ def test_exif_orientation_keeps_the_box_on_the_pixels_it_was_drawn_on(tmp_path):
     stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
     exif = Image.Exif()
     exif[0x0112] = 6
-    save = {name: lambda im, path: im.save(path, quality=95, exif=exif.tobytes()) for name in ("rotated.jpg", "as_stored.jpg")}
+    save = {
+        name: lambda im, path: im.save(path, quality=95, exif=exif.tobytes())
+        for name in ("rotated.jpg", "as_stored.jpg")
+    }
     as_stored = np.zeros((40, 64, 3), np.uint8)
     as_stored[4:24, 30:60] = (220, 20, 20)  # box [30, 4, 30, 20] on the stored pixels
     images = [

@@ -26,8 +26,19 @@ def test_converts_a_split_and_prints_the_validation_summary(script, coco_dir, tm
     (coco_dir / "instances.json").write_text(json.dumps(coco))
     (coco_dir / "images" / "img_005.jpg").unlink()  # missing file: skipped
     out = tmp_path / "out"
-    argv = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
-            "--out", str(out), "--shard-size", "2", "--workers", "0", "--no-progress"]
+    argv = [
+        "--images",
+        str(coco_dir / "images"),
+        "--annotations",
+        str(coco_dir / "instances.json"),
+        "--out",
+        str(out),
+        "--shard-size",
+        "2",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "written: 5 images" in printed
@@ -39,8 +50,16 @@ def test_converts_a_split_and_prints_the_validation_summary(script, coco_dir, tm
     assert "(3 already complete, reused)" in capsys.readouterr().out
     assert sorted(read_shard_table(str(out)).column("image_id").to_pylist()) == [100, 101, 102, 103, 104]
 
-    strict = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
-              "--out", str(tmp_path / "s"), "--strict", "--no-progress"]
+    strict = [
+        "--images",
+        str(coco_dir / "images"),
+        "--annotations",
+        str(coco_dir / "instances.json"),
+        "--out",
+        str(tmp_path / "s"),
+        "--strict",
+        "--no-progress",
+    ]
     assert script.main(strict) == 2
     assert "missing (--strict): img_005.jpg" in capsys.readouterr().err
 
@@ -61,8 +80,15 @@ def test_demo_flag_writes_train_and_val(script, tmp_path, capsys):
 
 
 def test_max_pixels_and_read_attempts_flags(script, coco_dir, tmp_path, capsys):
-    base = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
-            "--workers", "0", "--no-progress"]
+    base = [
+        "--images",
+        str(coco_dir / "images"),
+        "--annotations",
+        str(coco_dir / "instances.json"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert script.main([*base, "--out", str(tmp_path / "a"), "--max-pixels", "3071"]) == 0  # images are 64x48
     assert "6  too many pixels" in capsys.readouterr().out
     image = coco_dir / "images" / "img_002.jpg"
@@ -82,8 +108,20 @@ def test_out_holding_other_files_is_refused_and_left_alone(script, coco_dir, tmp
     assert mine.read_text() == "my annotations"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["raw"]
 
-    argv = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json"),
-            "--out", str(mine.parent), "--workers", "0", "--no-progress"]
+    argv = [
+        "--images",
+        str(coco_dir / "images"),
+        "--annotations",
+        str(coco_dir / "instances.json"),
+        "--out",
+        str(mine.parent),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert script.main(argv) == 2
-    assert f"error: {mine.parent}: holds files that the shard writer did not write (instances_val.json)" in capsys.readouterr().err
+    assert (
+        f"error: {mine.parent}: holds files that the shard writer did not write (instances_val.json)"
+        in capsys.readouterr().err
+    )
     assert [p.name for p in mine.parent.iterdir()] == ["instances_val.json"]

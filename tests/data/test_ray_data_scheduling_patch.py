@@ -132,11 +132,20 @@ print(json.dumps([type(state.ray).__name__, bool(getattr(ResourceManager, "_detr
 @pytest.mark.timeout(120)
 def test_the_environment_switch_installs_nothing():
     def patched(**env):
-        out = subprocess.run([sys.executable, "-c", _PATCHED], env={**os.environ, **env}, capture_output=True,
-                             text=True, timeout=100, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PATCHED],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=100,
+            check=True,
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     assert patched(DETR_RAY_DATA_SCHEDULING_PATCH="1") == ["_PromptWait", True]
     assert patched(DETR_RAY_DATA_SCHEDULING_PATCH="0") == ["module", False]
     assert patched(DETR_RAY_DATA_FIXES="0") == ["module", False]  # the former name
-    assert patched(DETR_RAY_DATA_FIXES="0", DETR_RAY_DATA_SCHEDULING_PATCH="1") == ["_PromptWait", True]  # the new name wins
+    assert patched(DETR_RAY_DATA_FIXES="0", DETR_RAY_DATA_SCHEDULING_PATCH="1") == [
+        "_PromptWait",
+        True,
+    ]  # the new name wins

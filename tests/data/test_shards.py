@@ -119,7 +119,9 @@ def test_rerun_reuses_finished_shards_and_completes_partial_output(coco_dir, tmp
 def test_parallel_writer_matches_serial(coco_dir, tmp_path):
     dataset = load_coco(str(coco_dir / "instances.json"))
     write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "serial"), shard_size=3, workers=0, progress=False)
-    report = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "par"), shard_size=3, workers=2, progress=False)
+    report = write_shards(
+        dataset, str(coco_dir / "images"), str(tmp_path / "par"), shard_size=3, workers=2, progress=False
+    )
     assert report.shards_written == 2
     for a, b in zip(sorted((tmp_path / "serial").glob("*.parquet")), sorted((tmp_path / "par").glob("*.parquet"))):
         assert a.name == b.name
@@ -128,7 +130,9 @@ def test_parallel_writer_matches_serial(coco_dir, tmp_path):
 
 def test_ground_truth_rebuilt_from_shards_evaluates_to_perfect_ap(coco_dir, tmp_path):
     out = tmp_path / "shards"
-    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out), workers=0, progress=False)
+    write_shards(
+        load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out), workers=0, progress=False
+    )
     gt_dict = coco_ground_truth(str(out))
     source = json.loads((coco_dir / "instances.json").read_text())
     assert {i["id"]: (i["width"], i["height"]) for i in gt_dict["images"]} == {
@@ -141,8 +145,10 @@ def test_ground_truth_rebuilt_from_shards_evaluates_to_perfect_ap(coco_dir, tmp_
         gt = COCO()
         gt.dataset = gt_dict
         gt.createIndex()
-        dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-                for a in gt_dict["annotations"]]
+        dets = [
+            {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt_dict["annotations"]
+        ]
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
         ev.evaluate()
         ev.accumulate()
@@ -164,12 +170,22 @@ def test_uri_locations_work_like_local_paths(coco_dir, tmp_path):
     assert report.images_written == 6
     assert read_meta(out).counts["images"] == 6
     assert len(coco_ground_truth(out)["annotations"]) == 6
-    assert write_shards(dataset, f"file://{coco_dir}/images", out, shard_size=4, workers=0, progress=False).shards_reused == 2
+    assert (
+        write_shards(dataset, f"file://{coco_dir}/images", out, shard_size=4, workers=0, progress=False).shards_reused
+        == 2
+    )
 
 
 def test_read_rows_fetches_only_the_asked_images(coco_dir, tmp_path):
     out = tmp_path / "shards"
-    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out), shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(coco_dir / "instances.json")),
+        str(coco_dir / "images"),
+        str(out),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     rows = read_rows(str(out), [101, 105, 999], columns=("image", "width"))
     assert sorted(rows) == [101, 105]  # 999 is not in the split; 101 and 105 are in different shards
     assert rows[101]["image"] == (coco_dir / "images" / "img_001.png").read_bytes() and rows[105]["width"] == 64
@@ -216,8 +232,15 @@ def test_transient_read_error_is_retried_and_the_image_kept(coco_dir, tmp_path):
     logger = logging.getLogger("detr_ray.data.shards")
     logger.addHandler(handler)
     try:
-        report = write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"),
-                              str(tmp_path / "out"), shard_size=2, workers=0, progress=False, read_retry=FAST_RETRY)
+        report = write_shards(
+            load_coco(str(coco_dir / "instances.json")),
+            str(coco_dir / "images"),
+            str(tmp_path / "out"),
+            shard_size=2,
+            workers=0,
+            progress=False,
+            read_retry=FAST_RETRY,
+        )
     finally:
         logger.removeHandler(handler)
     assert handler.seen == 2  # two reads failed for real, the third succeeded
@@ -232,8 +255,15 @@ def test_persistent_read_error_fails_its_shard_and_a_rerun_redoes_it(coco_dir, t
     dataset = load_coco(str(coco_dir / "instances.json"))
     out = tmp_path / "out"
     with pytest.raises(ShardError) as failure:
-        write_shards(dataset, str(coco_dir / "images"), str(out), shard_size=2, workers=workers,
-                     progress=False, read_retry=FAST_RETRY)
+        write_shards(
+            dataset,
+            str(coco_dir / "images"),
+            str(out),
+            shard_size=2,
+            workers=workers,
+            progress=False,
+            read_retry=FAST_RETRY,
+        )
     message = str(failure.value)
     assert "1 of 3 shards not written" in message and "after 3 attempts" in message
     assert "shard part-00002-of-00003-" in message and "image_id=104 'img_004.jpg'" in message
@@ -276,14 +306,19 @@ def test_a_shard_that_skipped_an_image_over_a_read_error_is_redone(coco_dir, tmp
 def _png_declaring(width: int, height: int) -> bytes:
     """A valid 1-bit grayscale PNG of width x height black pixels: ~200 kB on disk for
     40000 x 40000, 4.8 GB once decoded to RGB."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     row = bytes(1 + -(-width // 8))  # filter byte + packed bits
     compressor = zlib.compressobj(9)
     rows_per_piece = 1000
-    idat = b"".join(compressor.compress(row * min(rows_per_piece, height - start))
-                    for start in range(0, height, rows_per_piece)) + compressor.flush()
+    idat = (
+        b"".join(
+            compressor.compress(row * min(rows_per_piece, height - start)) for start in range(0, height, rows_per_piece)
+        )
+        + compressor.flush()
+    )
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
@@ -318,8 +353,14 @@ def test_an_image_declaring_too_many_pixels_is_skipped_without_decoding_it(coco_
         resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))  # imports map ~4 GB
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    child = subprocess.run([sys.executable, "-c", _CONVERT_IN_CHILD, str(coco_dir)], capture_output=True,
-                           text=True, env=env, preexec_fn=cap_address_space, timeout=100)
+    child = subprocess.run(
+        [sys.executable, "-c", _CONVERT_IN_CHILD, str(coco_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=cap_address_space,
+        timeout=100,
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     result = json.loads(child.stdout.strip().splitlines()[-1])
     assert [(s["image_id"], s["reason"].split(" (")[0]) for s in result["skipped"]] == [(999, SKIP_TOO_LARGE)]
@@ -329,13 +370,15 @@ def test_an_image_declaring_too_many_pixels_is_skipped_without_decoding_it(coco_
 
 def test_max_pixels_is_an_option(coco_dir, tmp_path):
     dataset = load_coco(str(coco_dir / "instances.json"))  # 6 images of 64 x 48 = 3072 pixels
-    report = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False,
-                          max_pixels=3071)
+    report = write_shards(
+        dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False, max_pixels=3071
+    )
     assert report.images_written == 0 and len(report.skipped_images) == 6
     assert report.skipped_images[0]["reason"] == f"{SKIP_TOO_LARGE} (64x48 = 3072 pixels, limit 3071)"
     # Made with another limit: not reused.
-    again = write_shards(dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False,
-                         max_pixels=3072)
+    again = write_shards(
+        dataset, str(coco_dir / "images"), str(tmp_path / "a"), workers=0, progress=False, max_pixels=3072
+    )
     assert again.shards_written == 1 and again.images_written == 6
 
 
@@ -357,16 +400,27 @@ def test_an_output_directory_with_other_files_is_refused_untouched(coco_dir, tmp
     for name, data in present.items():
         (out / name).write_bytes(data)
     with pytest.raises(ShardError, match=f"{out}: holds .*{list(present)[0]}"):
-        write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out),
-                     shard_size=4, workers=0, progress=False)
+        write_shards(
+            load_coco(str(coco_dir / "instances.json")),
+            str(coco_dir / "images"),
+            str(out),
+            shard_size=4,
+            workers=0,
+            progress=False,
+        )
     assert _files(out) == present
 
 
 def test_an_output_directory_with_a_subdirectory_is_refused(coco_dir, tmp_path):
     (tmp_path / "shards" / "train").mkdir(parents=True)
     with pytest.raises(ShardError, match=r"did not write \(train/\)"):
-        write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(tmp_path / "shards"),
-                     workers=0, progress=False)
+        write_shards(
+            load_coco(str(coco_dir / "instances.json")),
+            str(coco_dir / "images"),
+            str(tmp_path / "shards"),
+            workers=0,
+            progress=False,
+        )
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["train"]
 
 
@@ -401,12 +455,19 @@ def test_a_file_name_outside_the_images_directory_is_never_read(coco_dir, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "name", ["../elsewhere/part.parquet", "/abs/part.parquet", "sub/part.parquet", "..", "", "..%2Felsewhere%2Fpart.parquet"]
+    "name",
+    ["../elsewhere/part.parquet", "/abs/part.parquet", "sub/part.parquet", "..", "", "..%2Felsewhere%2Fpart.parquet"],
 )
 def test_shard_names_in_the_meta_stay_in_the_shard_directory(coco_dir, tmp_path, name):
     out = tmp_path / "shards"
-    write_shards(load_coco(str(coco_dir / "instances.json")), str(coco_dir / "images"), str(out),
-                 shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(coco_dir / "instances.json")),
+        str(coco_dir / "images"),
+        str(out),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     # A real shard where the name would lead: the reader must not get there.
     (tmp_path / "elsewhere").mkdir()
     first = sorted(out.glob("*.parquet"))[0]
@@ -414,7 +475,9 @@ def test_shard_names_in_the_meta_stay_in_the_shard_directory(coco_dir, tmp_path,
     meta = json.loads((out / META_FILE).read_text())
     meta["shards"][1]["file"] = name.replace("/abs", str(tmp_path / "elsewhere"))
     (out / META_FILE).write_text(json.dumps(meta))
-    with pytest.raises(ShardError, match=r"_meta.json: shards\[1\]: file .* is not a file name inside the shard directory"):
+    with pytest.raises(
+        ShardError, match=r"_meta.json: shards\[1\]: file .* is not a file name inside the shard directory"
+    ):
         read_shard_table(str(out))
     with pytest.raises(ShardError, match=r"shards\[1\]: file .* is not a file name inside"):
         read_shard_table(f"file://{out}")

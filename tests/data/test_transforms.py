@@ -84,7 +84,9 @@ def test_boxes_follow_pixels(name, transform, atol):
 def test_one_resample_crop_draws_as_the_two_resize_recipe():
     """Same seed, same draws: the output sizes equal those of resize -> crop -> resize, and the
     pixels differ only by interpolation."""
-    reference = v2.Compose([v2.RandomShortestSize([100, 140]), RandomSizeCrop(64, 96), v2.RandomShortestSize([96, 128, 160], max_size=220)])
+    reference = v2.Compose(
+        [v2.RandomShortestSize([100, 140]), RandomSizeCrop(64, 96), v2.RandomShortestSize([96, 128, 160], max_size=220)]
+    )
     merged = ScaleCropScale([100, 140], 64, 96, [96, 128, 160], 220)
     for seed in range(20):
         torch.manual_seed(seed)
@@ -134,7 +136,9 @@ def test_detection_transform_output_contract():
     assert out_image.dtype == torch.uint8 and out_image.shape == (3, 100, 133)
     assert torch.equal(out_labels, labels)
     # normalized (cx, cy, w, h) is invariant to a pure resize
-    expected = box_convert(torch.tensor(BOXES, dtype=torch.float32), "xywh", "cxcywh") / torch.tensor([160, 120, 160, 120])
+    expected = box_convert(torch.tensor(BOXES, dtype=torch.float32), "xywh", "cxcywh") / torch.tensor(
+        [160, 120, 160, 120]
+    )
     assert torch.allclose(boxes, expected, atol=1e-5)
 
     train = DetectionTransform(SMALL, train=True)
@@ -193,11 +197,15 @@ def test_detection_transform_equals_the_v2_pipeline(name):
         torch.manual_seed(seed)
         got_image, got_boxes, got_labels = direct(image, xywh, labels)
         torch.manual_seed(seed)
-        ref = pipeline({
-            "image": tv_tensors.Image(image),
-            "boxes": tv_tensors.BoundingBoxes(box_convert(xywh, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width)),
-            "labels": labels,
-        })
+        ref = pipeline(
+            {
+                "image": tv_tensors.Image(image),
+                "boxes": tv_tensors.BoundingBoxes(
+                    box_convert(xywh, "xywh", "xyxy"), format="XYXY", canvas_size=(height, width)
+                ),
+                "labels": labels,
+            }
+        )
         ref_image = ref["image"].as_subclass(torch.Tensor)
         assert torch.equal(got_image, ref_image), seed
         assert got_image.stride() == ref_image.stride(), seed

@@ -56,7 +56,11 @@ def tiny_run(local_ray, tmp_path_factory) -> dict:
     return _train_tiny(root)
 
 
-SEARCH = {"train.lr": {"loguniform": [1e-4, 1e-3]}, "model.backbone": {"choice": ["resnet18", "resnet34"]}, "model.num_queries": {"fixed": 5}}
+SEARCH = {
+    "train.lr": {"loguniform": [1e-4, 1e-3]},
+    "model.backbone": {"choice": ["resnet18", "resnet34"]},
+    "model.num_queries": {"fixed": 5},
+}
 
 
 def make_experiment(directory: Path, run: dict, *, best: bool = True, trials: bool = True) -> Path:
@@ -67,22 +71,65 @@ def make_experiment(directory: Path, run: dict, *, best: bool = True, trials: bo
     state1 = json.loads((Path(run["checkpoint_epoch1"]) / ckpt.STATE).read_text())
     ap, ap1 = state["metrics"]["val/AP"], state1["metrics"]["val/AP"]
     history = [
-        {"epoch": 1, "train/loss": state1["metrics"]["train/loss"], "val/AP": ap1, "val/AP50": state1["metrics"]["val/AP50"]},
-        {"epoch": 2, "train/loss": state["metrics"]["train/loss"], "val/AP": ap, "val/AP50": state["metrics"]["val/AP50"]},
+        {
+            "epoch": 1,
+            "train/loss": state1["metrics"]["train/loss"],
+            "val/AP": ap1,
+            "val/AP50": state1["metrics"]["val/AP50"],
+        },
+        {
+            "epoch": 2,
+            "train/loss": state["metrics"]["train/loss"],
+            "val/AP": ap,
+            "val/AP50": state["metrics"]["val/AP50"],
+        },
     ]
     records = [
-        {"trial": "t1", "config": {"train.lr": 2e-4, "model.backbone": "resnet18", "model.num_queries": 5}, "best": ap, "epochs": 2,
-         "status": "completed", "checkpoint": run["checkpoint"], "history": history},
-        {"trial": "t2", "config": {"train.lr": 8e-4, "model.backbone": "resnet34", "model.num_queries": 5}, "best": ap1 - 0.5, "epochs": 1,
-         "status": "stopped early (ASHA)", "checkpoint": run["checkpoint_epoch1"], "history": history[:1]},
-        {"trial": "t3", "config": {"train.lr": 5e-4, "model.backbone": "resnet18", "model.num_queries": 5}, "best": None, "epochs": 0,
-         "status": "error", "checkpoint": None, "history": []},
+        {
+            "trial": "t1",
+            "config": {"train.lr": 2e-4, "model.backbone": "resnet18", "model.num_queries": 5},
+            "best": ap,
+            "epochs": 2,
+            "status": "completed",
+            "checkpoint": run["checkpoint"],
+            "history": history,
+        },
+        {
+            "trial": "t2",
+            "config": {"train.lr": 8e-4, "model.backbone": "resnet34", "model.num_queries": 5},
+            "best": ap1 - 0.5,
+            "epochs": 1,
+            "status": "stopped early (ASHA)",
+            "checkpoint": run["checkpoint_epoch1"],
+            "history": history[:1],
+        },
+        {
+            "trial": "t3",
+            "config": {"train.lr": 5e-4, "model.backbone": "resnet18", "model.num_queries": 5},
+            "best": None,
+            "epochs": 0,
+            "status": "error",
+            "checkpoint": None,
+            "history": [],
+        },
     ]
     if best:
-        (directory / "best.json").write_text(json.dumps({
-            "metric": "val/AP", "mode": "max", "trial": "t1", "value": ap, "config": records[0]["config"],
-            "experiment": run["experiment"], "checkpoint": run["checkpoint"], "data": {"train": run["train"], "val": run["val"]},
-        }))
+        (directory / "best.json").write_text(
+            json.dumps(
+                {
+                    "metric": "val/AP",
+                    "mode": "max",
+                    "trial": "t1",
+                    "value": ap,
+                    "config": records[0]["config"],
+                    "experiment": run["experiment"],
+                    "checkpoint": run["checkpoint"],
+                    "data": {"train": run["train"], "val": run["val"]},
+                }
+            )
+        )
     if trials:
-        (directory / "trials.json").write_text(json.dumps({"metric": "val/AP", "mode": "max", "search": SEARCH, "trials": records}))
+        (directory / "trials.json").write_text(
+            json.dumps({"metric": "val/AP", "mode": "max", "search": SEARCH, "trials": records})
+        )
     return directory

@@ -18,7 +18,9 @@ CATEGORIES = [
 IDS = [c["id"] for c in CATEGORIES]
 
 
-def random_dataset(n_images: int = 40, seed: int = 0, crowd: bool = True, ties: bool = False) -> tuple[dict, list[dict]]:
+def random_dataset(
+    n_images: int = 40, seed: int = 0, crowd: bool = True, ties: bool = False
+) -> tuple[dict, list[dict]]:
     """Images of 200x150 with 0-4 boxes (some crowd); per box 0-2 detections (right class 70%,
     jittered by 2, 8 or 20 px) plus random background detections. `ties`: scores on a coarse grid."""
     rng = np.random.default_rng(seed)
@@ -33,17 +35,37 @@ def random_dataset(n_images: int = 40, seed: int = 0, crowd: bool = True, ties: 
             w, h = rng.uniform(10, 80, 2)
             x, y = rng.uniform(0, 200 - w), rng.uniform(0, 150 - h)
             c = int(rng.choice(IDS))
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c, "bbox": [x, y, w, h], "area": w * h,
-                         "iscrowd": int(crowd and rng.uniform() < 0.08)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": c,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(crowd and rng.uniform() < 0.08),
+                }
+            )
             for _ in range(rng.integers(0, 3)):
                 cc = c if rng.uniform() < 0.7 else int(rng.choice(IDS))
                 j = rng.normal(0, rng.choice([2, 8, 20]), 4)
-                results.append({"image_id": i, "category_id": cc, "bbox": [x + j[0], y + j[1], max(w + j[2], 1.0), max(h + j[3], 1.0)],
-                                "score": score(rng.uniform(0.2, 1.0))})
+                results.append(
+                    {
+                        "image_id": i,
+                        "category_id": cc,
+                        "bbox": [x + j[0], y + j[1], max(w + j[2], 1.0), max(h + j[3], 1.0)],
+                        "score": score(rng.uniform(0.2, 1.0)),
+                    }
+                )
         for _ in range(rng.integers(0, 12)):
             w, h = rng.uniform(5, 60, 2)
-            results.append({"image_id": i, "category_id": int(rng.choice(IDS)), "bbox": [float(rng.uniform(0, 150)), float(rng.uniform(0, 100)), w, h],
-                            "score": score(rng.uniform(0, 0.6))})
+            results.append(
+                {
+                    "image_id": i,
+                    "category_id": int(rng.choice(IDS)),
+                    "bbox": [float(rng.uniform(0, 150)), float(rng.uniform(0, 100)), w, h],
+                    "score": score(rng.uniform(0, 0.6)),
+                }
+            )
     return {"images": images, "annotations": anns, "categories": CATEGORIES}, results
 
 
@@ -94,33 +116,56 @@ def box(x, y, w=40.0, h=40.0):
 def error_zoo() -> tuple[dict, list[dict], dict[int, str], dict[int, str]]:
     """One detection of each TIDE type and one box of each status, on two images.
     Returns (gt, results, expected type per result index, expected status per ann id)."""
-    images = [{"id": 1, "width": 400, "height": 300, "file_name": "a.jpg"}, {"id": 2, "width": 400, "height": 300, "file_name": "b.jpg"}]
+    images = [
+        {"id": 1, "width": 400, "height": 300, "file_name": "a.jpg"},
+        {"id": 2, "width": 400, "height": 300, "file_name": "b.jpg"},
+    ]
     anns = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": box(10, 10)},     # A cat: found
-        {"id": 2, "image_id": 1, "category_id": 2, "bbox": box(200, 10)},    # B dog: labelled cat -> covered
-        {"id": 3, "image_id": 1, "category_id": 1, "bbox": box(10, 150)},    # C cat: badly localized -> covered
-        {"id": 4, "image_id": 1, "category_id": 5, "bbox": box(300, 200)},   # D car: missed
-        {"id": 5, "image_id": 2, "category_id": 9, "bbox": box(100, 100)},   # E bus: found
-        {"id": 6, "image_id": 2, "category_id": 5, "bbox": box(250, 100)},   # F car: missed (only a "both" near it)
-        {"id": 7, "image_id": 2, "category_id": 5, "bbox": box(20, 200)},    # G car: found
-        {"id": 8, "image_id": 1, "category_id": 1, "bbox": box(300, 100)},   # H cat: found late
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": box(10, 10)},  # A cat: found
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": box(200, 10)},  # B dog: labelled cat -> covered
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": box(10, 150)},  # C cat: badly localized -> covered
+        {"id": 4, "image_id": 1, "category_id": 5, "bbox": box(300, 200)},  # D car: missed
+        {"id": 5, "image_id": 2, "category_id": 9, "bbox": box(100, 100)},  # E bus: found
+        {"id": 6, "image_id": 2, "category_id": 5, "bbox": box(250, 100)},  # F car: missed (only a "both" near it)
+        {"id": 7, "image_id": 2, "category_id": 5, "bbox": box(20, 200)},  # G car: found
+        {"id": 8, "image_id": 1, "category_id": 1, "bbox": box(300, 100)},  # H cat: found late
     ]
     for a in anns:
         a.update(area=a["bbox"][2] * a["bbox"][3], iscrowd=0)
     results = [
-        {"image_id": 1, "category_id": 1, "bbox": box(11, 11), "score": 0.95},      # tp on A
-        {"image_id": 1, "category_id": 1, "bbox": box(13, 12), "score": 0.90},      # duplicate of A
-        {"image_id": 1, "category_id": 1, "bbox": box(202, 12), "score": 0.85},     # classification (on B)
-        {"image_id": 1, "category_id": 1, "bbox": box(30, 165), "score": 0.80},     # localization (C, IoU ~0.3)
+        {"image_id": 1, "category_id": 1, "bbox": box(11, 11), "score": 0.95},  # tp on A
+        {"image_id": 1, "category_id": 1, "bbox": box(13, 12), "score": 0.90},  # duplicate of A
+        {"image_id": 1, "category_id": 1, "bbox": box(202, 12), "score": 0.85},  # classification (on B)
+        {"image_id": 1, "category_id": 1, "bbox": box(30, 165), "score": 0.80},  # localization (C, IoU ~0.3)
         {"image_id": 1, "category_id": 1, "bbox": box(120, 220, 20, 20), "score": 0.70},  # background
-        {"image_id": 2, "category_id": 9, "bbox": box(100, 100), "score": 0.75},    # tp on E
-        {"image_id": 2, "category_id": 9, "bbox": box(270, 115), "score": 0.78},    # both (bus on car F, IoU ~0.2)
-        {"image_id": 2, "category_id": 5, "bbox": box(20, 20), "score": 0.50},      # background
-        {"image_id": 1, "category_id": 9, "bbox": box(300, 10, 30, 30), "score": 0.40},   # background
-        {"image_id": 2, "category_id": 5, "bbox": box(22, 198), "score": 0.30},     # tp on G
-        {"image_id": 1, "category_id": 1, "bbox": box(301, 99), "score": 0.10},     # tp on H, after every cat error
+        {"image_id": 2, "category_id": 9, "bbox": box(100, 100), "score": 0.75},  # tp on E
+        {"image_id": 2, "category_id": 9, "bbox": box(270, 115), "score": 0.78},  # both (bus on car F, IoU ~0.2)
+        {"image_id": 2, "category_id": 5, "bbox": box(20, 20), "score": 0.50},  # background
+        {"image_id": 1, "category_id": 9, "bbox": box(300, 10, 30, 30), "score": 0.40},  # background
+        {"image_id": 2, "category_id": 5, "bbox": box(22, 198), "score": 0.30},  # tp on G
+        {"image_id": 1, "category_id": 1, "bbox": box(301, 99), "score": 0.10},  # tp on H, after every cat error
     ]
-    types = {0: "tp", 1: "duplicate", 2: "classification", 3: "localization", 4: "background", 5: "tp", 6: "both", 7: "background",
-             8: "background", 9: "tp", 10: "tp"}
-    status = {1: "matched", 2: "covered", 3: "covered", 4: "missed", 5: "matched", 6: "missed", 7: "matched", 8: "matched"}
+    types = {
+        0: "tp",
+        1: "duplicate",
+        2: "classification",
+        3: "localization",
+        4: "background",
+        5: "tp",
+        6: "both",
+        7: "background",
+        8: "background",
+        9: "tp",
+        10: "tp",
+    }
+    status = {
+        1: "matched",
+        2: "covered",
+        3: "covered",
+        4: "missed",
+        5: "matched",
+        6: "missed",
+        7: "matched",
+        8: "matched",
+    }
     return {"images": images, "annotations": anns, "categories": CATEGORIES}, results, types, status

@@ -83,7 +83,9 @@ def test_error_zoo_types_and_daps_equal_pycocotools_on_the_fixed_sets():
         assert t.errors[kind]["dAP"] == pytest.approx(expected, abs=1e-12), kind
         assert t.errors[kind]["dAP"] > 0, kind  # each error costs AP in this set
     all_fp = [r for i, r in enumerate(results) if types[i] == "tp"] + [
-        {**results[2], "category_id": 2}, {**results[3], "bbox": list(gt["annotations"][2]["bbox"])}]
+        {**results[2], "category_id": 2},
+        {**results[3], "bbox": list(gt["annotations"][2]["bbox"])},
+    ]
     assert t.false_positives_dap == pytest.approx(coco_ap50(gt, all_fp) - base, abs=1e-12)
 
 
@@ -123,7 +125,9 @@ def test_supercategory_and_other_confusions():
     b = A.coco_breakdown(A.GroundTruth(gt), results)
     cat, bus = b.per_category[1], b.per_category[9]
     assert cat["Sim"] > cat["Loc"]  # the zoo's cat on dog B is forgiven within "animal"
-    assert bus["Loc"] == pytest.approx(1 / 3) and bus["Sim"] == pytest.approx(1 / 2) and bus["Oth"] == pytest.approx(1.0)
+    assert (
+        bus["Loc"] == pytest.approx(1 / 3) and bus["Sim"] == pytest.approx(1 / 2) and bus["Oth"] == pytest.approx(1.0)
+    )
 
 
 def test_empty_result_set():

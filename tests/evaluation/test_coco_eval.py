@@ -28,18 +28,38 @@ def _noisy_results(gt, seed=0):
     results = []
     for a in gt["annotations"]:
         x, y, w, h = a["bbox"]
-        results.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x + rng.uniform(-3, 3), y + rng.uniform(-3, 3), w, h], "score": float(rng.uniform(0.5, 1))})
-        results.append({"image_id": a["image_id"], "category_id": 3, "bbox": [0.0, 0.0, 15.0, 15.0], "score": float(rng.uniform(0, 0.6))})
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [x + rng.uniform(-3, 3), y + rng.uniform(-3, 3), w, h],
+                "score": float(rng.uniform(0.5, 1)),
+            }
+        )
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": 3,
+                "bbox": [0.0, 0.0, 15.0, 15.0],
+                "score": float(rng.uniform(0, 0.6)),
+            }
+        )
     return results
 
 
 def test_perfect_detections():
     gt = _gt()
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
     ev = evaluate(gt, results)
     assert ev.metrics["val/AP"] == pytest.approx(1.0) and ev.metrics["val/AP50"] == pytest.approx(1.0)
     assert ev.metrics["val/mean_iou"] == pytest.approx(1.0)
-    assert set(ev.metrics) == {f"val/{n}" for n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "mean_iou")}
+    assert set(ev.metrics) == {
+        f"val/{n}"
+        for n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl", "mean_iou")
+    }
 
 
 def test_equals_pycocotools_run_directly_on_the_files(tmp_path):
@@ -52,7 +72,10 @@ def test_equals_pycocotools_run_directly_on_the_files(tmp_path):
         E = COCOeval(coco, coco.loadRes(str(tmp_path / "res.json")), "bbox")
         E.evaluate(), E.accumulate(), E.summarize()
     ours = evaluate(gt, results)
-    assert [ours.metrics[f"val/{n}"] for n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")] == list(E.stats)
+    assert [
+        ours.metrics[f"val/{n}"]
+        for n in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+    ] == list(E.stats)
     assert 0 < ours.metrics["val/AP"] < 1
 
 
@@ -80,9 +103,18 @@ def test_empty_and_malformed_result_sets():
 
 
 def test_detections_to_results_maps_labels_and_boxes():
-    det = {"scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 0]), "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]])}
+    det = {
+        "scores": torch.tensor([0.9, 0.1]),
+        "labels": torch.tensor([1, 0]),
+        "boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0], [0.0, 0.0, 5.0, 5.0]]),
+    }
     results = detections_to_results([2], [det], label_to_category_id=[3, 7])
-    assert results[0] == {"image_id": 2, "category_id": 7, "bbox": [10.0, 20.0, 30.0, 40.0], "score": pytest.approx(0.9)}
+    assert results[0] == {
+        "image_id": 2,
+        "category_id": 7,
+        "bbox": [10.0, 20.0, 30.0, 40.0],
+        "score": pytest.approx(0.9),
+    }
     assert results[1]["category_id"] == 3
 
 
@@ -102,7 +134,9 @@ def test_per_category_and_per_iou_are_pycocotools_arrays():
     assert np.mean([r["AP"] for r in rows]) == pytest.approx(ev.metrics["val/AP"])
     per_iou = ap_per_iou(ev)
     assert list(per_iou) == [f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10)]
-    assert per_iou["0.50"] == pytest.approx(ev.metrics["val/AP50"]) and per_iou["0.75"] == pytest.approx(ev.metrics["val/AP75"])
+    assert per_iou["0.50"] == pytest.approx(ev.metrics["val/AP50"]) and per_iou["0.75"] == pytest.approx(
+        ev.metrics["val/AP75"]
+    )
     assert np.mean(list(per_iou.values())) == pytest.approx(ev.metrics["val/AP"])
     empty = evaluate(gt, [])
     assert [r["AP"] for r in per_category(empty)] == [0.0, 0.0] and set(ap_per_iou(empty).values()) == {0.0}
@@ -127,5 +161,7 @@ def test_results_file_round_trip_and_errors(tmp_path):
 def test_labels_instead_of_category_ids_are_a_clear_error():
     gt = _gt()  # category ids 3 and 7; a model's contiguous labels would be 0 and 1
     results = [{"image_id": 1, "category_id": 0, "bbox": [10, 10, 30, 20], "score": 0.9}]
-    with pytest.raises(ResultsError, match=r"results\[0\].category_id: 0 is not a category .*mapped to the dataset's category ids"):
+    with pytest.raises(
+        ResultsError, match=r"results\[0\].category_id: 0 is not a category .*mapped to the dataset's category ids"
+    ):
         evaluate(gt, results)

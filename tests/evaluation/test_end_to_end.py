@@ -20,7 +20,10 @@ def subject(tmp_path_factory):
     root = tmp_path_factory.mktemp("final")
     _, val = make_demo_dataset(root / "data", num_train=2, num_val=6, shard_size=8, workers=0)
     gt = coco_ground_truth(val)
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+        for a in gt["annotations"]
+    ]
     (root / "perfect.json").write_text(json.dumps(results))
     return val, from_results(root / "perfect.json")
 
@@ -38,7 +41,9 @@ def test_a_report_is_never_written_over_other_files(subject, tmp_path):
 
 def test_a_rerun_replaces_its_own_report(subject, tmp_path):
     val, perfect = subject
-    options = EvaluationOptions(out=tmp_path / "new" / "report", data=val, inference=InferenceConfig(progress=False), worst=1)
+    options = EvaluationOptions(
+        out=tmp_path / "new" / "report", data=val, inference=InferenceConfig(progress=False), worst=1
+    )
     report, _ = run_evaluation(perfect, options)
     assert report.metrics["AP"] == pytest.approx(1.0)
     report, paths = run_evaluation(perfect, options)  # into its own earlier report

@@ -38,9 +38,22 @@ def _other_detector(gt: dict, path: Path) -> Path:
     results = []
     for a in gt["annotations"]:
         x, y, w, h = a["bbox"]
-        results.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": [x + rng.uniform(-2, 2), y + rng.uniform(-2, 2), w, h],
-                        "score": float(rng.uniform(0.5, 1))})
-        results.append({"image_id": a["image_id"], "category_id": 1 + (a["category_id"] % 3), "bbox": [x, y, w / 2, h / 2], "score": 0.3})
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": a["category_id"],
+                "bbox": [x + rng.uniform(-2, 2), y + rng.uniform(-2, 2), w, h],
+                "score": float(rng.uniform(0.5, 1)),
+            }
+        )
+        results.append(
+            {
+                "image_id": a["image_id"],
+                "category_id": 1 + (a["category_id"] % 3),
+                "bbox": [x, y, w / 2, h / 2],
+                "score": 0.3,
+            }
+        )
     path.write_text(json.dumps(results))
     return path
 
@@ -50,8 +63,22 @@ def test_experiment_report_end_to_end(tiny_run, tmp_path, capsys):
     gt = coco_ground_truth(tiny_run["val"])
     other = _other_detector(gt, tmp_path / "other_detector.json")
     out = tmp_path / "report"
-    rc = _script().main(["--experiment", str(exp), "--out", str(out), "--compare", tiny_run["checkpoint_epoch1"], str(other),
-                         "--batch-size", "4", "--worst", "3", "--no-progress"])
+    rc = _script().main(
+        [
+            "--experiment",
+            str(exp),
+            "--out",
+            str(out),
+            "--compare",
+            tiny_run["checkpoint_epoch1"],
+            str(other),
+            "--batch-size",
+            "4",
+            "--worst",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "AP50" in printed and str(out / "report.md") in printed
@@ -109,18 +136,35 @@ def test_checkpoint_with_other_data_and_a_progress_bar(tiny_run, tmp_path, capsy
     data = tmp_path / "other-val"
     shutil.copytree(tiny_run["val"], data)
     out = tmp_path / "report"
-    rc = _script().main(["--checkpoint", tiny_run["checkpoint"], "--data", str(data), "--out", str(out), "--batch-size", "4", "--worst", "2"])
+    rc = _script().main(
+        [
+            "--checkpoint",
+            tiny_run["checkpoint"],
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--worst",
+            "2",
+        ]
+    )
     assert rc == 0
     assert re.search(r"inference: 100%\|.*\| 12/12 ", capsys.readouterr().err)
 
     report = json.loads((out / "report.json").read_text())
     assert report["subject"]["kind"] == "checkpoint" and report["subject"]["checkpoint"] == tiny_run["checkpoint"]
     assert report["data"]["val"] == str(data) and report["data"]["images"] == 12
-    E = coco_eval(json.loads((out / "ground_truth.json").read_text()), json.loads((out / "detections.json").read_text()))
+    E = coco_eval(
+        json.loads((out / "ground_truth.json").read_text()), json.loads((out / "detections.json").read_text())
+    )
     assert [report["metrics"][n] for n in METRIC_NAMES] == list(E.stats)
     state = json.loads((Path(tiny_run["checkpoint"]) / ckpt.STATE).read_text())
     assert [h["epoch"] for h in report["history"]] == [1, 2]
-    assert report["history"][-1]["val/AP"] == pytest.approx(state["metrics"]["val/AP"], rel=1e-6)  # float32 in TensorBoard
+    assert report["history"][-1]["val/AP"] == pytest.approx(
+        state["metrics"]["val/AP"], rel=1e-6
+    )  # float32 in TensorBoard
     assert report["trials"] == [] and report["importances"] is None and report["comparison"] == []
     assert {"training", "worst_false_negatives", "pr_overall"} <= set(report["figures"])
     md = (out / "report.md").read_text()
@@ -133,11 +177,28 @@ def test_compare_with_the_same_checkpoint_name_from_another_run(tiny_run, tmp_pa
     for run, source in (("run_a", tiny_run["checkpoint"]), ("run_b", tiny_run["checkpoint_epoch1"])):
         shutil.copytree(source, tmp_path / run / "checkpoint_epoch0010")
     out = tmp_path / "report"
-    rc = _script().main(["--checkpoint", f"file://{tmp_path}/run_a/checkpoint_epoch0010", "--data", tiny_run["val"], "--out", str(out),
-                         "--compare", f"file://{tmp_path}/run_b/checkpoint_epoch0010", "--batch-size", "4", "--worst", "1", "--no-progress"])
+    rc = _script().main(
+        [
+            "--checkpoint",
+            f"file://{tmp_path}/run_a/checkpoint_epoch0010",
+            "--data",
+            tiny_run["val"],
+            "--out",
+            str(out),
+            "--compare",
+            f"file://{tmp_path}/run_b/checkpoint_epoch0010",
+            "--batch-size",
+            "4",
+            "--worst",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["title"] == "checkpoint_epoch0010" and [c["name"] for c in report["comparison"]] == ["checkpoint_epoch0010'"]
+    assert report["title"] == "checkpoint_epoch0010" and [c["name"] for c in report["comparison"]] == [
+        "checkpoint_epoch0010'"
+    ]
     main = json.loads((out / "detections.json").read_text())
     other = json.loads((out / "compare" / "checkpoint_epoch0010.json").read_text())
     assert len(main) == len(other) == 12 * 5
@@ -161,10 +222,14 @@ def test_empty_and_malformed_results_files(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     scored = score(from_results(tmp_path / "empty.json"), "unused", coco, tmp_path / "x.json", cfg)
     assert scored.evaluation.metrics["AP"] == 0.0 and scored.evaluation.metrics["AR100"] == 0.0
-    (tmp_path / "unknown.json").write_text(json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    (tmp_path / "unknown.json").write_text(
+        json.dumps([{"image_id": 999, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}])
+    )
     with pytest.raises(ResultsError, match=r"unknown.json\[0\].image_id: 999 is not an image"):
         score(from_results(tmp_path / "unknown.json"), "unused", coco, tmp_path / "x.json", cfg)
-    (tmp_path / "labels.json").write_text(json.dumps([{"image_id": 1, "category_id": 0, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    (tmp_path / "labels.json").write_text(
+        json.dumps([{"image_id": 1, "category_id": 0, "bbox": [0, 0, 5, 5], "score": 0.5}])
+    )
     with pytest.raises(ResultsError, match=r"labels.json\[0\].category_id: 0 is not a category"):
         score(from_results(tmp_path / "labels.json"), "unused", coco, tmp_path / "x.json", cfg)
     (tmp_path / "object.json").write_text("{}")

@@ -40,7 +40,9 @@ def _direct(detector, val: str, image_id: int) -> list[dict]:
     model.eval()
     row = read_rows(val, [image_id], columns=("image", "height", "width"))[image_id]
     image = decode_image(torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8))
-    image, _, _ = DetectionTransform(detector.transform, train=False)(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    image, _, _ = DetectionTransform(detector.transform, train=False)(
+        image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    )
     with torch.no_grad():
         out = model(normalize(image[None]), torch.zeros(1, *image.shape[-2:], dtype=torch.bool))
     dets = postprocess(out, [[row["height"], row["width"]]], detector.label_to_category_id)

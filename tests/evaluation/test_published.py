@@ -32,7 +32,14 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
 def _shards(root: Path) -> str:
     make_coco(root / "coco", categories=COCO_SUBSET)
     out = root / "shards"
-    write_shards(load_coco(str(root / "coco" / "instances.json")), str(root / "coco" / "images"), str(out), shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(root / "coco" / "instances.json")),
+        str(root / "coco" / "images"),
+        str(out),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     return str(out)
 
 
@@ -53,10 +60,23 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_architecture_is_read_from_the_state_dict():
-    sd = build_model(tiny_config(backbone="resnet34", backbone_stages=3, pre_norm=True, frozen_bn=False, num_queries=7, dec_layers=3)).state_dict()
+    sd = build_model(
+        tiny_config(backbone="resnet34", backbone_stages=3, pre_norm=True, frozen_bn=False, num_queries=7, dec_layers=3)
+    ).state_dict()
     cfg = infer_model_config(sd, name="x.pth")
-    assert cfg == {"backbone": "resnet34", "backbone_stages": 3, "frozen_bn": False, "hidden_dim": 32, "num_queries": 7, "enc_layers": 2,
-                   "dec_layers": 3, "pre_norm": True, "dim_feedforward": 64, "nheads": 8, "dilation": False}
+    assert cfg == {
+        "backbone": "resnet34",
+        "backbone_stages": 3,
+        "frozen_bn": False,
+        "hidden_dim": 32,
+        "num_queries": 7,
+        "enc_layers": 2,
+        "dec_layers": 3,
+        "pre_norm": True,
+        "dim_feedforward": 64,
+        "nheads": 8,
+        "dilation": False,
+    }
     assert infer_model_config(sd, args={"nheads": 4, "dropout": 0.1})["nheads"] == 4
     assert infer_model_config(sd, given={"nheads": 2})["nheads"] == 2
 
@@ -67,10 +87,18 @@ def test_dc5_is_decided_by_args_or_published_name_and_refused_otherwise():
     assert infer_model_config(r101, name="detr-r101-dc5-a2e86def.pth")["dilation"] is True
     assert infer_model_config(r50, name="detr-r50-dc5-f0fb7ef5.pth")["backbone"] == "resnet50"
     assert infer_model_config(r50, name="detr-r50-e632da11.pth")["dilation"] is False
-    assert infer_model_config(r101, name="detr-r101-2c7b67e5.pth") == {**infer_model_config(r101, name="detr-r101-2c7b67e5.pth"), "backbone": "resnet101"}
-    assert infer_model_config(r50, name="checkpoint.pth", args={"dilation": True, "backbone": "resnet50"})["dilation"] is True
+    assert infer_model_config(r101, name="detr-r101-2c7b67e5.pth") == {
+        **infer_model_config(r101, name="detr-r101-2c7b67e5.pth"),
+        "backbone": "resnet101",
+    }
+    assert (
+        infer_model_config(r50, name="checkpoint.pth", args={"dilation": True, "backbone": "resnet50"})["dilation"]
+        is True
+    )
     assert infer_model_config(r50, name="mine.pth", given={"dilation": False})["dilation"] is False
-    with pytest.raises(WeightsError, match=r"mine\.pth: cannot tell whether this resnet50 DETR is a DC5.*model\.dilation=true"):
+    with pytest.raises(
+        WeightsError, match=r"mine\.pth: cannot tell whether this resnet50 DETR is a DC5.*model\.dilation=true"
+    ):
         infer_model_config(r50, name="mine.pth")
     with pytest.raises(WeightsError, match="name says R50 but its tensors are a resnet101"):
         infer_model_config(r101, name="detr-r50-e632da11.pth")
@@ -92,7 +120,9 @@ def test_published_subject_gives_the_reference_probabilities(tmp_path):
     assert subject.weights["architecture"]["nheads"] == 4 and subject.weights["architecture"]["backbone"] == "resnet18"
     meta = read_meta(shards)
     classes = subject.weights["load"]["classes"]
-    assert [(c["label"], c["category_id"], c["how"], c["source_row"]) for c in classes] == [(i, cid, "id", cid) for i, cid in enumerate(meta.label_to_category_id)]
+    assert [(c["label"], c["category_id"], c["how"], c["source_row"]) for c in classes] == [
+        (i, cid, "id", cid) for i, cid in enumerate(meta.label_to_category_id)
+    ]
     assert "3 by id" in subject.weights["load"]["summary"]
 
     detector = load_detector(subject.checkpoint, subject.manifest)
@@ -121,7 +151,10 @@ def test_same_name_different_files_are_different_subjects(tmp_path):
     s1, s2 = (resolve(str(p), tmp_path / "work", data=shards) for p in (one, two))
     assert s1.name == s2.name and s1.weights["sha256"] != s2.weights["sha256"]
     assert s1.checkpoint != s2.checkpoint
-    assert not torch.equal(load_detector(s1.checkpoint).weights["class_embed.weight"], load_detector(s2.checkpoint).weights["class_embed.weight"])
+    assert not torch.equal(
+        load_detector(s1.checkpoint).weights["class_embed.weight"],
+        load_detector(s2.checkpoint).weights["class_embed.weight"],
+    )
 
 
 def test_published_subject_errors_name_the_file(tmp_path):
@@ -132,7 +165,9 @@ def test_published_subject_errors_name_the_file(tmp_path):
         from_published(str(bare), tmp_path / "work", data=None)
     with pytest.raises(EvaluationTargetError, match="only model.* and data.*"):
         from_published(str(bare), tmp_path / "work", data=shards, overrides=["train.lr=1e-4"])
-    with pytest.raises(EvaluationTargetError, match=r"detr-r50-mine.pth: shape mismatch.*\(96, 32\) vs model \(192, 64\)"):  # a given value that does not fit the tensors
+    with pytest.raises(
+        EvaluationTargetError, match=r"detr-r50-mine.pth: shape mismatch.*\(96, 32\) vs model \(192, 64\)"
+    ):  # a given value that does not fit the tensors
         from_published(str(bare), tmp_path / "work", data=shards, overrides=["model.nheads=4", "model.hidden_dim=64"])
     results = tmp_path / "results.json"
     results.write_text("[]")
@@ -168,8 +203,23 @@ def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(loca
     spec.loader.exec_module(script)
     out = tmp_path / "report"
     # nheads is not in a bare state dict (the reference's 8 is assumed); this tiny model has 4.
-    rc = script.main(["--checkpoint", f"{url}/detr-tiny-coco.pth", "--data", shards, "--out", str(out), "--set", "model.nheads=4",
-                      "--compare", str(local), "--batch-size", "4", "--no-progress"])
+    rc = script.main(
+        [
+            "--checkpoint",
+            f"{url}/detr-tiny-coco.pth",
+            "--data",
+            shards,
+            "--out",
+            str(out),
+            "--set",
+            "model.nheads=4",
+            "--compare",
+            str(local),
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     sha = hashlib.sha256(local.read_bytes()).hexdigest()
@@ -177,14 +227,18 @@ def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(loca
     report = json.loads((out / "report.json").read_text())
     subject = report["subject"]
     assert subject["kind"] == "published" and subject["source"] == f"{url}/detr-tiny-coco.pth"
-    assert subject["weights"]["sha256"] == sha and [c["how"] for c in subject["weights"]["load"]["classes"]] == ["id"] * 3
+    assert (
+        subject["weights"]["sha256"] == sha and [c["how"] for c in subject["weights"]["load"]["classes"]] == ["id"] * 3
+    )
     (other,) = report["comparison"]
     assert other["kind"] == "published" and other["source"] == str(local) and other["weights"]["sha256"] == sha
     # The same bytes from the URL and from the file: the same model, the same detections, the same figures.
     assert other["metrics"] == report["metrics"]
     assert f"sha256 `{sha}`" in (out / "report.md").read_text()
 
-    rc = script.main(["--checkpoint", f"{url}/missing.pth", "--data", shards, "--out", str(tmp_path / "r2"), "--no-progress"])
+    rc = script.main(
+        ["--checkpoint", f"{url}/missing.pth", "--data", shards, "--out", str(tmp_path / "r2"), "--no-progress"]
+    )
     assert rc == 2 and "missing.pth: cannot fetch" in capsys.readouterr().err
 
 

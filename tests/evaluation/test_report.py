@@ -21,25 +21,71 @@ def _report(**overrides) -> Report:
     other_tide = tide(GroundTruth(gt), other)
     fields = dict(
         title="my-sweep:t1",
-        subject={"name": "my-sweep:t1", "kind": "experiment", "source": "/runs/my-sweep", "checkpoint": "/runs/ckpt", "trial": "t1",
-                 "metric": "val/AP", "mode": "max", "best_value": 0.25},
+        subject={
+            "name": "my-sweep:t1",
+            "kind": "experiment",
+            "source": "/runs/my-sweep",
+            "checkpoint": "/runs/ckpt",
+            "trial": "t1",
+            "metric": "val/AP",
+            "mode": "max",
+            "best_value": 0.25,
+        },
         data={"val": "/data/val", "images": 24, "annotations": len(gt["annotations"]), "categories": 4},
         metrics=ev.metrics,
         ap_per_iou=ap_per_iou(ev),
         per_category=per_category(ev),
         analysis=an,
-        inference={"images": 24, "skipped_images": [], "detections": len(results), "seconds": 2.0, "images_per_s": 12.0, "device": "cpu", "actors": 1},
+        inference={
+            "images": 24,
+            "skipped_images": [],
+            "detections": len(results),
+            "seconds": 2.0,
+            "images_per_s": 12.0,
+            "device": "cpu",
+            "actors": 1,
+        },
         files={"results": "detections.json", "ground_truth": "ground_truth.json"},
         config={"model": {"backbone": "resnet18"}, "train": {"lr": 2e-4}},
         hyperparameters={"train.lr": 2e-4, "model.backbone": "resnet18"},
         history=[{"epoch": e, "train/loss": 10.0 / e, "val/AP": 0.05 * e, "val/AP50": 0.1 * e} for e in (1, 2, 3)],
-        trials=[{"trial": "t1", "config": {"train.lr": 2e-4}, "best": 0.25, "epochs": 3, "status": "completed", "checkpoint": "/c"},
-                {"trial": "t2", "config": {"train.lr": 9e-4}, "best": 0.05, "epochs": 1, "status": "stopped early (ASHA)", "checkpoint": None},
-                {"trial": "t3", "config": {"train.lr": 1e-4}, "best": None, "epochs": 0, "status": "error", "checkpoint": None}],
+        trials=[
+            {
+                "trial": "t1",
+                "config": {"train.lr": 2e-4},
+                "best": 0.25,
+                "epochs": 3,
+                "status": "completed",
+                "checkpoint": "/c",
+            },
+            {
+                "trial": "t2",
+                "config": {"train.lr": 9e-4},
+                "best": 0.05,
+                "epochs": 1,
+                "status": "stopped early (ASHA)",
+                "checkpoint": None,
+            },
+            {
+                "trial": "t3",
+                "config": {"train.lr": 1e-4},
+                "best": None,
+                "epochs": 0,
+                "status": "error",
+                "checkpoint": None,
+            },
+        ],
         importances={"train.lr": 0.8, "model.backbone": 0.2},
-        comparison=[{"name": "half-scores", "kind": "results", "source": "/other.json", "metrics": other_ev.metrics,
-                     "per_category": {row["id"]: row["AP"] for row in per_category(other_ev)},
-                     "tide": {k: v["dAP"] for k, v in other_tide.errors.items()}}],
+        comparison=[
+            {
+                "name": "half-scores",
+                "kind": "results",
+                "source": "/other.json",
+                "metrics": other_ev.metrics,
+                "per_category": {row["id"]: row["AP"] for row in per_category(other_ev)},
+                "tide": {k: v["dAP"] for k, v in other_tide.errors.items()},
+            }
+        ],
         images={i: np.full((150, 200, 3), 90, dtype=np.uint8) for i in ids},
     )
     fields.update(overrides)
@@ -49,7 +95,16 @@ def _report(**overrides) -> Report:
 def test_full_report(tmp_path):
     report = _report()
     paths = write_report(report, tmp_path)
-    names = {"pr_overall", "pr_worst_categories", "coco_breakdown", "tide", "tp_iou", "training", "worst_false_positives", "worst_false_negatives"}
+    names = {
+        "pr_overall",
+        "pr_worst_categories",
+        "coco_breakdown",
+        "tide",
+        "tp_iou",
+        "training",
+        "worst_false_positives",
+        "worst_false_negatives",
+    }
     assert names <= set(paths)
     for name in names:
         with Image.open(paths[name]) as im:
@@ -64,9 +119,19 @@ def test_full_report(tmp_path):
         assert (tmp_path / rel).is_file()
 
     md = (tmp_path / "report.md").read_text()
-    for heading in ("# Evaluation: my-sweep:t1", "## Metrics", "### AP at each IoU threshold", "## Per category", "### TIDE error types",
-                    "### COCO analysis", "### IoU of true positives", "### Images with the most errors", "## Training", "## Trials",
-                    "### Parameter importances"):
+    for heading in (
+        "# Evaluation: my-sweep:t1",
+        "## Metrics",
+        "### AP at each IoU threshold",
+        "## Per category",
+        "### TIDE error types",
+        "### COCO analysis",
+        "### IoU of true positives",
+        "### Images with the most errors",
+        "## Training",
+        "## Trials",
+        "### Parameter importances",
+    ):
         assert heading in md, heading
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (tmp_path / link).is_file(), link
@@ -89,8 +154,18 @@ def test_full_report(tmp_path):
 def test_report_without_sweep_history_or_detections(tmp_path):
     gt, _ = random_dataset(seed=8, n_images=6)
     ev = evaluate(gt, [], prefix="")
-    report = _report(metrics=ev.metrics, ap_per_iou=ap_per_iou(ev), per_category=per_category(ev), analysis=analyze(ev, []),
-                     history=[], trials=[], importances=None, comparison=[], images={}, inference=None)
+    report = _report(
+        metrics=ev.metrics,
+        ap_per_iou=ap_per_iou(ev),
+        per_category=per_category(ev),
+        analysis=analyze(ev, []),
+        history=[],
+        trials=[],
+        importances=None,
+        comparison=[],
+        images={},
+        inference=None,
+    )
     paths = write_report(report, tmp_path)
     assert "training" not in paths and "worst_false_positives" not in paths and "worst_false_negatives" in paths
     with Image.open(paths["worst_false_negatives"]) as im:  # no pixels: boxes on grey, at the image's size

@@ -12,15 +12,28 @@ from tests.conftest import tiny_config
 from tests.evaluation.conftest import SEARCH, make_experiment
 
 EXPERIMENT = {
-    "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 2, "dec_layers": 2, "dim_feedforward": 64, "num_queries": 6},
+    "model": {
+        "backbone": "resnet18",
+        "hidden_dim": 32,
+        "nheads": 4,
+        "enc_layers": 2,
+        "dec_layers": 2,
+        "dim_feedforward": 64,
+        "num_queries": 6,
+    },
     "data": {"train": "/data/shards/train", "val": "/data/shards/val", "augment": "demo"},
     "train": {"epochs": 2},
 }
 
 
 def _save(directory: Path, epoch: int, ap: float) -> str:
-    state = ckpt.TrainingState(epoch, epoch * 3, EXPERIMENT, {"label_to_category_id": [1, 2, 3], "names": ["a", "b", "c"]},
-                               {"val/AP": ap, "val/AP50": 2 * ap, "train/loss": 10.0 - epoch})
+    state = ckpt.TrainingState(
+        epoch,
+        epoch * 3,
+        EXPERIMENT,
+        {"label_to_category_id": [1, 2, 3], "names": ["a", "b", "c"]},
+        {"val/AP": ap, "val/AP50": 2 * ap, "train/loss": 10.0 - epoch},
+    )
     ckpt.save(directory, build_model(tiny_config()), None, None, None, state)
     return str(directory)
 
@@ -62,7 +75,9 @@ def test_experiment_without_best_json_takes_the_best_verified_trial(run, tmp_pat
     for t in doc["trials"]:
         t["checkpoint"] = None
     (exp / "trials.json").write_text(json.dumps(doc))
-    with pytest.raises(EvaluationTargetError, match=r"trials.json: no trial has a finite 'val/AP' and a checkpoint that verifies"):
+    with pytest.raises(
+        EvaluationTargetError, match=r"trials.json: no trial has a finite 'val/AP' and a checkpoint that verifies"
+    ):
         from_experiment(str(exp), tmp_path / "work")
 
 
@@ -164,17 +179,25 @@ def test_same_named_checkpoints_of_two_runs_are_each_scored_with_their_own_weigh
     one work directory: each is loaded with its own weights."""
     from detr_ray.evaluation.inference import load_detector
 
-    weights = {run: _save_weights(tmp_path / run / "checkpoint_epoch0010", seed) for seed, run in enumerate(("run_a", "run_b"))}
+    weights = {
+        run: _save_weights(tmp_path / run / "checkpoint_epoch0010", seed) for seed, run in enumerate(("run_a", "run_b"))
+    }
     assert not _same_weights(weights["run_a"], weights["run_b"])
     main = from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010", tmp_path / "work")
     other = resolve(f"file://{tmp_path}/run_b/checkpoint_epoch0010", tmp_path / "work")
     assert main.checkpoint != other.checkpoint and main.name == other.name == "checkpoint_epoch0010"
-    assert main.checkpoint.name.startswith("checkpoint_epoch0010") and main.checkpoint.parent == tmp_path / "work" / "checkpoints"
+    assert (
+        main.checkpoint.name.startswith("checkpoint_epoch0010")
+        and main.checkpoint.parent == tmp_path / "work" / "checkpoints"
+    )
     for subject, run in ((main, "run_a"), (other, "run_b")):
         detector = load_detector(subject.checkpoint, subject.manifest)
         assert _same_weights(detector.weights, weights[run]), f"{subject.source} scored with other weights"
     # The same URI again (e.g. also given to --compare) is the same checkpoint.
-    assert from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010/", tmp_path / "work").checkpoint == main.checkpoint
+    assert (
+        from_checkpoint(f"file://{tmp_path}/run_a/checkpoint_epoch0010/", tmp_path / "work").checkpoint
+        == main.checkpoint
+    )
 
 
 def test_what_is_scored_is_the_checkpoint_that_was_verified(tmp_path):
@@ -186,7 +209,9 @@ def test_what_is_scored_is_the_checkpoint_that_was_verified(tmp_path):
     _save_weights(tmp_path / "run" / "checkpoint_epoch0010", seed=0)
     subject = from_checkpoint(str(tmp_path / "run" / "checkpoint_epoch0010"), tmp_path / "work")
     _save_weights(tmp_path / "run" / "checkpoint_epoch0010", seed=1)
-    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint_epoch0010/MANIFEST.json: not the checkpoint verified earlier"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"checkpoint_epoch0010/MANIFEST.json: not the checkpoint verified earlier"
+    ):
         score(subject, "unused: refused before inference", None, tmp_path / "detections.json", InferenceConfig())
 
 

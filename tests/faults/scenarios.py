@@ -45,14 +45,29 @@ from detr_ray.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
-TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
-              "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "hidden_dim": 32,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": 5,
+    "frozen_bn": False,
+}
 TUNE_BAR = 2.5  # Tune's own bar: a restored sweep takes at most 2.5x a clean one
 
 
 def record(fault: str, injected: bool, wall_s: float, problems: list[str], epochs_lost: int, **details) -> dict:
-    return {"fault": fault, "injected": injected, "survived": injected and not problems, "epochs_lost": epochs_lost,
-            "wall_s": round(wall_s, 1), "problems": problems, **details}
+    return {
+        "fault": fault,
+        "injected": injected,
+        "survived": injected and not problems,
+        "epochs_lost": epochs_lost,
+        "wall_s": round(wall_s, 1),
+        "problems": problems,
+        **details,
+    }
 
 
 def checkpoint_epoch(name: str) -> int:
@@ -82,7 +97,9 @@ def check_reports(reports: list[dict], saved: int, epochs: int, label: str) -> t
         problems.append(f"{label}: epochs {twice} trained and reported twice")
     for r in reports:
         if r["global_step"] != STEPS * r["epoch"]:
-            problems.append(f"{label}: epoch {r['epoch']} reports global_step {r['global_step']}, expected {STEPS * r['epoch']}")
+            problems.append(
+                f"{label}: epoch {r['epoch']} reports global_step {r['global_step']}, expected {STEPS * r['epoch']}"
+            )
     after = [r for r in reports if r["epoch"] > saved]
     lost = 0
     if saved and after:
@@ -126,7 +143,9 @@ def train_experiment(demo_root, **train) -> dict:
     exp = demo_experiment()
     exp["model"].update(TINY_MODEL)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
-    exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
+    exp["data"].update(
+        train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8
+    )
     exp["train"].update(epochs=3, max_steps_per_epoch=STEPS, max_failures=1, cpus_per_worker=1.0, tensorboard=False)
     exp["train"].update(train)
     return exp
@@ -136,17 +155,25 @@ def _fit(exp: dict, name: str, storage: Path, log: Path, **kwargs):
     from detr_ray.config import experiment_from_dict
     from detr_ray.train.trainer import build_trainer
 
-    return build_trainer(experiment_from_dict(exp), name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs).fit()
+    return build_trainer(
+        experiment_from_dict(exp), name=name, storage_path=str(storage), callbacks=[ReportLog(str(log))], **kwargs
+    ).fit()
 
 
-def _check_run(result, run_dir: Path, reports: list[dict], saved: int, epochs: int, label: str) -> tuple[list[str], int]:
+def _check_run(
+    result, run_dir: Path, reports: list[dict], saved: int, epochs: int, label: str
+) -> tuple[list[str], int]:
     problems, lost = check_reports(reports, saved, epochs, label)
     m = result.metrics
     if m.get("epoch") != epochs or m.get("global_step") != STEPS * epochs:
         problems.append(f"{label}: finished at epoch {m.get('epoch')}, global_step {m.get('global_step')}")
     if saved and m.get("train/start_epoch") != saved and m.get("epoch", 0) > saved:
         problems.append(f"{label}: last attempt started at epoch {m.get('train/start_epoch')}, expected {saved}")
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", -1.0))[0] if result.best_checkpoints else None
+    best = (
+        max(result.best_checkpoints, key=lambda cm: cm[1].get("checkpoint_score", -1.0))[0]
+        if result.best_checkpoints
+        else None
+    )
     for c in (result.checkpoint, best):
         try:
             ckpt.verify(c.path) if c is not None else problems.append(f"{label}: no checkpoint")
@@ -169,8 +196,10 @@ def check_registry(run_dir: Path, label: str) -> list[str]:
     problems = []
     for name in sorted(set(names)):
         if names.count(name) > 1:
-            problems.append(f"{label}: Ray's checkpoint registry holds {names.count(name)} entries for {name} "
-                            "(a stale one and the redone epoch's): evicting the stale entry deletes the new checkpoint")
+            problems.append(
+                f"{label}: Ray's checkpoint registry holds {names.count(name)} entries for {name} "
+                "(a stale one and the redone epoch's): evicting the stale entry deletes the new checkpoint"
+            )
         try:
             ckpt.verify(Path(run_dir) / name)
         except ckpt.CheckpointError as e:
@@ -220,10 +249,19 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
     if chosen is None or Path(chosen) == victim.parent:
         problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:
-        problems.append(f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 checkpoint skipped)")
+        problems.append(
+            f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 checkpoint skipped)"
+        )
     left = sorted(d.name for d in run_dir.glob("checkpoint_epoch*"))
-    return record("newest checkpoint truncated", injected, wall, problems, lost, checkpoints_after_relaunch=left,
-                  relaunch_reports=reports)
+    return record(
+        "newest checkpoint truncated",
+        injected,
+        wall,
+        problems,
+        lost,
+        checkpoints_after_relaunch=left,
+        relaunch_reports=reports,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +272,9 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
 def tiny_tmpfs(path: Path, size_mb: int):
     """A tmpfs of `size_mb` at `path` (root only); yields None when it cannot be mounted."""
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         yield None
         return
@@ -308,8 +348,15 @@ def enospc(workdir: Path, demo_root, full_dir: Path | None, inject: bool = True)
     result = _fit(exp, "enospc", storage, log)
     wall = time.time() - start
     more, lost = _check_run(result, run_dir, read_reports(log)[before:], saved, 3, "after freeing space")
-    return record("ENOSPC in the checkpoint writer", injected, wall, problems + more, lost, clear_error=clear,
-                  saved_epoch_at_fault=saved)
+    return record(
+        "ENOSPC in the checkpoint writer",
+        injected,
+        wall,
+        problems + more,
+        lost,
+        clear_error=clear,
+        saved_epoch_at_fault=saved,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,10 +368,19 @@ def sweep_space(num_samples: int, epochs: int, **train) -> dict:
         "experiment": {
             "model": TINY_MODEL,
             "data": {"batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25, "augment": "demo"},
-            "train": {"epochs": epochs, "max_steps_per_epoch": STEPS, "max_failures": 0, "tensorboard": False,
-                      "cpus_per_worker": 0.5, **train},
+            "train": {
+                "epochs": epochs,
+                "max_steps_per_epoch": STEPS,
+                "max_failures": 0,
+                "tensorboard": False,
+                "cpus_per_worker": 0.5,
+                **train,
+            },
         },
-        "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}, "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]}},
+        "search": {
+            "train.lr": {"loguniform": [1.0e-5, 1.0e-3]},
+            "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]},
+        },
         "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": num_samples, "seed": 0},
     }
 
@@ -396,7 +452,9 @@ def check_sweep(exp_dir: Path, num_samples: int, epochs: int, saved: dict[str, i
 
 KILL_POINTS = {
     # a trial's directory exists, no checkpoint yet
-    "trial_started": lambda exp_dir, epochs: any(exp_dir.glob("trial_*")) and not any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")),
+    "trial_started": lambda exp_dir, epochs: (
+        any(exp_dir.glob("trial_*")) and not any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json"))
+    ),
     # some trial has a checkpoint, none has finished
     "mid_training": lambda exp_dir, epochs: any(exp_dir.glob("runs/*/checkpoint_epoch*/MANIFEST.json")),
     # some trial finished all its epochs
@@ -405,8 +463,20 @@ KILL_POINTS = {
 
 
 def tune_command(space: Path, data: Path, storage: Path, name: str) -> list[str]:
-    return [sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--data", str(data),
-            "--storage", str(storage), "--name", name, "--num-cpus", "2"]
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "tune.py"),
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--num-cpus",
+        "2",
+    ]
 
 
 def _env() -> dict:
@@ -425,8 +495,9 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     time.sleep(1.0)
 
 
-def driver_kill(workdir: Path, demo_root, point: str | None, num_samples: int = 3, epochs: int = 3,
-                timeout: float = 900) -> dict:
+def driver_kill(
+    workdir: Path, demo_root, point: str | None, num_samples: int = 3, epochs: int = 3, timeout: float = 900
+) -> dict:
     """(e) scripts/tune.py SIGKILLed at `point` (None: a clean sweep), then rerun."""
     space = workdir / "space.yaml"
     space.write_text(yaml.safe_dump(sweep_space(num_samples, epochs)))
@@ -441,7 +512,9 @@ def driver_kill(workdir: Path, demo_root, point: str | None, num_samples: int = 
     if point is not None:
         reached = KILL_POINTS[point]
         with open(workdir / "first.log", "w") as log:
-            first = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            first = subprocess.Popen(
+                cmd, cwd=workdir, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             deadline = time.time() + timeout
             while first.poll() is None and time.time() < deadline and not reached(exp_dir, epochs):
                 time.sleep(0.05)
@@ -475,8 +548,10 @@ def two_node_cluster(head_cpus: int = 1, worker_cpus: int = 2):
 
     from detr_ray.tune.resources import DRIVER_RESOURCE
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "resources": {DRIVER_RESOURCE: 100},
-                                                       "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": head_cpus, "resources": {DRIVER_RESOURCE: 100}, "include_dashboard": False},
+    )
     c.add_node(num_cpus=worker_cpus)
     ray.init(address=c.address, log_to_driver=False, configure_logging=False)
     c.wait_for_nodes()
@@ -530,13 +605,21 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     # A trial on the lost node lost the epoch it was in, not a completed one: compare with the
     # checkpoints that existed when the node went away.
     problems, lost = check_sweep(exp_dir, num_samples, epochs, removed.get("saved", {}))
-    return record("worker node lost mid-sweep" if inject else "clean sweep (cluster)", inject and "node_id" in removed,
-                  wall, problems, lost, hit_train_worker=hit, actors_on_lost_node=removed.get("actors", []))
+    return record(
+        "worker node lost mid-sweep" if inject else "clean sweep (cluster)",
+        inject and "node_id" in removed,
+        wall,
+        problems,
+        lost,
+        hit_train_worker=hit,
+        actors_on_lost_node=removed.get("actors", []),
+    )
 
 
 def _actors_on(node_id: str) -> list[str]:
     """Class names of the live actors on a node (from the GCS actor table; no dashboard needed)."""
     from ray._private.state import actors
 
-    return sorted(a["ActorClassName"] for a in actors().values()
-                  if a["Address"]["NodeID"] == node_id and a["State"] == "ALIVE")
+    return sorted(
+        a["ActorClassName"] for a in actors().values() if a["Address"]["NodeID"] == node_id and a["State"] == "ALIVE"
+    )

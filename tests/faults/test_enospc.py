@@ -44,8 +44,13 @@ with tiny_tmpfs(workdir / "tmpfs", size_mb=384) as mounted:
 def disk_full(tmp_path_factory, fault_demo_root):
     workdir = tmp_path_factory.mktemp("enospc")
     (workdir / "run").mkdir()
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), str(fault_demo_root)], cwd=REPO,
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(workdir), str(fault_demo_root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((workdir / "record.json").read_text())
     if record is None:
@@ -54,7 +59,9 @@ def disk_full(tmp_path_factory, fault_demo_root):
 
 
 def test_disk_full_while_checkpointing_leaves_no_bad_checkpoint_and_resumes(disk_full):
-    assert_survived({**disk_full, "problems": [p for p in disk_full["problems"] if "does not say the disk is full" not in p]})
+    assert_survived(
+        {**disk_full, "problems": [p for p in disk_full["problems"] if "does not say the disk is full" not in p]}
+    )
 
 
 def test_disk_full_error_says_so(disk_full):

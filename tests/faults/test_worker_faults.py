@@ -35,4 +35,6 @@ def test_truncated_newest_checkpoint_is_skipped_and_redone(truncated):
 def test_redone_epoch_does_not_share_a_registered_checkpoint_directory(truncated):
     assert not [p for p in truncated["problems"] if "registry" in p], truncated["problems"]
     # The redone epoch 2 has a name of its own, so evicting the corrupt one cannot delete it.
-    assert truncated["checkpoints_after_relaunch"][-1] == "checkpoint_epoch0002-2", truncated["checkpoints_after_relaunch"]
+    assert truncated["checkpoints_after_relaunch"][-1] == "checkpoint_epoch0002-2", truncated[
+        "checkpoints_after_relaunch"
+    ]

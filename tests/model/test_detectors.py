@@ -5,7 +5,6 @@ COCO evaluation with pycocotools' own numbers; COCO weights load with their clas
 import contextlib
 import io
 
-import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
@@ -61,7 +60,16 @@ def _ground_truth(batch):
         images.append({"id": t["image_id"], "height": oh, "width": ow, "file_name": f"{t['image_id']}.jpg"})
         for (cx, cy, w, h), label in zip(t["boxes"].tolist(), t["labels"].tolist()):
             box = [(cx - w / 2) * ow, (cy - h / 2) * oh, w * ow, h * oh]
-            anns.append({"id": len(anns) + 1, "image_id": t["image_id"], "category_id": CATEGORY_IDS[label], "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": t["image_id"],
+                    "category_id": CATEGORY_IDS[label],
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     cats = [{"id": c, "name": n, "supercategory": "shape"} for c, n in zip(CATEGORY_IDS, NAMES)]
     return {"images": images, "annotations": anns, "categories": cats}
 
@@ -90,8 +98,9 @@ def test_trains_resumes_to_the_same_step_and_scores_as_pycocotools(arch, tmp_pat
     parts = {k: v for k, v in first.items() if k.startswith("loss_")}
     assert len(parts) >= 2 and torch.allclose(sum(parts.values()), first["loss"])
 
-    state = ckpt.TrainingState(epoch=1, global_step=1, config=exp.to_dict(),
-                               categories={"label_to_category_id": CATEGORY_IDS, "names": NAMES})
+    state = ckpt.TrainingState(
+        epoch=1, global_step=1, config=exp.to_dict(), categories={"label_to_category_id": CATEGORY_IDS, "names": NAMES}
+    )
     ckpt.save(tmp_path / "ck", model, optimizer, None, None, state)
     loaded = ckpt.load(tmp_path / "ck")
     assert loaded.state.config["model"]["arch"] == arch
@@ -168,8 +177,11 @@ def test_coco_weights_load_with_class_rows_mapped_by_category(arch, anchors, tmp
     assert torch.equal(sd[body], coco[body])
     # Another architecture's weights are refused, naming what does not fit.
     with pytest.raises(WeightsError, match="not a state dict of fcos_resnet50_fpn"):
-        detectors.load_weights(detectors.build(_experiment("fcos_resnet50_fpn").model.__class__(arch="fcos_resnet50_fpn", num_classes=3)),
-                               str(tmp_path / "coco.pth"), categories=categories)
+        detectors.load_weights(
+            detectors.build(_experiment("fcos_resnet50_fpn").model.__class__(arch="fcos_resnet50_fpn", num_classes=3)),
+            str(tmp_path / "coco.pth"),
+            categories=categories,
+        )
 
 
 def test_every_configured_arch_has_a_torchvision_builder():

@@ -10,8 +10,13 @@ from tests.conftest import random_batch, tiny_config
 @pytest.mark.parametrize(
     "backbone,dilation,stride,stages",
     [
-        ("resnet18", False, 32, 4), ("resnet34", False, 32, 4), ("resnet50", False, 32, 4), ("resnet50", True, 16, 4),
-        ("resnet101", False, 32, 4), ("resnet18", False, 16, 3), ("resnet50", False, 16, 3),
+        ("resnet18", False, 32, 4),
+        ("resnet34", False, 32, 4),
+        ("resnet50", False, 32, 4),
+        ("resnet50", True, 16, 4),
+        ("resnet101", False, 32, 4),
+        ("resnet18", False, 16, 3),
+        ("resnet50", False, 16, 3),
     ],
 )
 def test_shapes_and_masks_for_every_backbone(backbone, dilation, stride, stages):

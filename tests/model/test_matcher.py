@@ -43,7 +43,9 @@ def test_matches_brute_force_optimum():
     for seed in range(20):
         q, n = 5, 1 + seed % 4
         logits, pred, labels, tgt = _random_case(q, n, 3, seed)
-        (rows, cols), = matcher({"pred_logits": logits[None], "pred_boxes": pred[None]}, [{"labels": labels, "boxes": tgt}])
+        ((rows, cols),) = matcher(
+            {"pred_logits": logits[None], "pred_boxes": pred[None]}, [{"labels": labels, "boxes": tgt}]
+        )
         assert len(rows) == n and sorted(cols.tolist()) == list(range(n))
         got = sum(_cost(logits, pred, labels, tgt, i, j) for i, j in zip(rows.tolist(), cols.tolist()))
         best = min(

@@ -12,7 +12,15 @@ def _run(transformer, src, mask, queries):
 def test_padding_does_not_change_attention_over_real_keys():
     torch.manual_seed(0)
     for pre_norm in (False, True):
-        t = Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64, dropout=0.1, pre_norm=pre_norm).eval()
+        t = Transformer(
+            d_model=32,
+            nhead=4,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            dim_feedforward=64,
+            dropout=0.1,
+            pre_norm=pre_norm,
+        ).eval()
         queries = torch.randn(5, 32)
         src = torch.randn(1, 32, 4, 6)
         mask = torch.zeros(1, 4, 6, dtype=torch.bool)
@@ -24,8 +32,16 @@ def test_padding_does_not_change_attention_over_real_keys():
         with torch.no_grad():
             a = _run(t, src, mask, queries)
             b = _run(t, padded, pmask, queries)
-            mem_a = t.encoder(src.flatten(2).permute(2, 0, 1), mask.flatten(1), PositionEmbeddingSine(16)(mask).flatten(2).permute(2, 0, 1))
-            mem_b = t.encoder(padded.flatten(2).permute(2, 0, 1), pmask.flatten(1), PositionEmbeddingSine(16)(pmask).flatten(2).permute(2, 0, 1))
+            mem_a = t.encoder(
+                src.flatten(2).permute(2, 0, 1),
+                mask.flatten(1),
+                PositionEmbeddingSine(16)(mask).flatten(2).permute(2, 0, 1),
+            )
+            mem_b = t.encoder(
+                padded.flatten(2).permute(2, 0, 1),
+                pmask.flatten(1),
+                PositionEmbeddingSine(16)(pmask).flatten(2).permute(2, 0, 1),
+            )
         assert a.shape == (2, 1, 5, 32)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         real = (~pmask.flatten(1))[0]
@@ -34,7 +50,9 @@ def test_padding_does_not_change_attention_over_real_keys():
 
 def test_decoder_returns_every_layer_through_final_norm():
     torch.manual_seed(0)
-    t = Transformer(d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=32, dropout=0.0).eval()
+    t = Transformer(
+        d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=3, dim_feedforward=32, dropout=0.0
+    ).eval()
     with torch.no_grad():
         t.decoder.norm.weight.fill_(2.0)
         t.decoder.norm.bias.fill_(0.5)

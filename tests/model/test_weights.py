@@ -53,7 +53,9 @@ def test_reference_training_checkpoint_with_args_namespace(tmp_path):
     src = build_model(tiny_config())
     path = tmp_path / "checkpoint.pth"
     opt = torch.optim.AdamW(src.parameters())
-    _save_reference(src, path, optimizer=opt.state_dict(), epoch=3, args=argparse.Namespace(lr=1e-4, backbone="resnet18"))
+    _save_reference(
+        src, path, optimizer=opt.state_dict(), epoch=3, args=argparse.Namespace(lr=1e-4, backbone="resnet18")
+    )
     report = load_pretrained(build_model(tiny_config()), path)
     assert len(report.loaded) == len(src.state_dict())
 
@@ -162,7 +164,14 @@ def test_coco_category_table_is_torchvisions():
 def test_published_head_on_a_coco_subset_gives_the_reference_probabilities(tmp_path):
     # A dataset on disk (Parquet shards and _meta.json) whose categories are 3 of COCO's, ids and names.
     make_coco(tmp_path / "coco", categories=((18, "dog"), (1, "person"), (44, "bottle")))
-    write_shards(load_coco(str(tmp_path / "coco" / "instances.json")), str(tmp_path / "coco" / "images"), str(tmp_path / "shards"), shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(tmp_path / "coco" / "instances.json")),
+        str(tmp_path / "coco" / "images"),
+        str(tmp_path / "shards"),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     meta = read_meta(str(tmp_path / "shards"))
     src, path = _published_layout(tmp_path)
     torch.manual_seed(2)
@@ -170,7 +179,9 @@ def test_published_head_on_a_coco_subset_gives_the_reference_probabilities(tmp_p
     report = load_pretrained(dst, path, categories=list(zip(meta.label_to_category_id, meta.label_names)))
 
     ids = meta.label_to_category_id
-    assert [(m.label, m.category_id, m.source_row) for m in report.mapped_by_id] == [(i, c, c) for i, c in enumerate(ids)]
+    assert [(m.label, m.category_id, m.source_row) for m in report.mapped_by_id] == [
+        (i, c, c) for i, c in enumerate(ids)
+    ]
     assert not report.mapped_by_name and not report.new_classes and not report.reinitialized
     assert {"class_embed.weight", "class_embed.bias"} <= set(report.loaded) and not report.skipped
     assert "3 by id" in report.summary() and "0 new" in report.summary()
@@ -199,7 +210,11 @@ def test_published_head_maps_other_datasets_by_name(tmp_path):
     fresh = nn.Linear(32, len(categories) + 1)  # DETR's class head as build_model initialises it
 
     # Id 1 is COCO's person and id 18 its dog: not these categories, so the ids are not trusted.
-    assert [(m.label, m.source_row, m.source_name) for m in report.mapped_by_name] == [(0, 18, "dog"), (1, 10, "traffic light"), (3, 17, "cat")]
+    assert [(m.label, m.source_row, m.source_name) for m in report.mapped_by_name] == [
+        (0, 18, "dog"),
+        (1, 10, "traffic light"),
+        (3, 17, "cat"),
+    ]
     assert [(m.label, m.name) for m in report.new_classes] == [(2, "widget")] and not report.mapped_by_id
     assert "3 by name" in report.summary() and "1 new (widget)" in report.summary()
     w, b = dst.class_embed.weight.detach(), dst.class_embed.bias.detach()

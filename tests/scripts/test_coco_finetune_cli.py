@@ -42,8 +42,14 @@ def test_coco_finetune_rehearsal_two_trials_two_steps(tmp_path):
     data = tmp_path / "coco-shards"
     make_coco(tmp_path / "coco", categories=COCO_SUBSET)
     for split in ("train", "val"):
-        write_shards(load_coco(str(tmp_path / "coco" / "instances.json")), str(tmp_path / "coco" / "images"), str(data / split),
-                     shard_size=3, workers=0, progress=False)
+        write_shards(
+            load_coco(str(tmp_path / "coco" / "instances.json")),
+            str(tmp_path / "coco" / "images"),
+            str(data / split),
+            shard_size=3,
+            workers=0,
+            progress=False,
+        )
     weights = {"resnet18": tmp_path / "detr-r18-tiny.pth", "resnet34": tmp_path / "detr-r34-tiny.pth"}
     published = {b: _published(p, b, seed) for seed, (b, p) in enumerate(weights.items())}
 
@@ -53,19 +59,44 @@ def test_coco_finetune_rehearsal_two_trials_two_steps(tmp_path):
     space = tmp_path / "coco_finetune.yaml"
     space.write_text(yaml.safe_dump(raw))
     sets = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-        "data.augment=demo", "data.batch_size=2", "data.shuffle_buffer=4", "data.decode_num_cpus=0.25",
-        "train.epochs=1", "train.max_steps_per_epoch=2", "train.warmup_epochs=0", "train.max_failures=0",
-        "train.tensorboard=false", "train.num_workers=1", "train.gpus_per_worker=0", "train.cpus_per_worker=0.5",
+        "data.augment=demo",
+        "data.batch_size=2",
+        "data.shuffle_buffer=4",
+        "data.decode_num_cpus=0.25",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=2",
+        "train.warmup_epochs=0",
+        "train.max_failures=0",
+        "train.tensorboard=false",
+        "train.num_workers=1",
+        "train.gpus_per_worker=0",
+        "train.cpus_per_worker=0.5",
     ]
-    command = [sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--data", str(data), "--storage",
-               str(tmp_path / "sweeps"), "--name", "rehearsal", "--num-samples", "2", "--num-cpus", "2"]
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "tune.py"),
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--storage",
+        str(tmp_path / "sweeps"),
+        "--name",
+        "rehearsal",
+        "--num-samples",
+        "2",
+        "--num-cpus",
+        "2",
+    ]
     for s in sets:
         command += ["--set", s]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=360)
     assert done.returncode == 0, done.stderr[-4000:]
 
     trials = json.loads((tmp_path / "sweeps" / "rehearsal" / "trials.json").read_text())
-    assert len(trials["trials"]) == 2 and trials["search"]["train.pretrained"]["by"]["model.backbone"] == {b: str(p) for b, p in weights.items()}
+    assert len(trials["trials"]) == 2 and trials["search"]["train.pretrained"]["by"]["model.backbone"] == {
+        b: str(p) for b, p in weights.items()
+    }
     meta = read_meta(str(data / "val"))
     rows = meta.label_to_category_id + [91]  # the COCO-id rows of the data's categories, then no-object
     for t in trials["trials"]:

@@ -24,8 +24,14 @@ pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its 
 def _train(args, cwd, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.timeout(1500)
@@ -33,13 +39,31 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     data = tmp_path / "demo"
     ensure_demo_shards(data, num_train=16, num_val=8)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
-                  "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False},
-        "data": {"demo_root": str(data), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-        "train": {"epochs": 1, "lr": 2.0e-4, "max_steps_per_epoch": 1, "max_failures": 0, "tensorboard": False,
-                  "cpus_per_worker": 0.5},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "backbone": "resnet18",
+                    "hidden_dim": 32,
+                    "nheads": 4,
+                    "enc_layers": 1,
+                    "dec_layers": 1,
+                    "dim_feedforward": 64,
+                    "num_queries": 5,
+                    "frozen_bn": False,
+                },
+                "data": {"demo_root": str(data), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
+                "train": {
+                    "epochs": 1,
+                    "lr": 2.0e-4,
+                    "max_steps_per_epoch": 1,
+                    "max_failures": 0,
+                    "tensorboard": False,
+                    "cpus_per_worker": 0.5,
+                },
+            }
+        )
+    )
     storage = tmp_path / "runs"
     base = ["--config", str(config), "--storage", str(storage)]
 
@@ -61,7 +85,9 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     assert (run_dir / "detr_ray_run.json").read_bytes() == record
 
     # As stored: the stored 1 epoch (done), not this command's 2 epochs nor its lr.
-    as_stored = _train([*base, "--name", name, "--set", "train.lr=1e-3", "--epochs", "2", "--resume-as-stored"], tmp_path)
+    as_stored = _train(
+        [*base, "--name", name, "--set", "train.lr=1e-3", "--epochs", "2", "--resume-as-stored"], tmp_path
+    )
     assert as_stored.returncode == 0, as_stored.stdout[-3000:] + as_stored.stderr[-3000:]
     assert "with its stored configuration" in as_stored.stdout
     assert "train.lr: 0.0002 -> 0.001" in as_stored.stderr  # the ignored differences are logged

@@ -28,10 +28,24 @@ pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its 
 
 SPACE = {
     "experiment": {
-        "model": {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
-                  "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False},
+        "model": {
+            "backbone": "resnet18",
+            "hidden_dim": 32,
+            "nheads": 4,
+            "enc_layers": 1,
+            "dec_layers": 2,
+            "dim_feedforward": 64,
+            "num_queries": 5,
+            "frozen_bn": False,
+        },
         "data": {"batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25, "augment": "demo"},
-        "train": {"epochs": 3, "max_steps_per_epoch": 2, "max_failures": 0, "tensorboard": False, "cpus_per_worker": 0.5},
+        "train": {
+            "epochs": 3,
+            "max_steps_per_epoch": 2,
+            "max_failures": 0,
+            "tensorboard": False,
+            "cpus_per_worker": 0.5,
+        },
     },
     "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}, "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]}},
     # 3 trials, 2 at a time: when the sweep is killed one is still to be created.
@@ -40,8 +54,20 @@ SPACE = {
 
 
 def _command(space, data, storage):
-    return [sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--data", str(data),
-            "--storage", str(storage), "--name", "kill-test", "--num-cpus", "2"]
+    return [
+        sys.executable,
+        str(REPO / "scripts" / "tune.py"),
+        "--space",
+        str(space),
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        "kill-test",
+        "--num-cpus",
+        "2",
+    ]
 
 
 def _checkpoints(exp_dir: Path) -> int:
@@ -64,12 +90,20 @@ def killed_sweep(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(_command(space, data, storage), cwd=tmp_path, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        first = subprocess.Popen(
+            _command(space, data, storage),
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 400
         while _checkpoints(exp_dir) < 1 and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert first.poll() is None, "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
+        assert first.poll() is None, (
+            "the sweep ended before it could be killed: " + (tmp_path / "first.log").read_text()[-3000:]
+        )
         assert _checkpoints(exp_dir) >= 1, "no trial wrote a checkpoint in time"
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
@@ -82,8 +116,18 @@ def killed_sweep(tmp_path_factory):
         except ProcessLookupError:
             pass
 
-    second = subprocess.run(_command(space, data, storage), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
-    return {"dir": tmp_path, "space": space, "data": data, "storage": storage, "env": env, "saved": saved, "second": second}
+    second = subprocess.run(
+        _command(space, data, storage), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800
+    )
+    return {
+        "dir": tmp_path,
+        "space": space,
+        "data": data,
+        "storage": storage,
+        "env": env,
+        "saved": saved,
+        "second": second,
+    }
 
 
 @pytest.mark.timeout(900)
@@ -124,12 +168,19 @@ def test_sigkill_mid_sweep_then_rerun_finishes_without_duplicates(killed_sweep):
     assert "Ray's logs (the trials' Train workers, Ray Data): /" in console
     assert "train.weight_decay" in console and "TERMINATED" in console
     assert re.search(r"trial \w+ epoch [1-3]/3: loss \d", console)
-    for internal in ("_experiment", "Reporting training result", "(RayTrainWorker", "(TrainController", "Execution plan",
-                     "maximum expected startup concurrency"):
+    for internal in (
+        "_experiment",
+        "Reporting training result",
+        "(RayTrainWorker",
+        "(TrainController",
+        "Execution plan",
+        "maximum expected startup concurrency",
+    ):
         assert internal not in console, internal
     for t in trials:  # each trial's directory: its id and its sampled values
         assert [p.name for p in exp_dir.glob(f"trial_{t['trial']}_*")] == [
-            f"trial_{t['trial']}_train.lr={t['config']['train.lr']:.3g},train.weight_decay={t['config']['train.weight_decay']:.3g}"]
+            f"trial_{t['trial']}_train.lr={t['config']['train.lr']:.3g},train.weight_decay={t['config']['train.weight_decay']:.3g}"
+        ]
 
 
 @pytest.mark.timeout(120)
@@ -137,8 +188,13 @@ def test_invalid_space_is_refused_before_ray_starts(tmp_path):
     bad = {**SPACE, "search": {"train.lr": {"loguniform": [1.0e-3, 1.0e-5]}}}
     space = tmp_path / "bad.yaml"
     space.write_text(yaml.safe_dump(bad))
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--storage", str(tmp_path)],
-                       capture_output=True, text=True, timeout=100, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "tune.py"), "--space", str(space), "--storage", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 2
     assert "bad.yaml" in r.stderr and "search.train.lr" in r.stderr
     assert "Ray dashboard" not in r.stdout  # refused before Ray started
@@ -146,7 +202,12 @@ def test_invalid_space_is_refused_before_ray_starts(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(killed_sweep):
-    tmp_path, space, storage, env = killed_sweep["dir"], killed_sweep["space"], killed_sweep["storage"], killed_sweep["env"]
+    tmp_path, space, storage, env = (
+        killed_sweep["dir"],
+        killed_sweep["space"],
+        killed_sweep["storage"],
+        killed_sweep["env"],
+    )
     command = _command(space, killed_sweep["data"], storage)
     assert killed_sweep["second"].returncode == 0, "the sweep to restore did not finish"
     record = (storage / "kill-test" / "detr_ray_sweep.json").read_bytes()
@@ -164,7 +225,9 @@ def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(killed_
     assert "resuming sweep" not in refused.stdout
     assert (storage / "kill-test" / "detr_ray_sweep.json").read_bytes() == record
 
-    as_stored = subprocess.run([*changed, "--resume-as-stored"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    as_stored = subprocess.run(
+        [*changed, "--resume-as-stored"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert as_stored.returncode == 0, as_stored.stdout[-3000:] + as_stored.stderr[-3000:]
     assert "resuming sweep" in as_stored.stdout
     trials = json.loads((storage / "kill-test" / "trials.json").read_text())

@@ -37,8 +37,15 @@ def exported(tmp_path_factory):
     cfg = tiny_config(num_queries=5)
     model = build_model(cfg).eval()
     exp = demo_experiment()
-    exp["model"].update({k: getattr(cfg, k) for k in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries")})
-    state = ckpt.TrainingState(epoch=3, global_step=30, config=exp, categories={"label_to_category_id": [1, 2, 7], "names": ["a", "b", "c"]})
+    exp["model"].update(
+        {
+            k: getattr(cfg, k)
+            for k in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries")
+        }
+    )
+    state = ckpt.TrainingState(
+        epoch=3, global_step=30, config=exp, categories={"label_to_category_id": [1, 2, 7], "names": ["a", "b", "c"]}
+    )
     directory = ckpt.save(root / "checkpoint_epoch0003", model, None, None, None, state)
     out = root / "export"
     assert _export_script().main(["--checkpoint", str(directory), "--out", str(out)]) == 0
@@ -74,13 +81,19 @@ def test_exported_program_equals_eager(exported, program, sizes):
     eager_dets = postprocess({"pred_logits": want[0], "pred_boxes": want[1]}, heights_widths)
     for e, w in zip(exported_dets, eager_dets):
         assert torch.equal(e["labels"], w["labels"])
-        assert torch.allclose(e["boxes"], w["boxes"], atol=1e-3) and torch.allclose(e["scores"], w["scores"], atol=TOLERANCE)
+        assert torch.allclose(e["boxes"], w["boxes"], atol=1e-3) and torch.allclose(
+            e["scores"], w["scores"], atol=TOLERANCE
+        )
 
 
 def test_export_metadata_and_refusal(exported, program, tmp_path, capsys):
     _, directory, _ = exported
     metadata = program[1]
-    assert metadata["categories"] == [{"label": 0, "id": 1, "name": "a"}, {"label": 1, "id": 2, "name": "b"}, {"label": 2, "id": 7, "name": "c"}]
+    assert metadata["categories"] == [
+        {"label": 0, "id": 1, "name": "a"},
+        {"label": 1, "id": 2, "name": "b"},
+        {"label": 2, "id": 7, "name": "c"},
+    ]
     assert metadata["model"]["checkpoint"] == str(directory) and metadata["model"]["epoch"] == 3
     assert metadata["input"]["resize"] == {"shortest_side": 80, "max_size": 128, "antialias": True}
     assert metadata["check"]["max_abs_difference"] <= TOLERANCE

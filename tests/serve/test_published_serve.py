@@ -51,7 +51,13 @@ def test_published_weights_need_data_and_known_categories(tmp_path):
     # A category COCO does not have: its row would be random, different in every replica.
     make_coco(tmp_path / "odd" / "coco", categories=((1, "person"), (2, "unicorn")))
     shards = tmp_path / "odd" / "shards"
-    write_shards(load_coco(str(tmp_path / "odd" / "coco" / "instances.json")), str(tmp_path / "odd" / "coco" / "images"),
-                 str(shards), shard_size=4, workers=0, progress=False)
+    write_shards(
+        load_coco(str(tmp_path / "odd" / "coco" / "instances.json")),
+        str(tmp_path / "odd" / "coco" / "images"),
+        str(shards),
+        shard_size=4,
+        workers=0,
+        progress=False,
+    )
     with pytest.raises(EvaluationTargetError, match=r"\['unicorn'\].*Fine-tune it"):
         choose_checkpoint(checkpoint=str(weights), workdir=tmp_path / "w2", data=str(shards))

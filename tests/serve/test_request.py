@@ -21,9 +21,10 @@ def _png(width=80, height=60) -> bytes:
 def test_multipart_gives_the_image_field_byte_for_byte():
     data = _png() + b"\r\n--not-the-boundary\r\n"  # binary, with CRLFs and a boundary-like line inside
     body = (
-        b"--B\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n"
-        b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\nContent-Type: image/png\r\n\r\n"
-        + data + b"\r\n--B--\r\n"
+        b'--B\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+        + data
+        + b"\r\n--B--\r\n"
     )
     assert image_from_multipart(body, "multipart/form-data; boundary=B") == data
     with pytest.raises(RequestError, match="boundary") as e:

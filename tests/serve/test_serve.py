@@ -48,7 +48,9 @@ class Client:
     def __init__(self, port: int):
         self.port = port
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             conn.request(method, path, body=body, headers=headers or {})
@@ -57,7 +59,9 @@ class Client:
         finally:
             conn.close()
 
-    def detect(self, image: bytes, content_type: str = "image/jpeg", query: str = "?score_threshold=0") -> tuple[int, dict]:
+    def detect(
+        self, image: bytes, content_type: str = "image/jpeg", query: str = "?score_threshold=0"
+    ) -> tuple[int, dict]:
         return self.request("POST", "/detect" + query, image, {"Content-Type": content_type})
 
 
@@ -91,9 +95,22 @@ def server(tiny_run, local_ray, tmp_path_factory):  # noqa: F811
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     command = [
-        sys.executable, str(REPO / "scripts" / "serve.py"), "--checkpoint", tiny_run["checkpoint"],
-        "--address", ray.get_runtime_context().gcs_address, "--port", str(port), "--max-batch-size", "4",
-        "--batch-wait-ms", "50", "--max-body-mb", "1", "--max-pixels", str(MAX_PIXELS),
+        sys.executable,
+        str(REPO / "scripts" / "serve.py"),
+        "--checkpoint",
+        tiny_run["checkpoint"],
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        "4",
+        "--batch-wait-ms",
+        "50",
+        "--max-body-mb",
+        "1",
+        "--max-pixels",
+        str(MAX_PIXELS),
     ]
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -162,10 +179,14 @@ def test_detections_equal_evaluate(server, val_images, reference, tiny_run):
     # multipart/form-data, as `curl -F image=@photo.jpg` sends it
     boundary = "detr-ray-boundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-        "Content-Type: image/jpeg\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     status, answer = client.detect(body, content_type=f"multipart/form-data; boundary={boundary}")
     assert status == 200, answer
     _assert_same(answer["detections"], reference[image_id])
@@ -237,15 +258,27 @@ def test_bad_requests_are_refused_and_the_app_stays_up(server, val_images, refer
         "not an image": (client.detect(b"this is not an image"), 422, "not an image"),
         "truncated JPEG": (client.detect(good[: len(good) // 2]), 422, "cannot decode"),
         "zero bytes": (client.detect(b""), 400, "empty body"),
-        "PNG header declaring 100000 x 100000": (client.detect(_png(100000, 100000, idat=b""), "image/png"), 413, "too large"),
+        "PNG header declaring 100000 x 100000": (
+            client.detect(_png(100000, 100000, idat=b""), "image/png"),
+            413,
+            "too large",
+        ),
         "over the pixel limit": (client.detect(_png(200, 200), "image/png"), 413, f"limit {MAX_PIXELS}"),
-        "PNG that crashes torchvision's decoder": (client.detect(_png(100, 100, idat=zlib.compress(bytes(10))), "image/png"), 422, "decoder crashed"),
+        "PNG that crashes torchvision's decoder": (
+            client.detect(_png(100, 100, idat=zlib.compress(bytes(10))), "image/png"),
+            422,
+            "decoder crashed",
+        ),
         "wrong content type": (client.detect(good, "text/plain"), 415, "not accepted"),
         "no content type": (client.request("POST", "/detect", good), 415, "not accepted"),
         "bad threshold": (client.detect(good, query="?score_threshold=2"), 400, "score_threshold"),
         "multipart without an image": (
-            client.detect(b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n", "multipart/form-data; boundary=b"),
-            400, "no field named 'image'",
+            client.detect(
+                b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n',
+                "multipart/form-data; boundary=b",
+            ),
+            400,
+            "no field named 'image'",
         ),
         "Content-Length over the limit": (_oversize(server["port"], chunked=False), 413, "over the limit"),
         "chunked body over the limit": (_oversize(server["port"], chunked=True), 413, "over the limit"),

@@ -14,7 +14,13 @@ def _save(path, epoch=0, seed=0):
     model = build_model(tiny_config())
     opt = build_optimizer(model, 1e-4, 1e-5, 1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10)
-    state = ckpt.TrainingState(epoch=epoch, global_step=7 * (epoch + 1), config={"lr": 1e-4}, categories={"label_to_category_id": [1, 5, 9]}, metrics={"val/AP": 0.25})
+    state = ckpt.TrainingState(
+        epoch=epoch,
+        global_step=7 * (epoch + 1),
+        config={"lr": 1e-4},
+        categories={"label_to_category_id": [1, 5, 9]},
+        metrics={"val/AP": 0.25},
+    )
     ckpt.save(path, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), state)
     return model
 
@@ -105,7 +111,11 @@ def test_a_malformed_manifest_is_a_checkpoint_error(tmp_path, case):
 
 def test_a_state_that_is_not_a_training_state_is_a_checkpoint_error(tmp_path):
     _save(tmp_path / "c")
-    for text in ("[1, 2]", json.dumps({"epoch": 0, "global_step": 0, "config": {}, "surprise": 1}), json.dumps({"epoch": 0})):
+    for text in (
+        "[1, 2]",
+        json.dumps({"epoch": 0, "global_step": 0, "config": {}, "surprise": 1}),
+        json.dumps({"epoch": 0}),
+    ):
         (tmp_path / "c" / ckpt.STATE).write_text(text)
         _resign(tmp_path / "c", ckpt.STATE)  # a manifest that vouches for it: only the shape check is left
         with pytest.raises(ckpt.CheckpointError, match=r"state.json: not a training state"):
@@ -119,8 +129,12 @@ def test_manifest_entries_outside_the_checkpoint_are_refused(tmp_path):
     meta = {"sha256": ckpt._sha256(secret), "bytes": secret.stat().st_size}
     manifest = json.loads((tmp_path / "c" / ckpt.MANIFEST).read_text())
     for name in ("../secret.bin", str(secret), "sub/../../secret.bin", "..\\secret.bin"):
-        (tmp_path / "c" / ckpt.MANIFEST).write_text(json.dumps({**manifest, "files": {**manifest["files"], name: meta}}))
-        with pytest.raises(ckpt.CheckpointError, match=r"entry .*secret.bin.* not a file inside the checkpoint directory"):
+        (tmp_path / "c" / ckpt.MANIFEST).write_text(
+            json.dumps({**manifest, "files": {**manifest["files"], name: meta}})
+        )
+        with pytest.raises(
+            ckpt.CheckpointError, match=r"entry .*secret.bin.* not a file inside the checkpoint directory"
+        ):
             ckpt.verify(tmp_path / "c")
     # A listed file that is a link to outside the directory is not followed either.
     (tmp_path / "c" / ckpt.MANIFEST).write_text(json.dumps(manifest))
@@ -163,8 +177,14 @@ def test_best_verified_falls_back_to_the_next_best(tmp_path, caplog):
     blob = bytearray((tmp_path / "a" / "model.pt").read_bytes())
     blob[-10] ^= 0xFF
     (tmp_path / "a" / "model.pt").write_bytes(bytes(blob))
-    candidates = [(0.2, str(tmp_path / "c")), (0.9, str(tmp_path / "a")), (0.5, str(tmp_path / "b")),
-                  (float("nan"), str(tmp_path / "c")), (None, str(tmp_path / "c")), (True, str(tmp_path / "c"))]
+    candidates = [
+        (0.2, str(tmp_path / "c")),
+        (0.9, str(tmp_path / "a")),
+        (0.5, str(tmp_path / "b")),
+        (float("nan"), str(tmp_path / "c")),
+        (None, str(tmp_path / "c")),
+        (True, str(tmp_path / "c")),
+    ]
     (value, location), manifest = ckpt.best_verified(candidates, "max")
     assert (value, location) == (0.5, str(tmp_path / "b")) and manifest["format"] == ckpt.FORMAT_VERSION
     assert "a/model.pt: contents do not match" in caplog.text

@@ -18,14 +18,27 @@ from detr_ray.data.shards import read_meta, read_shard_table
 from detr_ray.model import build_model, load_pretrained
 from detr_ray.ownership import MARKER, NotOwnedError
 from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.demo_pretrain import LOCK_FILE, ensure_demo_pretrained, pretrain_experiment, recipe, subset_annotations
+from detr_ray.train.demo_pretrain import (
+    LOCK_FILE,
+    ensure_demo_pretrained,
+    pretrain_experiment,
+    recipe,
+    subset_annotations,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "pretrain_demo.py"
 ALL_CATEGORIES = [(c["id"], c["name"]) for c in demo.CATEGORIES]
 SMALL_SOURCE = {"num_train": 24, "num_val": 8}
-TINY = ["model.hidden_dim=32", "model.dim_feedforward=64", "model.num_queries=5", "data.batch_size=4",
-        "data.shuffle_buffer=8", "train.max_steps_per_epoch=2", "train.max_failures=0"]
+TINY = [
+    "model.hidden_dim=32",
+    "model.dim_feedforward=64",
+    "model.num_queries=5",
+    "data.batch_size=4",
+    "data.shuffle_buffer=8",
+    "train.max_steps_per_epoch=2",
+    "train.max_failures=0",
+]
 
 
 def tiny_experiment(epochs=1):
@@ -78,7 +91,11 @@ def test_fine_tuning_on_all_categories_maps_the_subset_by_id_and_the_rest_as_new
     assert torch.equal(w[3], source["class_embed.weight"][2])  # no-object stays no-object
     assert not torch.equal(w[2], source["class_embed.weight"][2])  # ellipse: freshly initialised
     own = model.state_dict()
-    for key in ("transformer.decoder.norm.weight", "backbone.0.body.layer1.0.conv1.weight", "backbone.0.body.bn1.running_mean"):
+    for key in (
+        "transformer.decoder.norm.weight",
+        "backbone.0.body.layer1.0.conv1.weight",
+        "backbone.0.body.bn1.running_mean",
+    ):
         assert torch.equal(own[key], source[key]), key
     assert not report.reinitialized and not any(k.startswith("backbone.") for k in report.skipped)
 
@@ -93,7 +110,12 @@ def test_a_trainable_batchnorm_checkpoint_loads_its_backbone(tmp_path, frozen_bn
     with torch.no_grad():
         for p in source.backbone.parameters():
             p.add_(0.5)
-    state = ckpt.TrainingState(epoch=1, global_step=1, config={}, categories={"label_to_category_id": [1, 2], "names": ["rectangle", "triangle"]})
+    state = ckpt.TrainingState(
+        epoch=1,
+        global_step=1,
+        config={},
+        categories={"label_to_category_id": [1, 2], "names": ["rectangle", "triangle"]},
+    )
     ckpt.save(tmp_path / "ckpt", source, None, None, None, state)
     model = build_model(replace(cfg, num_classes=3, frozen_bn=frozen_bn))
     report = load_pretrained(model, tmp_path / "ckpt", categories=ALL_CATEGORIES)

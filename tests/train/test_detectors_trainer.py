@@ -49,28 +49,56 @@ def _experiment(root, **train):
     exp = demo_experiment()
     exp["model"]["arch"] = ARCH
     exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
-    exp["train"].update({"epochs": 1, "max_steps_per_epoch": 1, "max_failures": 0, "cpus_per_worker": 1.0, "tensorboard": False, **train})
+    exp["train"].update(
+        {
+            "epochs": 1,
+            "max_steps_per_epoch": 1,
+            "max_failures": 0,
+            "cpus_per_worker": 1.0,
+            "tensorboard": False,
+            **train,
+        }
+    )
     return exp
 
 
 @pytest.mark.timeout(400)
 def test_trains_resumes_and_is_evaluated_like_detr(demo_root, tmp_path):
-    first = build_trainer(experiment_from_dict(_experiment(demo_root)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
+    first = build_trainer(
+        experiment_from_dict(_experiment(demo_root)), name="fcos", storage_path=str(tmp_path / "runs")
+    ).fit()
     m = first.metrics
-    for key in ("train/loss", "train/loss_classification", "train/loss_bbox_regression", "train/loss_bbox_ctrness",
-                "lr", "lr_backbone", "train/images_per_s", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
+    for key in (
+        "train/loss",
+        "train/loss_classification",
+        "train/loss_bbox_regression",
+        "train/loss_bbox_ctrness",
+        "lr",
+        "lr_backbone",
+        "train/images_per_s",
+        "val/AP",
+        "val/AP50",
+        "val/AR100",
+        "val/mean_iou",
+    ):
         assert key in m, key
     assert m["epoch"] == 1 and m["checkpoint_score"] == m["val/AP"]
     state = ckpt.load(first.checkpoint.path).state
     assert state.config["model"]["arch"] == ARCH and state.categories["label_to_category_id"] == [1, 2, 3]
 
-    second = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=2)), name="fcos", storage_path=str(tmp_path / "runs")).fit()
-    assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1 and second.metrics["global_step"] == 2
+    second = build_trainer(
+        experiment_from_dict(_experiment(demo_root, epochs=2)), name="fcos", storage_path=str(tmp_path / "runs")
+    ).fit()
+    assert (
+        second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1 and second.metrics["global_step"] == 2
+    )
 
     # evaluate.py's path: Ray Data inference, pycocotools, analysis, the report with cost columns.
     subject = from_checkpoint(second.checkpoint.path, str(tmp_path / "work"))
     other = from_checkpoint(first.checkpoint.path, str(tmp_path / "work"))
-    options = EvaluationOptions(out=tmp_path / "eval", inference=InferenceConfig(batch_size=4, progress=False), latency_images=3)
+    options = EvaluationOptions(
+        out=tmp_path / "eval", inference=InferenceConfig(batch_size=4, progress=False), latency_images=3
+    )
     report, paths = run_evaluation(subject, options, [other])
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(tmp_path / "eval" / "ground_truth.json"))
@@ -93,11 +121,14 @@ def test_a_sweep_chooses_between_detr_and_a_torchvision_detector(demo_root, tmp_
     experiment["model"] = {k: v for k, v in experiment["model"].items() if k != "arch"}
     experiment["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     experiment["data"]["decode_num_cpus"] = 0.25
-    space = parse_space({
-        "experiment": experiment,
-        "search": {"model.arch": {"choice": ["detr", ARCH]}},
-        "scheduler": {"grace_period": 1, "num_samples": 2, "seed": 0},  # seed 0: TPE draws both
-    }, "test space")
+    space = parse_space(
+        {
+            "experiment": experiment,
+            "search": {"model.arch": {"choice": ["detr", ARCH]}},
+            "scheduler": {"grace_period": 1, "num_samples": 2, "seed": 0},  # seed 0: TPE draws both
+        },
+        "test space",
+    )
     sweep = build_sweep(space, name="archs", storage_path=str(tmp_path / "sweeps"))
     results = sweep.fit()
     assert len(results) == 2 and not results.errors

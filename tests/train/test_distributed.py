@@ -49,7 +49,9 @@ def first_step_gradients(config):
 class TestOneNode:
     @pytest.fixture(scope="class", autouse=True)
     def local_ray(self):
-        init_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}})
+        init_local_ray(
+            num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": REPO}}
+        )
         yield
         ray.shutdown()
 
@@ -94,8 +96,13 @@ class TestTwoNodes:
         exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
         exp["train"].update(epochs=2, num_workers=2, cpus_per_worker=1.0, max_failures=0, eval_every=2)
         audit = tmp_path / "audit"
-        result = build_trainer(experiment_from_dict(exp), name="two-nodes", storage_path=str(tmp_path / "runs"),
-                               testing=TestingHooks(audit_dir=str(audit)), placement_strategy="STRICT_SPREAD").fit()
+        result = build_trainer(
+            experiment_from_dict(exp),
+            name="two-nodes",
+            storage_path=str(tmp_path / "runs"),
+            testing=TestingHooks(audit_dir=str(audit)),
+            placement_strategy="STRICT_SPREAD",
+        ).fit()
         assert result.metrics["epoch"] == 2
         all_ids = set(read_shard_table(train_uri, ["image_id"]).column("image_id").to_pylist())
         for epoch in (1, 2):

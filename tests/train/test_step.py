@@ -11,7 +11,9 @@ def _step(precision="fp32", channels_last=False, seed=0):
     cfg = tiny_config()
     model = build_model(cfg)
     opt = build_optimizer(model, lr=1e-3, lr_backbone=1e-4, weight_decay=1e-4, fused=False)
-    return model, TrainStep(model, build_criterion(cfg), opt, StepOptions(precision=precision, channels_last=channels_last))
+    return model, TrainStep(
+        model, build_criterion(cfg), opt, StepOptions(precision=precision, channels_last=channels_last)
+    )
 
 
 def test_optimizer_groups_and_step_updates_only_trainable_parameters():

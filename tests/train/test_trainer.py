@@ -42,17 +42,33 @@ def _experiment(demo_root, **train):
     exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
-    exp["data"].update(train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
+    exp["data"].update(
+        train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8
+    )
     exp["train"].update(epochs=2, max_steps_per_epoch=2, max_failures=0, cpus_per_worker=1.0)
     exp["train"].update(train)
     return exp
 
 
 def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path):
-    result = build_trainer(experiment_from_dict(_experiment(demo_root, eval_every=2, epochs=3)), name="short", storage_path=str(tmp_path)).fit()
+    result = build_trainer(
+        experiment_from_dict(_experiment(demo_root, eval_every=2, epochs=3)), name="short", storage_path=str(tmp_path)
+    ).fit()
     m = result.metrics
     assert m["epoch"] == 3 and m["global_step"] == 6 and m["train/start_epoch"] == 0
-    for key in ("train/loss", "train/loss_ce", "train/loss_bbox_0", "lr", "train/images_per_s", "train/data_wait_fraction", "train/skipped_images", "val/AP", "val/AP50", "val/AR100", "val/mean_iou"):
+    for key in (
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_bbox_0",
+        "lr",
+        "train/images_per_s",
+        "train/data_wait_fraction",
+        "train/skipped_images",
+        "val/AP",
+        "val/AP50",
+        "val/AR100",
+        "val/mean_iou",
+    ):
         assert key in m, key
     assert m["val/epoch"] == 3  # the last epoch always validates
     manifest = ckpt.verify(result.checkpoint.path)
@@ -95,16 +111,22 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(demo_root, tmp_path):
     # usually before Ray's controller has registered its checkpoint (it polls every 2 s). The
     # checkpoint is on storage all the same, and the restart must pick it up.
     crash = TestingHooks(crash={"rank": 1, "step": 3, "marker": str(marker)})
-    result = build_trainer(experiment_from_dict(exp), name="crash", storage_path=str(tmp_path / "runs"), testing=crash).fit()
+    result = build_trainer(
+        experiment_from_dict(exp), name="crash", storage_path=str(tmp_path / "runs"), testing=crash
+    ).fit()
     assert marker.exists()
     m = result.metrics
     assert m["epoch"] == 3 and m["train/start_epoch"] == 1 and m["global_step"] == 6
 
 
 def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
-    first = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=1)), name="again", storage_path=str(tmp_path)).fit()
+    first = build_trainer(
+        experiment_from_dict(_experiment(demo_root, epochs=1)), name="again", storage_path=str(tmp_path)
+    ).fit()
     assert first.metrics["epoch"] == 1
-    second = build_trainer(experiment_from_dict(_experiment(demo_root, epochs=2)), name="again", storage_path=str(tmp_path)).fit()
+    second = build_trainer(
+        experiment_from_dict(_experiment(demo_root, epochs=2)), name="again", storage_path=str(tmp_path)
+    ).fit()
     assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1
     assert second.metrics["global_step"] == 4
 
@@ -113,7 +135,12 @@ def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
     exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
     exp["data"].update(ray_data_cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
     audit = tmp_path / "audit"
-    result = build_trainer(experiment_from_dict(exp), name="val3", storage_path=str(tmp_path / "runs"), testing=TestingHooks(audit_dir=str(audit))).fit()
+    result = build_trainer(
+        experiment_from_dict(exp),
+        name="val3",
+        storage_path=str(tmp_path / "runs"),
+        testing=TestingHooks(audit_dir=str(audit)),
+    ).fit()
     _, val_uri = resolve_shards(experiment_from_dict(exp).data)  # the demo split the run used
     val_ids = read_shard_table(val_uri, ["image_id"]).column("image_id").to_pylist()
     assert len(val_ids) % 3 and len(set(val_ids)) == len(val_ids)  # an equal split must drop some
@@ -127,7 +154,12 @@ def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_
         audit = tmp_path / name
         exp = _experiment(demo_root, seed=seed, eval_every=2)
         exp["data"].update(decode_batch_size=4)  # 3 decode tasks, one at a time (1 worker: 1 CPU of decoding)
-        build_trainer(experiment_from_dict(exp), name=name, storage_path=str(tmp_path / "runs"), testing=TestingHooks(audit_dir=str(audit))).fit()
+        build_trainer(
+            experiment_from_dict(exp),
+            name=name,
+            storage_path=str(tmp_path / "runs"),
+            testing=TestingHooks(audit_dir=str(audit)),
+        ).fit()
         return [x for epoch in (1, 2) for x in json.loads((audit / f"rank0_epoch{epoch}.json").read_text())["losses"]]
 
     first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
@@ -147,7 +179,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
 
     model = build_model(tiny_config())
     for epoch in (1, 2):
-        ckpt.save(tmp_path / f"checkpoint_epoch{epoch:04d}", model, None, None, None, ckpt.TrainingState(epoch, epoch * 5, {}))
+        ckpt.save(
+            tmp_path / f"checkpoint_epoch{epoch:04d}", model, None, None, None, ckpt.TrainingState(epoch, epoch * 5, {})
+        )
     blob = bytearray((tmp_path / "checkpoint_epoch0002" / "model.pt").read_bytes())
     blob[-100] ^= 0x01
     (tmp_path / "checkpoint_epoch0002" / "model.pt").write_bytes(bytes(blob))

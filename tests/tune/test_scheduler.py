@@ -39,8 +39,9 @@ def _first_life(address: str, storage: str, marker: str) -> None:
     """The sweep's first driver (run as a script): four trials one at a time, killed in the fourth."""
     ray.init(address=address, log_to_driver=False)
     Path(marker).write_text(str(os.getpid()))
-    scheduler, state = asha_with_state(time_attr="epoch", max_t=MAX_T, grace_period=1, reduction_factor=2,
-                                       metric="score", mode="max")
+    scheduler, state = asha_with_state(
+        time_attr="epoch", max_t=MAX_T, grace_period=1, reduction_factor=2, metric="score", mode="max"
+    )
     tuner = tune.Tuner(
         _trainable,
         param_space={"score": tune.grid_search(SCORES), "kill_marker": marker},
@@ -61,15 +62,18 @@ def local_ray():
 @pytest.mark.timeout(300)
 def test_a_restored_sweep_stops_the_trial_its_rungs_stop(local_ray, tmp_path):
     marker = tmp_path / "driver.pid"
-    script = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_scheduler as t; " \
-             f"t._first_life({ray.get_runtime_context().gcs_address!r}, {str(tmp_path)!r}, {str(marker)!r})"
+    script = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_scheduler as t; "
+        f"t._first_life({ray.get_runtime_context().gcs_address!r}, {str(tmp_path)!r}, {str(marker)!r})"
+    )
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # the experiment state saved every step
     first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
     assert not marker.exists()
 
-    tuner = tune.Tuner.restore(str(tmp_path / "sweep"), trainable=_trainable, resume_unfinished=True,
-                               resume_errored=True)
+    tuner = tune.Tuner.restore(
+        str(tmp_path / "sweep"), trainable=_trainable, resume_unfinished=True, resume_errored=True
+    )
     results = tuner.fit()
     epochs = {r.config["score"]: int(r.metrics_dataframe["epoch"].max()) for r in results}
     # Before the kill: 0.9 ran to max_t, 0.8 and 0.7 fell below the first rung's median. After
@@ -80,11 +84,14 @@ def test_a_restored_sweep_stops_the_trial_its_rungs_stop(local_ray, tmp_path):
 
 def test_state_round_trip_keeps_rungs_brackets_and_decisions():
     """Unit check of get_state/set_state: a fresh scheduler given the state decides as the old one."""
+
     class _Trial:  # ASHA reads only the id
         def __init__(self, trial_id):
             self.trial_id = trial_id
 
-    kwargs = dict(time_attr="epoch", max_t=8, grace_period=1, reduction_factor=2, metric="score", mode="max", brackets=2)
+    kwargs = dict(
+        time_attr="epoch", max_t=8, grace_period=1, reduction_factor=2, metric="score", mode="max", brackets=2
+    )
     old, callback = asha_with_state(**kwargs)
     assert isinstance(callback, SchedulerState) and callback.scheduler is old
     trials = [_Trial(f"t{i}") for i in range(4)]
@@ -98,7 +105,8 @@ def test_state_round_trip_keeps_rungs_brackets_and_decisions():
     assert new._trial_info["t3"] is new._brackets[old._brackets.index(old._trial_info["t3"])]
     assert new.get_state()["rungs"] == old.get_state()["rungs"]
     assert new.on_trial_result(None, trials[3], {"epoch": 1, "score": 0.1}) == old.on_trial_result(
-        None, trials[3], {"epoch": 1, "score": 0.1})
+        None, trials[3], {"epoch": 1, "score": 0.1}
+    )
     with pytest.raises(ValueError, match="another configuration"):
         SchedulerState(RungKeepingASHA(**{**kwargs, "max_t": 16})).set_state(callback.get_state())
 
@@ -110,9 +118,11 @@ def test_the_sweep_uses_the_rung_keeping_asha(local_ray, tmp_path):
 
     space = parse_space(
         {
-            "experiment": {"model": {"backbone": "resnet18"},
-                           "data": {"demo_root": str(tmp_path / "demo"), "decode_num_cpus": 0.25},
-                           "train": {"epochs": 3, "cpus_per_worker": 0.5}},
+            "experiment": {
+                "model": {"backbone": "resnet18"},
+                "data": {"demo_root": str(tmp_path / "demo"), "decode_num_cpus": 0.25},
+                "train": {"epochs": 3, "cpus_per_worker": 0.5},
+            },
             "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
             "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 2},
         },
@@ -121,5 +131,7 @@ def test_the_sweep_uses_the_rung_keeping_asha(local_ray, tmp_path):
     sweep = build_sweep(space, name="wired", storage_path=str(tmp_path / "sweeps"))
     scheduler = sweep.tuner._local_tuner._tune_config.scheduler
     assert isinstance(scheduler, RungKeepingASHA)
-    assert any(isinstance(c, SchedulerState) and c.scheduler is scheduler
-               for c in sweep.tuner._local_tuner.get_run_config().callbacks)
+    assert any(
+        isinstance(c, SchedulerState) and c.scheduler is scheduler
+        for c in sweep.tuner._local_tuner.get_run_config().callbacks
+    )

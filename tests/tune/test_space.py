@@ -88,7 +88,11 @@ def test_coco_finetune_space_starts_each_trial_from_its_backbones_weights():
     assert epochs <= 50 and space.scheduler.grace_period <= 2
     domains = space.tune_domains()
     for backbone, weights in (("resnet50", R50), ("resnet101", R101)):
-        exp = experiment_from_dict(space.experiment_for({"model.backbone": backbone, "train.pretrained": domains["train.pretrained"], "train.lr": 3e-5}))
+        exp = experiment_from_dict(
+            space.experiment_for(
+                {"model.backbone": backbone, "train.pretrained": domains["train.pretrained"], "train.lr": 3e-5}
+            )
+        )
         assert (exp.model.backbone, exp.train.pretrained) == (backbone, weights)
     # The record of a sweep (relaunch.sweep_config) parses back into the same space.
     from detr_ray.relaunch import sweep_config
@@ -117,14 +121,35 @@ def test_coco_finetune_documents_a_valid_r50_to_r101_transfer_option():
 @pytest.mark.parametrize(
     "search,needle",
     [
-        ({"train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}}}, "'model.backbone' must be a choice of this search space"),
-        ({"model.backbone": {"choice": ["resnet50", "resnet101"]}, "train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}}},
-         "search.train.pretrained.by.model.backbone: needs a value for each of ['resnet50', 'resnet101'] and nothing else; missing ['resnet101']"),
-        ({"model.backbone": {"choice": ["resnet50"]}, "train.pretrained": {"by": {"model.backbone": {"resnet50": "a", "resnet18": "b"}}}},
-         "not a choice ['resnet18']"),
-        ({"model.backbone": {"choice": ["resnet50"]}, "model.dropout": {"by": {"model.backbone": {"resnet50": 1.5}}}},
-         "search.model.dropout.by.model.backbone.resnet50: value 1.5 is invalid"),
-        ({"train.lr": {"loguniform": [1e-5, 1e-4]}, "train.pretrained": {"by": {"train.lr": {"x": "a"}}}}, "got loguniform"),
+        (
+            {"train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}}},
+            "'model.backbone' must be a choice of this search space",
+        ),
+        (
+            {
+                "model.backbone": {"choice": ["resnet50", "resnet101"]},
+                "train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}},
+            },
+            "search.train.pretrained.by.model.backbone: needs a value for each of ['resnet50', 'resnet101'] and nothing else; missing ['resnet101']",
+        ),
+        (
+            {
+                "model.backbone": {"choice": ["resnet50"]},
+                "train.pretrained": {"by": {"model.backbone": {"resnet50": "a", "resnet18": "b"}}},
+            },
+            "not a choice ['resnet18']",
+        ),
+        (
+            {
+                "model.backbone": {"choice": ["resnet50"]},
+                "model.dropout": {"by": {"model.backbone": {"resnet50": 1.5}}},
+            },
+            "search.model.dropout.by.model.backbone.resnet50: value 1.5 is invalid",
+        ),
+        (
+            {"train.lr": {"loguniform": [1e-5, 1e-4]}, "train.pretrained": {"by": {"train.lr": {"x": "a"}}}},
+            "got loguniform",
+        ),
         ({"train.pretrained": {"by": "model.backbone"}}, "search.train.pretrained.by: expected {choice key:"),
     ],
 )

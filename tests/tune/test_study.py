@@ -37,8 +37,16 @@ from detr_ray.tune.resources import SweepError
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 
-TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 1,
-              "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "hidden_dim": 32,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 1,
+    "dim_feedforward": 64,
+    "num_queries": 5,
+    "frozen_bn": False,
+}
 STATES = {"completed": TrialState.COMPLETE, "stopped early (ASHA)": TrialState.PRUNED, "error": TrialState.FAIL}
 
 
@@ -48,12 +56,23 @@ def _space(data: dict, search: dict, epochs: int, samples: int, seed: int = 0, *
             "experiment": {
                 "model": TINY_MODEL,
                 "data": {**data, "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-                "train": {"epochs": epochs, "max_steps_per_epoch": 1, "max_failures": 0, "tensorboard": False,
-                          "cpus_per_worker": 0.5},
+                "train": {
+                    "epochs": epochs,
+                    "max_steps_per_epoch": 1,
+                    "max_failures": 0,
+                    "tensorboard": False,
+                    "cpus_per_worker": 0.5,
+                },
             },
             "search": search,
-            "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": samples, "seed": seed,
-                          "startup_trials": 2, **scheduler},
+            "scheduler": {
+                "grace_period": 1,
+                "reduction_factor": 2,
+                "num_samples": samples,
+                "seed": seed,
+                "startup_trials": 2,
+                **scheduler,
+            },
         },
         "test space",
     )
@@ -89,13 +108,29 @@ def first(local_ray, data, tmp_path_factory):
     the missing val shards error, ASHA stops some of the others."""
     storage = tmp_path_factory.mktemp("sweeps")
     missing = str(Path(data["val"]).parent / "no-such-val")
-    space = _space({"train": data["train"], "val": data["val"]},
-                   {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}, "model.hidden_dim": {"choice": [16, 32]},
-                    "data.val": {"choice": [data["val"], missing]}},
-                   epochs=2, samples=4, seed=19, objectives={"model/parameters": "min"})
+    space = _space(
+        {"train": data["train"], "val": data["val"]},
+        {
+            "train.lr": {"loguniform": [1.0e-5, 1.0e-3]},
+            "model.hidden_dim": {"choice": [16, 32]},
+            "data.val": {"choice": [data["val"], missing]},
+        },
+        epochs=2,
+        samples=4,
+        seed=19,
+        objectives={"model/parameters": "min"},
+    )
     sweep, rows, written = _run(space, "first", storage)
-    return {"space": space, "sweep": sweep, "rows": rows, "written": written, "dir": Path(sweep.experiment_dir),
-            "storage": storage, "data": data, "missing": missing}
+    return {
+        "space": space,
+        "sweep": sweep,
+        "rows": rows,
+        "written": written,
+        "dir": Path(sweep.experiment_dir),
+        "storage": storage,
+        "data": data,
+        "missing": missing,
+    }
 
 
 @pytest.mark.sweep
@@ -104,8 +139,10 @@ def test_the_study_records_every_trial_with_its_state(first):
     exp_dir, rows = first["dir"], first["rows"]
     journal = exp_dir / study.JOURNAL
     assert journal.is_file() and first["sweep"].study_storage == str(journal)
-    loaded = optuna.load_study(study_name="first", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(journal))))
+    loaded = optuna.load_study(
+        study_name="first",
+        storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))),
+    )
     by_tune_id = {t.user_attrs[study.TUNE_ID]: t for t in loaded.trials}
     assert len(loaded.trials) == 4 and sorted(by_tune_id) == sorted(r["trial"] for r in rows)
     states = {r["trial"]: STATES[r["status"]] for r in rows}
@@ -120,7 +157,8 @@ def test_the_study_records_every_trial_with_its_state(first):
             assert r["config"]["data.val"] == first["missing"] and "history" not in t.user_attrs
         else:  # every epoch's objectives, as the trial reported them (several objectives: a user attribute)
             assert [(h["epoch"], h["val/AP"], h["model/parameters"]) for h in t.user_attrs["history"]] == [
-                (h["epoch"], pytest.approx(h["val/AP"]), h["model/parameters"]) for h in r["history"]]
+                (h["epoch"], pytest.approx(h["val/AP"]), h["model/parameters"]) for h in r["history"]
+            ]
         if t.state == TrialState.COMPLETE:  # the values at its last epoch
             assert t.values == [pytest.approx(r["history"][-1]["val/AP"]), r["history"][-1]["model/parameters"]]
     assert loaded.metric_names == ["val/AP", "model/parameters"]
@@ -143,8 +181,12 @@ def test_optuna_dashboard_serves_the_study(first):
     journal = first["dir"] / study.JOURNAL
     port = _free_port()
     dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    server = subprocess.Popen([str(dashboard), str(journal), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server = subprocess.Popen(
+        [str(dashboard), str(journal), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline, summaries = time.time() + 60, None
         while summaries is None and time.time() < deadline and server.poll() is None:
@@ -153,12 +195,15 @@ def test_optuna_dashboard_serves_the_study(first):
                     summaries = json.loads(r.read())["study_summaries"]
             except OSError:
                 time.sleep(0.3)
-        assert summaries is not None, server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer"
+        assert summaries is not None, (
+            server.stderr.read().decode()[-2000:] if server.poll() is not None else "no answer"
+        )
         (summary,) = [s for s in summaries if s["study_name"] == "first"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as r:
             detail = json.loads(r.read())
         assert sorted(t["state"] for t in detail["trials"]) == sorted(
-            STATES[r["status"]].name.capitalize() for r in first["rows"])
+            STATES[r["status"]].name.capitalize() for r in first["rows"]
+        )
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -175,7 +220,12 @@ def test_a_restored_sweep_continues_its_study_without_duplicates(first):
     assert len({t.user_attrs[study.TUNE_ID] for t in loaded.trials}) == 4
     assert not [t for t in loaded.trials if t.state == TrialState.RUNNING]
     with pytest.raises(SweepError, match="continues its own study"):
-        build_sweep(first["space"], name="first", storage_path=str(first["storage"]), study_storage=str(first["storage"] / "x.journal"))
+        build_sweep(
+            first["space"],
+            name="first",
+            storage_path=str(first["storage"]),
+            study_storage=str(first["storage"] / "x.journal"),
+        )
     with pytest.raises(SweepError, match="already holds a study|--warm-start seeds a new sweep"):
         build_sweep(first["space"], name="first", storage_path=str(first["storage"]), warm_start=str(first["dir"]))
 
@@ -186,7 +236,9 @@ def test_a_trial_proposed_after_the_last_saved_state_is_not_left_running(tmp_pat
     space = _space({}, {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}}, epochs=3, samples=4)
     spec = str(tmp_path / "optuna.journal")
     study.create_study(spec, "s", space)
-    searcher = PruningOptunaSearch(metric="val/AP", mode="max", seed=0, max_epochs=3, study_storage=spec, study_name="s")
+    searcher = PruningOptunaSearch(
+        metric="val/AP", mode="max", seed=0, max_epochs=3, study_storage=spec, study_name="s"
+    )
     pickled = pickle.dumps(searcher)  # as in tuner.pkl
     searcher.set_search_properties(None, None, space.tune_domains())
     for t in ("a", "b"):
@@ -213,9 +265,13 @@ def test_warm_start_seeds_the_new_study_with_the_trials_inside_its_space(first, 
     rows = first["rows"]
     finished = sorted((r for r in rows if r["status"] != "error"), key=lambda r: r["config"]["train.lr"])
     upper = finished[-1]["config"]["train.lr"] * 0.999  # the largest lr falls outside the new range
-    space = _space({"train": first["data"]["train"], "val": first["data"]["val"]},
-                   {"train.lr": {"loguniform": [1.0e-5, upper]}, "model.hidden_dim": {"choice": [16, 32]}},
-                   epochs=1, samples=1, objectives={"model/parameters": "min"})
+    space = _space(
+        {"train": first["data"]["train"], "val": first["data"]["val"]},
+        {"train.lr": {"loguniform": [1.0e-5, upper]}, "model.hidden_dim": {"choice": [16, 32]}},
+        epochs=1,
+        samples=1,
+        objectives={"model/parameters": "min"},
+    )
     sweep, new_rows, written = _run(space, "warm", tmp_path, warm_start=str(first["dir"]))
     assert len(new_rows) == 1 and new_rows[0]["status"] == "completed"
     warm = json.loads(Path(written["trials"]).read_text())["warm_start"]
@@ -262,7 +318,10 @@ def test_several_objectives_give_a_pareto_front_chosen_by_a_rule(first, tmp_path
     exp = str(first["dir"])
     chosen = from_experiment(exp, tmp_path, choose=f"max val/AP subject to model/parameters<={bound}")
     assert chosen.trial == smallest["trial"] and chosen.front == front
-    assert from_experiment(exp, tmp_path, choose="val/AP").trial == max(front, key=lambda e: e["values"]["val/AP"])["trial"]
+    assert (
+        from_experiment(exp, tmp_path, choose="val/AP").trial
+        == max(front, key=lambda e: e["values"]["val/AP"])["trial"]
+    )
     with pytest.raises(EvaluationTargetError, match="no member of the front meets"):
         from_experiment(exp, tmp_path, choose=f"val/AP subject to model/parameters<{bound}")
     if len(front) > 1:
@@ -271,8 +330,10 @@ def test_several_objectives_give_a_pareto_front_chosen_by_a_rule(first, tmp_path
 
 
 def test_a_front_of_several_needs_a_rule(tmp_path):
-    entries = [{"trial": t, "value": ap, "values": {"val/AP": ap, "model/parameters": n}, "checkpoint": str(tmp_path / t)}
-               for t, ap, n in (("a", 0.3, 4e6), ("b", 0.2, 2e6))]
+    entries = [
+        {"trial": t, "value": ap, "values": {"val/AP": ap, "model/parameters": n}, "checkpoint": str(tmp_path / t)}
+        for t, ap, n in (("a", 0.3, 4e6), ("b", 0.2, 2e6))
+    ]
     (tmp_path / "best.json").write_text(json.dumps(entries))
     with pytest.raises(EvaluationTargetError, match=r"a Pareto front of 2 trials \(val/AP max\).*--choose"):
         from_experiment(str(tmp_path), tmp_path / "work")
@@ -280,15 +341,23 @@ def test_a_front_of_several_needs_a_rule(tmp_path):
 
 def test_choosing_from_a_front():
     objectives = {"val/AP": "max", "model/parameters": "min"}
-    entries = [{"trial": t, "values": {"val/AP": ap, "model/parameters": n}}
-               for t, ap, n in (("a", 0.30, 4e6), ("b", 0.25, 2e6), ("c", 0.20, 3e6), ("d", 0.10, 1e6))]
+    entries = [
+        {"trial": t, "values": {"val/AP": ap, "model/parameters": n}}
+        for t, ap, n in (("a", 0.30, 4e6), ("b", 0.25, 2e6), ("c", 0.20, 3e6), ("d", 0.10, 1e6))
+    ]
     assert [e["trial"] for e in pareto.front(entries, objectives)] == ["a", "b", "d"]  # c: b beats it in both
     assert pareto.choose(entries, "val/AP", objectives)["trial"] == "a"
     assert pareto.choose(entries, "min model/parameters", objectives)["trial"] == "d"
     assert pareto.choose(entries, "max val/AP subject to model/parameters<=2.5e6", objectives)["trial"] == "b"
-    assert pareto.choose(entries, "max val/AP subject to model/parameters<=2e6 and val/AP>0.2", objectives)["trial"] == "b"
-    for rule, message in (("max", "expected"), ("val/AP subject to", "nothing after"), ("val/AR subject to val/AP>0", "not among"),
-                          ("val/AP subject to model/parameters<=x", "not a number")):
+    assert (
+        pareto.choose(entries, "max val/AP subject to model/parameters<=2e6 and val/AP>0.2", objectives)["trial"] == "b"
+    )
+    for rule, message in (
+        ("max", "expected"),
+        ("val/AP subject to", "nothing after"),
+        ("val/AR subject to val/AP>0", "not among"),
+        ("val/AP subject to model/parameters<=x", "not a number"),
+    ):
         with pytest.raises(pareto.RuleError, match=message):
             pareto.choose(entries, rule, objectives)
 
@@ -296,13 +365,30 @@ def test_choosing_from_a_front():
 @pytest.mark.sweep
 @pytest.mark.timeout(300)
 def test_the_evaluation_report_shows_the_sweep(first, tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_script", Path(__file__).resolve().parents[2] / "scripts" / "evaluate.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     evaluate = script.main
 
     out = tmp_path / "report"
-    assert evaluate(["--experiment", str(first["dir"]), "--choose", "max val/AP", "--out", str(out), "--no-progress", "--batch-size", "4"]) == 0
+    assert (
+        evaluate(
+            [
+                "--experiment",
+                str(first["dir"]),
+                "--choose",
+                "max val/AP",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     sweep = report["sweep"]
     assert [h["trial"] for h in sweep["history"]] == [r["trial"] for r in first["rows"]]  # Tune's creation order
@@ -315,7 +401,14 @@ def test_the_evaluation_report_shows_the_sweep(first, tmp_path):
     for name in ("sweep_history", "sweep_parallel", "sweep_curves", "sweep_front"):
         assert (out / report["figures"][name]).stat().st_size > 1000
     md = (out / "report.md").read_text()
-    for heading in ("## The sweep", "### Optimisation history", "### Parallel coordinates",
-                    "### Learning curves and ASHA's decisions", "### Compute spent", "### Parameter importances", "### Pareto front"):
+    for heading in (
+        "## The sweep",
+        "### Optimisation history",
+        "### Parallel coordinates",
+        "### Learning curves and ASHA's decisions",
+        "### Compute spent",
+        "### Parameter importances",
+        "### Pareto front",
+    ):
         assert heading in md
     assert f"optuna-dashboard {first['dir'] / study.JOURNAL}" in md

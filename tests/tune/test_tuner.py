@@ -18,12 +18,27 @@ from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
 from detr_ray.tune.placement import live_placement_groups
 from detr_ray.tune.pruning import PruningOptunaSearch
-from detr_ray.tune.resources import DRIVER_RESOURCE, SweepError, TrialNeeds, max_concurrent_trials, plan_concurrency, trial_needs
+from detr_ray.tune.resources import (
+    DRIVER_RESOURCE,
+    SweepError,
+    TrialNeeds,
+    max_concurrent_trials,
+    plan_concurrency,
+    trial_needs,
+)
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 
-TINY_MODEL = {"backbone": "resnet18", "hidden_dim": 32, "nheads": 4, "enc_layers": 1, "dec_layers": 2,
-              "dim_feedforward": 64, "num_queries": 5, "frozen_bn": False}
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "hidden_dim": 32,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": 5,
+    "frozen_bn": False,
+}
 
 
 def _space(root, **scheduler):
@@ -32,8 +47,13 @@ def _space(root, **scheduler):
             "experiment": {
                 "model": TINY_MODEL,
                 "data": {"demo_root": str(root), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-                "train": {"epochs": 3, "max_steps_per_epoch": 2, "max_failures": 0, "tensorboard": False,
-                          "cpus_per_worker": 0.5},
+                "train": {
+                    "epochs": 3,
+                    "max_steps_per_epoch": 2,
+                    "max_failures": 0,
+                    "tensorboard": False,
+                    "cpus_per_worker": 0.5,
+                },
             },
             "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
             "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 4, "seed": 0, **scheduler},
@@ -47,7 +67,10 @@ def _space(root, **scheduler):
 
 
 def test_trial_needs_count_workers_data_and_driver():
-    exp = {"train": {"num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5}, "data": {"decode_num_cpus": 0.5}}
+    exp = {
+        "train": {"num_workers": 2, "cpus_per_worker": 1.5, "gpus_per_worker": 0.5},
+        "data": {"decode_num_cpus": 0.5},
+    }
     needs = trial_needs(experiment_from_dict(exp), {"CPU": 16.0})
     assert needs.cpus == pytest.approx(2 * 1.5 + 2 * 0.5 + 0.01)
     assert needs.gpus == pytest.approx(1.0)
@@ -80,7 +103,9 @@ def test_a_trial_that_cannot_fit_is_refused_before_anything_starts():
 
 def test_a_sweep_needs_the_metric_every_epoch(tmp_path):
     space = _space(tmp_path)
-    space = parse_space({"experiment": {**space.experiment, "train": {**space.experiment["train"], "eval_every": 2}}}, "test space")
+    space = parse_space(
+        {"experiment": {**space.experiment, "train": {**space.experiment["train"], "eval_every": 2}}}, "test space"
+    )
     with pytest.raises(ConfigError, match="eval_every must be 1"):
         build_sweep(space, name="x", storage_path=str(tmp_path))
 
@@ -107,7 +132,9 @@ def _run_with_spoilt_checkpoints(run):
     blob[len(blob) // 2] ^= 0xFF
     (run / "checkpoint_epoch0002" / "model.pt").write_bytes(bytes(blob))
     manifest = json.loads((run / "checkpoint_epoch0003" / ckpt.MANIFEST).read_text())
-    (run / "checkpoint_epoch0003" / ckpt.MANIFEST).write_text(json.dumps({**manifest, "files": list(manifest["files"])}))
+    (run / "checkpoint_epoch0003" / ckpt.MANIFEST).write_text(
+        json.dumps({**manifest, "files": list(manifest["files"])})
+    )
     (run / "checkpoint_epoch0005" / ckpt.MANIFEST).unlink()
     (run / "tensorboard").mkdir()
 
@@ -186,7 +213,9 @@ def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ra
     assert len(trials["trials"]) == 4 and trials["search"] == {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}}
 
     # Optuna saw ASHA's stops as pruned trials, not as finished ones with truncated scores.
-    study = optuna.load_study(study_name="fast", storage=open_storage(str(tmp_path / "sweeps" / "fast" / "optuna.journal")))
+    study = optuna.load_study(
+        study_name="fast", storage=open_storage(str(tmp_path / "sweeps" / "fast" / "optuna.journal"))
+    )
     states = [t.state for t in study.trials]
     assert states.count(TrialState.PRUNED) == len(stopped)
     assert states.count(TrialState.COMPLETE) == 4 - len(stopped)
