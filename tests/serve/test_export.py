@@ -40,7 +40,16 @@ def exported(tmp_path_factory):
     exp["model"].update(
         {
             k: getattr(cfg, k)
-            for k in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries")
+            for k in (
+                "backbone",
+                "backbone_stages",
+                "hidden_dim",
+                "nheads",
+                "enc_layers",
+                "dec_layers",
+                "dim_feedforward",
+                "num_queries",
+            )
         }
     )
     state = ckpt.TrainingState(
