@@ -2,7 +2,7 @@
 
 A production run has no hooks (`TestingHooks()` is inert, and it is what build_trainer uses by
 default). Tests set one field of build_trainer, `testing=TestingHooks(...)`, and the per-worker
-loop calls the two functions here at two named points of each step and epoch:
+loop calls the functions here at named points of each step and epoch:
 
 - `crash_point` (before each train step): `crash={"rank", "step", "marker"[, "signal"]}` makes
   that rank die once at that global step, as a worker killed by a node loss or the OOM killer
@@ -11,6 +11,9 @@ loop calls the two functions here at two named points of each step and epoch:
 - `audit_point` (after each epoch): `audit_dir` gets one JSON file per rank and epoch with the
   image ids that rank trained on, its per-step losses, a hash of its parameters and the val
   image ids it inferred, for tests of data splitting and determinism.
+- `hold_point` (after each epoch's report): `hold={"epoch", "release"}` makes rank 0 wait, once
+  that epoch's checkpoint is stored, until the file `release` exists, so a test can change the
+  world (fill a disk, kill a node) at a known point of the run instead of racing it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ class TestingHooks:
 
     crash: dict[str, Any] | None = None  # {"rank", "step", "marker"[, "signal"]}
     audit_dir: str | None = None
+    hold: dict[str, Any] | None = None  # {"epoch", "release"[, "timeout_s"]}
 
     @property
     def keeps_losses(self) -> bool:
@@ -45,6 +50,18 @@ def crash_point(hooks: TestingHooks, rank: int, global_step: int) -> None:
     if crash.get("signal"):  # a real kill (e.g. 9, SIGKILL): no Python clean-up, as from the OOM killer
         os.kill(os.getpid(), crash["signal"])
     os._exit(1)  # dies without clean-up, as a worker whose node is lost
+
+
+def hold_point(hooks: TestingHooks, rank: int, epoch: int) -> None:
+    """Rank 0 waits after epoch `hooks.hold["epoch"]` until the file `hooks.hold["release"]` exists."""
+    hold = hooks.hold
+    if not hold or rank != 0 or epoch != hold["epoch"]:
+        return
+    deadline = time.monotonic() + hold.get("timeout_s", 300)
+    while not os.path.exists(hold["release"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"testing hold after epoch {epoch}: {hold['release']} never appeared")
+        time.sleep(0.05)
 
 
 def audit_point(

@@ -314,6 +314,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )  # start_epoch > 0: this attempt resumed
         _log_epoch(metrics, writer, rank, done, tcfg.epochs)
         _report(w.model, w.optimizer, w.scheduler, w.step.scaler, exp, categories, metrics, done, w.global_step, rank)
+        testing_hooks.hold_point(run.testing, rank, done)
     if writer is not None:
         writer.close()
 

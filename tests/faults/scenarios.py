@@ -315,18 +315,24 @@ def enospc(workdir: Path, demo_root, full_dir: Path | None, inject: bool = True)
         return record("ENOSPC in the checkpoint writer", False, time.time() - start, problems, lost)
 
     filled: dict[str, Any] = {}
+    # The run holds after epoch 1's checkpoint is stored until `release` exists: the disk fills
+    # at that point, whatever the speed of the machine (a tiny epoch is shorter than a fill).
+    release = workdir / "release-after-epoch1"
 
     def fill_after_first_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline and not (run_dir / "checkpoint_epoch0001" / ckpt.MANIFEST).exists():
             time.sleep(0.02)
-        filled["file"] = fill(full_dir)
+        try:
+            filled["file"] = fill(full_dir)
+        finally:
+            release.write_text("filled")
 
     thread = threading.Thread(target=fill_after_first_checkpoint, daemon=True)
     thread.start()
     error = None
     try:
-        _fit(exp, "enospc", storage, log)
+        _fit(exp, "enospc", storage, log, testing=TestingHooks(hold={"epoch": 1, "release": str(release)}))
     except Exception as e:  # noqa: BLE001 - the run must fail; its message is checked below
         error = e
     thread.join(timeout=60)
