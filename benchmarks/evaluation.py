@@ -196,7 +196,7 @@ def time_inference(root: Path, count: int, batch_size: int, device: str) -> dict
     from detr_ray.config import ExperimentConfig, DataConfig, DETRConfig, TrainConfig
     from detr_ray.evaluation.inference import InferenceConfig, load_detector, run_inference
     from detr_ray.model import build_model
-    from detr_ray.train import checkpoint as ckpt
+    from detr_ray import checkpoint as ckpt
 
     start = time.perf_counter()
     shards = make_jpegs(root / "jpegs", count)

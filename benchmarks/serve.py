@@ -68,7 +68,7 @@ def make_checkpoint(root: Path, model: str) -> Path:
 
     from detr_ray.config import experiment_from_dict
     from detr_ray.model import build_model
-    from detr_ray.train import checkpoint as ckpt
+    from detr_ray import checkpoint as ckpt
     from detr_ray.train.trainer import demo_experiment
 
     if model == "demo":

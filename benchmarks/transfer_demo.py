@@ -41,7 +41,7 @@ from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data import demo  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.model import build_model, load_pretrained  # noqa: E402
-from detr_ray.train import checkpoint as ckpt  # noqa: E402
+from detr_ray import checkpoint as ckpt  # noqa: E402
 from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS  # noqa: E402
 from detr_ray.train.demo_pretrain import ensure_demo_pretrained, pretrain_experiment  # noqa: E402
 from detr_ray.train.trainer import build_trainer, demo_experiment  # noqa: E402

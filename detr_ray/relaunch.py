@@ -144,7 +144,7 @@ class RunPlan:
 
 def _checkpoint_config(run_dir: str) -> dict | None:
     """The experiment stored in the newest checkpoint of a run that has no record."""
-    from detr_ray.train import checkpoint as ckpt
+    from detr_ray import checkpoint as ckpt
 
     for name in reversed([n for n in storage.list_dirs(run_dir) if n.startswith("checkpoint_")]):
         try:
@@ -220,11 +220,11 @@ def record_sweep(exp_dir: str, space) -> None:
     write_record(exp_dir, SWEEP_RECORD, sweep_config(space))
 
 
-def check_sweep(exp_dir: str, space, *, as_stored: bool = False):
+def check_sweep(exp_dir: str, space, *, parse, as_stored: bool = False):
     """The search space a restored sweep at `exp_dir` runs with: `space` when it is the stored
-    one, the stored one with `as_stored`; RelaunchError otherwise."""
-    from detr_ray.tune.space import parse_space
-
+    one, the stored one with `as_stored`; RelaunchError otherwise. `parse(raw, where)` reads the
+    stored record back into a search space (tune.space.parse_space: the sweep's schema lives
+    with the sweep, above this module)."""
     stored = read_record(exp_dir, SWEEP_RECORD)
     if stored is None:
         if as_stored:
@@ -239,7 +239,7 @@ def check_sweep(exp_dir: str, space, *, as_stored: bool = False):
             f"{exp_dir} holds a sweep without {SWEEP_RECORD} (started by an older detr-ray), so this launch "
             f"cannot be checked against it: choose a new --name, or pass {AS_STORED_FLAG} to restore it as Tune stored it"
         )
-    stored_space = parse_space(stored, storage.join(exp_dir, SWEEP_RECORD))
+    stored_space = parse(stored, storage.join(exp_dir, SWEEP_RECORD))
     diffs = differences(_comparable(stored_space), _comparable(space))
     if not diffs:
         return space

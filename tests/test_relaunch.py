@@ -11,7 +11,7 @@ from detr_ray import relaunch
 from detr_ray.config import experiment_from_dict
 from detr_ray.model import build_model
 from detr_ray.relaunch import ABSENT, RelaunchError, check_sweep, differences, plan_run, record_sweep
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import demo_experiment
 from detr_ray.tune.space import parse_space
 from tests.conftest import tiny_config
@@ -134,20 +134,20 @@ def _space(**changes):
 def test_sweep_restore_with_a_changed_space_is_refused_unless_as_stored(tmp_path, caplog):
     exp_dir = str(tmp_path / "sweep")
     with pytest.raises(RelaunchError, match="without detr_ray_sweep.json"):  # a sweep from before the records
-        check_sweep(exp_dir, _space())
+        check_sweep(exp_dir, _space(), parse=parse_space)
     with caplog.at_level(logging.WARNING, logger="detr_ray.relaunch"):
-        assert check_sweep(exp_dir, _space(), as_stored=True).params == _space().params
+        assert check_sweep(exp_dir, _space(), parse=parse_space, as_stored=True).params == _space().params
 
     record_sweep(exp_dir, _space())
     same = _space(experiment__train={"epochs": 3, "lr": 1e-4})  # the YAML's "1e-4" string, as a number: the same value
-    assert check_sweep(exp_dir, same) is same
+    assert check_sweep(exp_dir, same, parse=parse_space) is same
     changed = _space(
         search__train__lr={"loguniform": [1.0e-5, 1.0e-2]},
         scheduler__num_samples=6,
         experiment__model={"backbone": "resnet34", "hidden_dim": 32},
     )
     with pytest.raises(RelaunchError) as e:
-        check_sweep(exp_dir, changed)
+        check_sweep(exp_dir, changed, parse=parse_space)
     message = str(e.value)
     assert "search.train.lr.loguniform: [1e-05, 0.001] -> [1e-05, 0.01]" in message
     assert (
@@ -155,6 +155,6 @@ def test_sweep_restore_with_a_changed_space_is_refused_unless_as_stored(tmp_path
     )
     assert "--resume-as-stored" in message and "--name" in message
 
-    stored = check_sweep(exp_dir, changed, as_stored=True)
+    stored = check_sweep(exp_dir, changed, parse=parse_space, as_stored=True)
     assert stored.scheduler.num_samples == 4 and stored.experiment["model"]["backbone"] == "resnet18"
     assert [p.args for p in stored.params if p.key == "train.lr"] == [[1.0e-5, 1.0e-3]]

@@ -123,7 +123,7 @@ def machine() -> dict:
 
 def train_all(args, storage: str) -> list[dict]:
     from detr_ray.train.trainer import build_trainer
-    from detr_ray.train.checkpoint import best_checkpoint
+    from detr_ray.checkpoint import best_checkpoint
 
     runs = []
     for arch in args.archs:

@@ -46,7 +46,7 @@ from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
 from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment, resolve, subject_for_checkpoint
 from detr_ray.ownership import NotOwnedError
-from detr_ray.train.checkpoint import CheckpointError
+from detr_ray.checkpoint import CheckpointError
 
 ERRORS = (
     EvaluationTargetError,

@@ -25,7 +25,7 @@ from detr_ray.evaluation.subject import EvaluationTargetError, fetch_checkpoint
 from detr_ray.ownership import NotOwnedError
 from detr_ray.serve.export import export_detector
 from detr_ray.serve.model import choose_checkpoint
-from detr_ray.train.checkpoint import CheckpointError
+from detr_ray.checkpoint import CheckpointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ import threading
 from detr_ray.config import ConfigError
 from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import DEFAULT_MAX_BODY_BYTES, DEFAULT_SCORE_THRESHOLD, choose_checkpoint
-from detr_ray.train.checkpoint import CheckpointError
+from detr_ray.checkpoint import CheckpointError
 
 log = logging.getLogger("serve")
 

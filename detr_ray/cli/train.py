@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
         f"val/AP50 {m.get('val/AP50', float('nan')):.3f}"
     )
-    from detr_ray.train.checkpoint import best_checkpoint
+    from detr_ray.checkpoint import best_checkpoint
 
     # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
     best, value = best_checkpoint(result.path, "val/AP", "max")

@@ -31,7 +31,7 @@ from detr_ray.config import DETRConfig, ExperimentConfig, experiment_from_dict, 
 from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import TransformConfig
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Detector:
 
 def load_detector(directory: str | Path, manifest: dict | None = None) -> Detector:
     """Verifies (against `manifest` too, when given: see checkpoint.verify) and reads a
-    checkpoint directory (see train/checkpoint.py)."""
+    checkpoint directory (see detr_ray/checkpoint.py)."""
     loaded = ckpt.load(directory, manifest)
     where = str(Path(directory) / ckpt.STATE)
     try:

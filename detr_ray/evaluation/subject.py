@@ -43,7 +43,7 @@ from typing import Any
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.evaluation.training_history import run_history
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

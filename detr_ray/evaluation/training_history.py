@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Sources (`load_pretrained(model, source, categories=...)`):
   * a local file or an http(s) URL holding a DETR checkpoint in the reference layout: a dict whose
     "model" entry is the state dict (detr-r50-e632da11.pth, detr-r101-2c7b67e5.pth, the DC5
     variants, or a checkpoint.pth written by the reference training script), or a bare state dict;
-  * a local detr-ray checkpoint directory (train/checkpoint.py), which carries its category table;
+  * a local detr-ray checkpoint directory (detr_ray/checkpoint.py), which carries its category table;
   * a local file or URL holding a torchvision ResNet state dict (ImageNet classification weights);
   * "torchvision" (the backbone's ImageNet weights DETR used, downloaded through torchvision) or
     "torchvision:ResNet101_Weights.IMAGENET1K_V2" for an explicit weights enum member.
@@ -60,7 +60,7 @@ import torchvision
 from torch import Tensor, nn
 
 from detr_ray.data import storage
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 
 from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 from detr_ray.data.transforms import TransformConfig
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

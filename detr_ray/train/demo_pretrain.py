@@ -12,7 +12,7 @@ the whole demo (`scripts/train.py --pretrained <checkpoint>`) maps its class hea
     root/subset/annotations/     their COCO annotations restricted to the subset: the images whose
                                  objects all belong to it, with the subset's category table
     root/subset/train, val/      Parquet shards of those (shards.write_shards), own _meta.json
-    root/checkpoint/             the pre-trained model: a detr-ray checkpoint (train/checkpoint.py)
+    root/checkpoint/             the pre-trained model: a detr-ray checkpoint (detr_ray/checkpoint.py)
                                  carrying the subset's category table; optimizer state left out
     root/recipe.json             written last: what the checkpoint was made from (`recipe`)
     root/.detr-ray-owner         marks root as made by this module (ownership.MARKER)
@@ -43,7 +43,7 @@ from detr_ray.data import demo
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import write_shards
 from detr_ray.ownership import claim, remove_generated
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import demo_experiment
 
 logger = logging.getLogger(__name__)

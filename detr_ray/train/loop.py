@@ -36,7 +36,7 @@ from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
 from detr_ray.model.predict import normalize, predict_batch
 from detr_ray.testing_hooks import TestingHooks
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 
 log = logging.getLogger(__name__)

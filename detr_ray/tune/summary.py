@@ -8,7 +8,7 @@ import json
 
 from detr_ray import pareto
 from detr_ray.data import storage
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
 from detr_ray.tune import study
 from detr_ray.tune.placement import read_leaks

@@ -35,7 +35,7 @@ from detr_ray.tune.placement import PlacementGroupWatch
 from detr_ray.tune.pruning import PruningOptunaSearch
 from detr_ray.tune.resources import SweepError, plan_concurrency, trial_needs
 from detr_ray.tune.scheduler import RungKeepingASHA, asha_with_state
-from detr_ray.tune.space import SearchSpace
+from detr_ray.tune.space import SearchSpace, parse_space
 from detr_ray.tune.trial import EXPERIMENT_KEY, RUNS_KEY, SHARDS_KEY, trial_driver
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _restore(
     warm_start: str | None,
 ) -> Sweep:
     """The sweep at `exp_dir` restored (see build_sweep), with its own study."""
-    space = relaunch.check_sweep(exp_dir, space, as_stored=as_stored)
+    space = relaunch.check_sweep(exp_dir, space, parse=parse_space, as_stored=as_stored)
     recorded = study.read_record(exp_dir)
     if warm_start:
         raise SweepError(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detr_ray.local_ray import init as init_local_ray
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ import yaml
 import ray.train
 
 from detr_ray.testing_hooks import TestingHooks
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant

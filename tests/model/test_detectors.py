@@ -15,7 +15,7 @@ from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.model import WeightsError, detectors
 from detr_ray.model.detectors import TorchvisionDetector
 from detr_ray.model.predict import detections_to_results, normalize
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 from detr_ray.tune.space import parse_space
 from tests.conftest import random_batch

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 

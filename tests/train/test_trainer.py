@@ -14,7 +14,7 @@ from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.config import experiment_from_dict
 from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.shards import read_shard_table
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.trainer import build_trainer, demo_experiment

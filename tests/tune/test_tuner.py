@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.train import checkpoint as ckpt
-from detr_ray.train.checkpoint import best_checkpoint
+from detr_ray import checkpoint as ckpt
+from detr_ray.checkpoint import best_checkpoint
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
 from detr_ray.tune.placement import live_placement_groups

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detr_ray.model import build_model
-from detr_ray.train import checkpoint as ckpt
+from detr_ray import checkpoint as ckpt
 from detr_ray.train.step import build_optimizer
 from tests.conftest import tiny_config
 
