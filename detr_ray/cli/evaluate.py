@@ -39,6 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from detr_ray.cli.arguments import add_model_source
 from detr_ray.config import ConfigError
 from detr_ray.data.shards import ShardError
 from detr_ray.coco_eval import ResultsError
@@ -62,14 +63,10 @@ ERRORS = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
-    )
-    what.add_argument(
-        "--checkpoint",
-        metavar="DIR_OR_FILE",
-        help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)",
+    add_model_source(
+        p,
+        checkpoint_metavar="DIR_OR_FILE",
+        checkpoint_help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL)",
     )
     p.add_argument(
         "--choose",

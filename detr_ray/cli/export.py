@@ -26,15 +26,14 @@ from detr_ray.ownership import NotOwnedError
 from detr_ray.serve.export import export_detector
 from detr_ray.serve.model import choose_checkpoint
 from detr_ray.checkpoint import CheckpointError
+from detr_ray.cli.arguments import add_model_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
+    add_model_source(
+        p, checkpoint_metavar="DIR_OR_URI", checkpoint_help="a checkpoint directory (checkpoint_epochNNNN)"
     )
-    what.add_argument("--checkpoint", metavar="DIR_OR_URI", help="a checkpoint directory (checkpoint_epochNNNN)")
     p.add_argument(
         "--out", default="export", help="output directory: new, empty or an earlier export's (default: ./export)"
     )

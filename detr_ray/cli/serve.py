@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 
+from detr_ray.cli.arguments import add_model_source
 from detr_ray.config import ConfigError
 from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import DEFAULT_MAX_BODY_BYTES, DEFAULT_SCORE_THRESHOLD, choose_checkpoint
@@ -38,14 +39,10 @@ log = logging.getLogger("serve")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--experiment", metavar="DIR_OR_URI", help="experiment directory of scripts/tune.py (best.json / trials.json)"
-    )
-    what.add_argument(
-        "--checkpoint",
-        metavar="DIR_FILE_OR_URI",
-        help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)",
+    add_model_source(
+        p,
+        checkpoint_metavar="DIR_FILE_OR_URI",
+        checkpoint_help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)",
     )
     p.add_argument(
         "--data",

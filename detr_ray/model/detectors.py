@@ -38,7 +38,7 @@ from detr_ray.config import DETR_ONLY_SETTINGS, DETRConfig, ExperimentConfig
 from detr_ray.model import weights as weights_mod
 from detr_ray.model.detr import build_model, parameter_groups as detr_parameter_groups
 from detr_ray.model.postprocess import postprocess
-from detr_ray.model.weights import LoadReport, WeightsError
+from detr_ray.model.weights import LoadReport, WeightsError, log_class_mapping
 
 log = logging.getLogger(__name__)
 
@@ -250,16 +250,7 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
         )
     inner.detector.load_state_dict(sd, strict=False)
     report.loaded = sorted(sd)
-    for m in report.mapped_by_name + report.new_classes:
-        log.info(
-            "%s: class %d %r (id %d) %s",
-            source,
-            m.label,
-            m.name,
-            m.category_id,
-            f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised",
-        )
-    log.info("%s", report.summary())
+    log_class_mapping(source, report)
     return report
 
 

@@ -485,6 +485,12 @@ def load_pretrained(
         log.info("%s: skipped %s (%s)", source, key, why)
     for name, why in report.reinitialized.items():
         log.warning("%s: re-initialised %s (%s)", source, name, why)
+    log_class_mapping(source, report)
+    return report
+
+
+def log_class_mapping(source, report) -> None:
+    """One log line per class whose head row was taken by name or is new, then the summary."""
     for m in report.mapped_by_name + report.new_classes:
         log.info(
             "%s: class %d %r (id %d) %s",
@@ -495,7 +501,6 @@ def load_pretrained(
             f"takes the row of {m.source_name!r}" if m.how == "name" else "is new: freshly initialised",
         )
     log.info("%s", report.summary())
-    return report
 
 
 def _load_backbone(model, sd, target, source) -> LoadReport:
