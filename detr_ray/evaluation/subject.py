@@ -377,7 +377,8 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
                 f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best
             )
             raise EvaluationTargetError(
-                f"{where}: a Pareto front of {len(best)} trials ({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
+                f"{where}: a Pareto front of {len(best)} trials "
+                f"({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
                 f'choose one with --choose, e.g. --choose "max {next(iter(objectives))}" or '
                 f'--choose "max val/AP subject to model/parameters<=N":\n{listed}'
             )

@@ -157,7 +157,8 @@ def _resume_candidates(ctx) -> list:
             candidates.append(registered)
         elif candidates and candidates[-1].path.rstrip("/") != registered.path.rstrip("/"):
             log.warning(
-                "Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first",
+                "Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is "
+                "tried first",
                 registered.path,
                 candidates[-1].path,
             )

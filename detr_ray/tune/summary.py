@@ -16,7 +16,6 @@ from detr_ray.tune.space import SearchSpace, apply_sample
 from detr_ray.tune.trial import RUNS_KEY, sample_of
 from detr_ray.tune.tuner import Sweep
 
-
 HISTORY_PREFIXES = ("train/", "val/", "model/")
 HISTORY_KEYS = ("epoch", "lr", "lr_backbone", "time_this_iter_s", "time_total_s")  # times: the report's compute spent
 

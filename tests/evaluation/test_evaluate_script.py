@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detr_ray.coco_eval import METRIC_NAMES, ResultsError, as_coco
 from detr_ray.data.shards import coco_ground_truth
 from detr_ray.evaluation.analysis import FP_TYPES
-from detr_ray.coco_eval import METRIC_NAMES, ResultsError, as_coco
 from detr_ray.evaluation.end_to_end import score
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_results

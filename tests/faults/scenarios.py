@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import ray.train
+import yaml
 
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train import checkpoint as ckpt
@@ -250,7 +249,8 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
         problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:
         problems.append(
-            f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 checkpoint skipped)"
+            f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 "
+            "checkpoint skipped)"
         )
     left = sorted(d.name for d in run_dir.glob("checkpoint_epoch*"))
     return record(

@@ -10,9 +10,9 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.config import experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_checkpoint
