@@ -256,7 +256,8 @@ def main(argv=None) -> int:
                 rounds[name].append(measure_epoch(passes[name], include_ray=name == "a"))
                 m = rounds[name][-1]
                 print(
-                    f"  round {r} ({name}): {m['images_per_s']:6.1f} images/s, {m['cpu_ms_per_image']:5.1f} CPU-ms/image"
+                    f"  round {r} ({name}): {m['images_per_s']:6.1f} images/s, {m['cpu_ms_per_image']:5.1f} "
+                    "CPU-ms/image"
                 )
     best = {k: max(m["images_per_s"] for m in v) for k, v in rounds.items()}
     cpu_ms = {k: statistics.median(m["cpu_ms_per_image"] for m in v) for k, v in rounds.items()}
@@ -291,7 +292,8 @@ def main(argv=None) -> int:
         "timed_rounds": args.rounds,
         "transforms": "DETR COCO train recipe (TransformConfig.coco())",
         "ray_data_scheduling_patch": not args.no_scheduling_patch,
-        "ray_data_scheduling_patch_in_place": ray_data_scheduling_patch_in_place,  # as found in this driver after the runs
+        # as found in this driver after the runs
+        "ray_data_scheduling_patch_in_place": ray_data_scheduling_patch_in_place,
         "ray_data_pipeline_images_per_s": round(pipeline, 2),
         "torch_dataloader_pil_images_per_s": round(dataloader, 2),
         "ratio": round(ratio, 3),

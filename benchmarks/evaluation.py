@@ -104,8 +104,8 @@ def time_cocoeval(gt: dict, results: list[dict]) -> dict:
 
 
 def time_analysis(gt: dict, results: list[dict], images: int) -> dict:
-    from detr_ray.evaluation import analysis as A
     from detr_ray.coco_eval import evaluate
+    from detr_ray.evaluation import analysis as A
 
     keep = set(range(1, images + 1))
     sub_gt = {
@@ -193,10 +193,10 @@ def time_inference(root: Path, count: int, batch_size: int, device: str) -> dict
     import ray
     import torch
 
-    from detr_ray.config import ExperimentConfig, DataConfig, DETRConfig, TrainConfig
+    from detr_ray import checkpoint as ckpt
+    from detr_ray.config import DataConfig, DETRConfig, ExperimentConfig, TrainConfig
     from detr_ray.evaluation.inference import InferenceConfig, load_detector, run_inference
     from detr_ray.model import build_model
-    from detr_ray import checkpoint as ckpt
 
     start = time.perf_counter()
     shards = make_jpegs(root / "jpegs", count)
@@ -281,14 +281,16 @@ def main(argv=None) -> int:
     if "cocoeval" in parts:
         record["cocoeval"] = time_cocoeval(gt, results)
         print(
-            f"COCOeval (evaluate(): checks, loadRes, evaluate, accumulate, summarize, TP IoUs): {record['cocoeval']['cocoeval_s']} s"
+            "COCOeval (evaluate(): checks, loadRes, evaluate, accumulate, summarize, TP IoUs): "
+            f"{record['cocoeval']['cocoeval_s']} s"
         )
     if "analysis" in parts:
         record["analysis"] = time_analysis(gt, results, min(args.analysis_images, args.images))
         a = record["analysis"]
         print(
             f"analysis on {a['images']} images ({a['detections']} detections): {a['total_s']} s "
-            f"(TIDE {a['tide_s']}, COCO breakdown {a['coco_breakdown_s']}, PR {a['pr_curves_s']}, worst images {a['worst_images_s']})"
+            f"(TIDE {a['tide_s']}, COCO breakdown {a['coco_breakdown_s']}, PR {a['pr_curves_s']}, worst images "
+            f"{a['worst_images_s']})"
         )
     if parts & {"cocoeval", "analysis"}:
         del gt, results

@@ -66,9 +66,9 @@ def make_jpegs(count: int, model: str, seed: int = 0) -> list[bytes]:
 def make_checkpoint(root: Path, model: str) -> Path:
     import torch
 
+    from detr_ray import checkpoint as ckpt
     from detr_ray.config import experiment_from_dict
     from detr_ray.model import build_model
-    from detr_ray import checkpoint as ckpt
     from detr_ray.train.trainer import demo_experiment
 
     if model == "demo":
@@ -261,8 +261,14 @@ def main(argv=None) -> int:
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         },
         "model": {
-            "demo": "demo DETR (ResNet-18, hidden 64, 10 queries), random weights, fp32, images 64-96 px, val shortest side 80",
-            "coco": "DETR R50 (COCO configuration, 100 queries), random weights, fp32, 640x480-class JPEGs, val shortest side 800",
+            "demo": (
+                "demo DETR (ResNet-18, hidden 64, 10 queries), random weights, fp32, images 64-96 px, "
+                "val shortest side 80"
+            ),
+            "coco": (
+                "DETR R50 (COCO configuration, 100 queries), random weights, fp32, 640x480-class JPEGs, "
+                "val shortest side 800"
+            ),
         }[args.model],
         "options": {
             "max_batch_size": args.max_batch_size,
@@ -332,13 +338,14 @@ def main(argv=None) -> int:
         )
     for r in record["serve"]:
         print(
-            f"{'Serve HTTP, concurrency %d' % r['concurrency']:34s}{r['images_per_s']:>10.1f}{r['p50_ms'] or 0:>9.1f}{r['p90_ms'] or 0:>9.1f}"
-            f"{r['p99_ms'] or 0:>9.1f}{r['requests']:>6d}"
+            f"{'Serve HTTP, concurrency %d' % r['concurrency']:34s}{r['images_per_s']:>10.1f}"
+            f"{r['p50_ms'] or 0:>9.1f}{r['p90_ms'] or 0:>9.1f}{r['p99_ms'] or 0:>9.1f}{r['requests']:>6d}"
             + (f"  errors {r['errors']}: {r['first_error']}" if r["errors"] else "")
         )
     o = record["serve_overhead"]
     print(
-        f"Serve overhead: in-process batched {o['in_process_batched_images_per_s']} images/s / Serve {o['serve_best_images_per_s']} "
+        f"Serve overhead: in-process batched {o['in_process_batched_images_per_s']} images/s / "
+        f"Serve {o['serve_best_images_per_s']} "
         f"(concurrency {o['at_concurrency']}) = {o['ratio']}x\nwrote {out}"
     )
     return 0

@@ -37,13 +37,17 @@ sys.path.insert(0, REPO)
 import ray  # noqa: E402
 import ray.train  # noqa: E402
 
+from detr_ray import checkpoint as ckpt  # noqa: E402
 from detr_ray.config import experiment_from_dict  # noqa: E402
 from detr_ray.data import demo  # noqa: E402
 from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.model import build_model, load_pretrained  # noqa: E402
-from detr_ray import checkpoint as ckpt  # noqa: E402
-from detr_ray.train.demo_pretrain import DEFAULT_CATEGORIES, PRETRAIN_EPOCHS  # noqa: E402
-from detr_ray.train.demo_pretrain import ensure_demo_pretrained, pretrain_experiment  # noqa: E402
+from detr_ray.train.demo_pretrain import (  # noqa: E402  # noqa: E402
+    DEFAULT_CATEGORIES,
+    PRETRAIN_EPOCHS,
+    ensure_demo_pretrained,
+    pretrain_experiment,
+)
 from detr_ray.train.trainer import build_trainer, demo_experiment  # noqa: E402
 
 
@@ -139,23 +143,27 @@ def main() -> int:
     for s, f in zip(scratch["curve"], finetune["curve"]):
         print(f"{s['epoch']:5d} {fmt(s['val_AP']):>15s} {fmt(f['val_AP']):>17s}")
     print(
-        f"pre-training ({args.pretrain_epochs} epochs, categories {pre_state.categories['names']}): {pretrain_s:.0f} s, "
+        f"pre-training ({args.pretrain_epochs} epochs, categories {pre_state.categories['names']}): "
+        f"{pretrain_s:.0f} s, "
         f"val/AP on its categories {pre_state.metrics.get('val/AP', float('nan')):.4f}"
     )
     print(f"load report: {report.summary()}")
     print(f"target (scratch final val/AP): {target:.4f}")
     print(
-        f"epochs to reach it: scratch {s_hit['epoch']}, fine-tune {summary['finetune_epochs_to_target'] or 'not reached'}; "
+        f"epochs to reach it: scratch {s_hit['epoch']}, "
+        f"fine-tune {summary['finetune_epochs_to_target'] or 'not reached'}; "
         f"ratio {ratio if ratio is not None else '-'}"
     )
     print(
         f"wall to reach it: scratch {s_hit['elapsed_s']:.0f} s, fine-tune "
         + (
-            f"{f_hit['elapsed_s']:.0f} s ({summary['finetune_wall_s_to_target_incl_pretraining']:.0f} s with pre-training)"
+            f"{f_hit['elapsed_s']:.0f} s "
+            f"({summary['finetune_wall_s_to_target_incl_pretraining']:.0f} s with pre-training)"
             if f_hit
             else "-"
         )
-        + f"; whole runs: scratch {scratch['wall_s']:.0f} s, fine-tune {finetune['wall_s']:.0f} s, pre-training {pretrain_s:.0f} s"
+        + f"; whole runs: scratch {scratch['wall_s']:.0f} s, fine-tune {finetune['wall_s']:.0f} s, "
+        f"pre-training {pretrain_s:.0f} s"
     )
 
     try:

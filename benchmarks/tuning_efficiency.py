@@ -23,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.data.datasets import resolve_shards  # noqa: E402
+from detr_ray.local_ray import init as init_local_ray  # noqa: E402
 from detr_ray.tune.space import load_space  # noqa: E402
 from detr_ray.tune.summary import best_row_value, summarize  # noqa: E402
 from detr_ray.tune.tuner import build_sweep  # noqa: E402

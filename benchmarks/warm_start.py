@@ -195,8 +195,8 @@ def main() -> int:
         "source": src,
         "pairs": pairs,
         "summary": f"warm start ahead in {wins} of {len(pairs)} seed pair(s)",
-        "caveat": "each pair is one draw: TPE's proposals, data order and ASHA's stops all vary with the seed, and a few "
-        "capped epochs on the demo give val/AP differences of the size of that noise; "
+        "caveat": "each pair is one draw: TPE's proposals, data order and ASHA's stops all vary with the seed, "
+        "and a few capped epochs on the demo give val/AP differences of the size of that noise; "
         + (
             "a single pair is an anecdote, not evidence either way."
             if len(pairs) == 1

@@ -254,7 +254,8 @@ class DataConfig:
             raise ConfigError(f"{where}.ray_data_cpus: must be >= 0, got {self.ray_data_cpus}")
         if self.ray_data_cpus and self.ray_data_cpus < self.decode_num_cpus:
             raise ConfigError(
-                f"{where}.ray_data_cpus: {self.ray_data_cpus} is below one decode task's decode_num_cpus ({self.decode_num_cpus}); "
+                f"{where}.ray_data_cpus: {self.ray_data_cpus} is below one decode task's decode_num_cpus "
+                f"({self.decode_num_cpus}); "
                 "no decode task could ever run"
             )
         if bool(self.train) != bool(self.val):

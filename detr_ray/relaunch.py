@@ -104,11 +104,13 @@ def read_record(directory: str, filename: str) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise RelaunchError(
-            f"{location}: not a configuration record written by detr-ray ({e}); left as it is: move it away or choose another name"
+            f"{location}: not a configuration record written by detr-ray ({e}); left as it is: move it away or choose "
+            "another name"
         ) from e
     if not isinstance(record, dict) or record.get("written_by") != WRITER or not isinstance(record.get("config"), dict):
         raise RelaunchError(
-            f"{location}: not a configuration record written by detr-ray; left as it is: move it away or choose another name"
+            f"{location}: not a configuration record written by detr-ray; left as it is: move it away or choose "
+            "another name"
         )
     return record["config"]
 
@@ -237,7 +239,8 @@ def check_sweep(exp_dir: str, space, *, parse, as_stored: bool = False):
             return space
         raise RelaunchError(
             f"{exp_dir} holds a sweep without {SWEEP_RECORD} (started by an older detr-ray), so this launch "
-            f"cannot be checked against it: choose a new --name, or pass {AS_STORED_FLAG} to restore it as Tune stored it"
+            "cannot be checked against it: choose a new --name, "
+            f"or pass {AS_STORED_FLAG} to restore it as Tune stored it"
         )
     stored_space = parse(stored, storage.join(exp_dir, SWEEP_RECORD))
     diffs = differences(_comparable(stored_space), _comparable(space))

@@ -1,4 +1,5 @@
-"""`python scripts/evaluate.py ARGS` runs `detr-ray evaluate ARGS`: the code and its --help are in detr_ray/cli/evaluate.py."""
+"""`python scripts/evaluate.py ARGS` runs `detr-ray evaluate ARGS`: the code and its --help are in
+detr_ray/cli/evaluate.py."""
 
 import sys
 

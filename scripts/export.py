@@ -1,4 +1,5 @@
-"""`python scripts/export.py ARGS` runs `detr-ray export ARGS`: the code and its --help are in detr_ray/cli/export.py."""
+"""`python scripts/export.py ARGS` runs `detr-ray export ARGS`: the code and its --help are in
+detr_ray/cli/export.py."""
 
 import sys
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""`python scripts/prepare_coco.py ARGS` runs `detr-ray prepare ARGS`: the code and its --help are in detr_ray/cli/prepare_coco.py."""
+"""`python scripts/prepare_coco.py ARGS` runs `detr-ray prepare ARGS`: the code and its --help are in
+detr_ray/cli/prepare_coco.py."""
 
 import sys
 

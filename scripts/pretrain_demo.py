@@ -1,4 +1,5 @@
-"""`python scripts/pretrain_demo.py ARGS` runs `detr-ray pretrain-demo ARGS`: the code and its --help are in detr_ray/cli/pretrain_demo.py."""
+"""`python scripts/pretrain_demo.py ARGS` runs `detr-ray pretrain-demo ARGS`: the code and its --help are in
+detr_ray/cli/pretrain_demo.py."""
 
 import sys
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from detr_ray.model import build_model
 from detr_ray import checkpoint as ckpt
+from detr_ray.model import build_model
 from detr_ray.train.step import build_optimizer
 from tests.conftest import tiny_config
 

@@ -55,9 +55,9 @@ def test_the_old_name_of_ray_data_cpus_is_read_with_a_warning(tmp_path, caplog):
 
     import torch
 
+    from detr_ray import checkpoint as ckpt
     from detr_ray.config import experiment_from_dict
     from detr_ray.model import build_model
-    from detr_ray import checkpoint as ckpt
 
     with caplog.at_level(logging.WARNING, logger="detr_ray.config"):
         exp = experiment_from_dict({"data": {"cpus": 2.0}}, "old.yaml")

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 
+from detr_ray import checkpoint as ckpt
 from detr_ray import relaunch
 from detr_ray.config import experiment_from_dict
 from detr_ray.model import build_model
 from detr_ray.relaunch import ABSENT, RelaunchError, check_sweep, differences, plan_run, record_sweep
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import demo_experiment
 from detr_ray.tune.space import parse_space
 from tests.conftest import tiny_config

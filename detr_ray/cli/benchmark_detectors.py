@@ -122,15 +122,16 @@ def machine() -> dict:
 
 
 def train_all(args, storage: str) -> list[dict]:
-    from detr_ray.train.trainer import build_trainer
     from detr_ray.checkpoint import best_checkpoint
+    from detr_ray.train.trainer import build_trainer
 
     runs = []
     for arch in args.archs:
         exp = _experiment(args, arch)
         if os.path.exists(os.path.join(storage, arch)):
             raise ConfigError(
-                f"{storage}/{arch}: a run of that name exists; its training time would not be this benchmark's (choose a new --out or --storage)"
+                f"{storage}/{arch}: a run of that name exists; its training time would not be this benchmark's "
+                "(choose a new --out or --storage)"
             )
         log.info("training %s for %d epochs", arch, args.epochs)
         start = time.perf_counter()
@@ -268,11 +269,14 @@ def markdown(summary: dict, figure_dir: str) -> str:
         "",
         f"Command: `{summary['command']}`  ",
         f"Date: {summary['date']}  ",
-        f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_cores']} cores, GPU: {summary['machine']['gpu'] or 'none'}; "
+        f"Machine: {summary['machine']['cpu']}, {summary['machine']['cpu_cores']} cores, "
+        f"GPU: {summary['machine']['gpu'] or 'none'}; "
         f"torch {summary['machine']['torch']}, torchvision {summary['machine']['torchvision']}  ",
-        f"Data: train `{summary['data']['train']}`, val `{summary['data']['val']}` ({summary['data']['val_images']} images)  ",
-        f"Budget, the same for every detector: {b['epochs']} epochs x {b['max_steps_per_epoch'] or 'all'} steps, batch {b['batch_size']} x "
-        f"{b['workers']} worker(s) ({rows[0]['images']} training images seen); AdamW lr {b['lr']}, lr_backbone {b['lr_backbone']}, "
+        f"Data: train `{summary['data']['train']}`, val `{summary['data']['val']}` "
+        f"({summary['data']['val_images']} images)  ",
+        f"Budget, the same for every detector: {b['epochs']} epochs x {b['max_steps_per_epoch'] or 'all'} steps, "
+        f"batch {b['batch_size']} x {b['workers']} worker(s) ({rows[0]['images']} training images seen); "
+        f"AdamW lr {b['lr']}, lr_backbone {b['lr_backbone']}, "
         f"weight decay {b['weight_decay']}, clip {b['clip_max_norm']}; validation at the last epoch.",
         "",
         "| | " + " | ".join(r["name"] for r in rows) + " |",
@@ -297,7 +301,8 @@ def markdown(summary: dict, figure_dir: str) -> str:
     lines += [
         "",
         "Latency and GFLOPs: one val image at a time after the val transform, measured in this run on "
-        f"{rows[0]['efficiency']['device']} ({rows[0]['efficiency']['threads']} threads). Training time: the training steps "
+        f"{rows[0]['efficiency']['device']} ({rows[0]['efficiency']['threads']} threads). "
+        "Training time: the training steps "
         "of all epochs (no start-up, validation or checkpointing); fit() wall time includes them. The training losses "
         "are each model's own objective and are not comparable across architectures.",
         "",

@@ -39,15 +39,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from detr_ray.checkpoint import CheckpointError
 from detr_ray.cli.arguments import add_model_source
+from detr_ray.coco_eval import ResultsError
 from detr_ray.config import ConfigError
 from detr_ray.data.shards import ShardError
-from detr_ray.coco_eval import ResultsError
 from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError
 from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment, resolve, subject_for_checkpoint
 from detr_ray.ownership import NotOwnedError
-from detr_ray.checkpoint import CheckpointError
 
 ERRORS = (
     EvaluationTargetError,
@@ -140,7 +140,8 @@ def _print_summary(report, paths: dict) -> None:
     costs = [(report.title, report.efficiency)] + [(o["name"], o.get("efficiency")) for o in others]
     if any(e for _, e in costs):
         print(
-            "\ncost (measured here): parameters, GFLOPs at the val resolution, latency batch 1 p50/p90, training images/s"
+            "\ncost (measured here): parameters, GFLOPs at the val resolution, latency batch 1 p50/p90, training "
+            "images/s"
         )
         for name, e in costs:
             if e:
@@ -152,7 +153,8 @@ def _print_summary(report, paths: dict) -> None:
     if report.inference:
         inf = report.inference
         print(
-            f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} {inf['device']} actor(s)"
+            f"\ninference: {inf['images']} images, {inf['images_per_s']:.1f} images/s on {inf['actors']} "
+            f"{inf['device']} actor(s)"
         )
     print(f"\nreport: {paths['report.md']}\n        {paths['report.json']}  ({len(paths) - 2} figures)")
 
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
                 if s.weights:
                     print(f"published {s.source}\n  sha256 {s.weights['sha256']}\n  {s.weights['load']['summary']}")
             print(
-                f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   {args.data or subject.val}"
+                f"evaluating {subject.kind} {subject.source}\n  checkpoint {subject.checkpoint}\n  val data   "
+                f"{args.data or subject.val}"
             )
             if subject.front:
                 print(

@@ -19,14 +19,14 @@ import logging
 import sys
 import tempfile
 
+from detr_ray.checkpoint import CheckpointError
+from detr_ray.cli.arguments import add_model_source
 from detr_ray.config import ConfigError
 from detr_ray.evaluation.inference import load_detector
 from detr_ray.evaluation.subject import EvaluationTargetError, fetch_checkpoint
 from detr_ray.ownership import NotOwnedError
 from detr_ray.serve.export import export_detector
 from detr_ray.serve.model import choose_checkpoint
-from detr_ray.checkpoint import CheckpointError
-from detr_ray.cli.arguments import add_model_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,11 +28,11 @@ import sys
 import tempfile
 import threading
 
+from detr_ray.checkpoint import CheckpointError
 from detr_ray.cli.arguments import add_model_source
 from detr_ray.config import ConfigError
 from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import DEFAULT_MAX_BODY_BYTES, DEFAULT_SCORE_THRESHOLD, choose_checkpoint
-from detr_ray.checkpoint import CheckpointError
 
 log = logging.getLogger("serve")
 
@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_source(
         p,
         checkpoint_metavar="DIR_FILE_OR_URI",
-        checkpoint_help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights (.pth file, URL; needs --data)",
+        checkpoint_help="a checkpoint directory (checkpoint_epochNNNN) or published DETR weights "
+        "(.pth file, URL; needs --data)",
     )
     p.add_argument(
         "--data",

@@ -31,7 +31,7 @@ from detr_ray.cli import invocation
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
 from detr_ray.data.storage import is_uri, join
 from detr_ray.relaunch import plan_run
-from detr_ray.train.trainer import build_trainer, demo_experiment, default_storage
+from detr_ray.train.trainer import build_trainer, default_storage, demo_experiment
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -185,7 +185,8 @@ def main(argv=None) -> int:
         shards = resolve_shards(sweep.space.fixed.data)
     space = sweep.space
     print(
-        f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: {space.scheduler.num_samples} trials, "
+        f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: "
+        f"{space.scheduler.num_samples} trials, "
         f"up to {sweep.concurrency} at once\nTensorBoard: tensorboard --logdir {sweep.experiment_dir}",
         flush=True,
     )
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
     if sweep.warm is not None:
         warm = sweep.warm
         print(
-            f"warm start from {warm.source} (study {warm.study}): {len(warm.used)} trials used, {len(warm.ignored)} ignored"
+            f"warm start from {warm.source} (study {warm.study}): {len(warm.used)} trials used, {len(warm.ignored)} "
+            "ignored"
         )
         for number, why in warm.ignored:
             print(f"  ignored trial {number}: {why}")
@@ -225,7 +227,8 @@ def main(argv=None) -> int:
         for member in front:
             print(f"  {member['trial']}: " + ", ".join(f"{k} {v:.4g}" for k, v in member["values"].items()))
         print(
-            f'evaluate one: python scripts/evaluate.py --experiment {sweep.experiment_dir} --choose "max {space.scheduler.metric}"'
+            f'evaluate one: python scripts/evaluate.py --experiment {sweep.experiment_dir} --choose "max '
+            f'{space.scheduler.metric}"'
         )
         return 0
     if best is None:

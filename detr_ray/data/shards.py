@@ -43,8 +43,8 @@ import logging
 import multiprocessing
 import os
 import random
-import time
 import re
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -56,8 +56,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from detr_ray.data import storage
-from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 from detr_ray.data.coco import Annotation, Category, CocoDataset, ImageRecord, unsafe_name
+from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 
 logger = logging.getLogger(__name__)
 

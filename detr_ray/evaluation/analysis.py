@@ -15,9 +15,9 @@ result set against its ground truth.
       localization    0.1 <= IoU < 0.5 with a box of its class
       both            0.1 <= IoU < 0.5 with a box of another class
       background      IoU < 0.1 with every box
-  (a reading of the paper's IoU_max definitions; crowd boxes take no part), and every ground-truth box is exactly one of: matched (a true positive),
-  covered (the target
-  of a classification or localization error: fixing that error finds it), or missed.
+  (a reading of the paper's IoU_max definitions; crowd boxes take no part), and every ground-truth
+  box is exactly one of: matched (a true positive), covered (the target of a classification or
+  localization error: fixing that error finds it), or missed.
   Each type's dAP is AP50 after fixing only that type minus AP50 as it is, with this module's
   own AP (COCO's 101-point interpolation; its base value equals COCOeval's AP50). Fixes, as in
   the paper: classification -> the detection takes the right class, localization -> the right

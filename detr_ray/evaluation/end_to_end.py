@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from detr_ray.coco_eval import Evaluation, ap_per_iou, as_coco, evaluate, load_results, per_category, write_results
 from detr_ray.data.images import decode_rgb
 from detr_ray.data.shards import coco_ground_truth, read_rows
+from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.analysis import Analysis, GroundTruth, analyze, tide
-from detr_ray.coco_eval import Evaluation, ap_per_iou, as_coco, evaluate, load_results, per_category, write_results
 from detr_ray.evaluation.efficiency import measure
 from detr_ray.evaluation.inference import Inference, InferenceConfig, load_detector, run_inference
-from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.report import Report, write_report
 from detr_ray.evaluation.subject import EvaluationTarget, EvaluationTargetError
 from detr_ray.evaluation.training_history import parameter_importances

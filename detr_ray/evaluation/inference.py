@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.config import DETRConfig, ExperimentConfig, experiment_from_dict, from_dict, to_dict
 from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.shards import read_meta
 from detr_ray.data.transforms import TransformConfig
-from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.evaluation import sweep_report
 from detr_ray.evaluation.analysis import ERROR_TYPES, REC_THRS, STAGES, Analysis
-from detr_ray.coco_eval import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +519,8 @@ def _md_errors(r: Report, rel: dict[str, str]) -> list[str]:
         "",
         f"{iou['count']} true positives at IoU .50 (all areas, 100 detections)"
         + (
-            f"; mean {iou['mean']:.3f}, quartiles {iou['quantiles']['p25']:.3f} / {iou['quantiles']['median']:.3f} / {iou['quantiles']['p75']:.3f}."
+            f"; mean {iou['mean']:.3f}, quartiles {iou['quantiles']['p25']:.3f} / {iou['quantiles']['median']:.3f} / "
+            f"{iou['quantiles']['p75']:.3f}."
             if iou["count"]
             else "."
         ),

@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data import storage
 from detr_ray.evaluation.training_history import run_history
-from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,8 @@ def _choose(best: Any, choose: str | None, objectives: dict[str, str], where: st
                 f"  trial {e.get('trial')}: " + ", ".join(f"{k} {v}" for k, v in e["values"].items()) for e in best
             )
             raise EvaluationTargetError(
-                f"{where}: a Pareto front of {len(best)} trials ({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
+                f"{where}: a Pareto front of {len(best)} trials "
+                f"({', '.join(f'{m} {d}' for m, d in objectives.items())}); "
                 f'choose one with --choose, e.g. --choose "max {next(iter(objectives))}" or '
                 f'--choose "max val/AP subject to model/parameters<=N":\n{listed}'
             )

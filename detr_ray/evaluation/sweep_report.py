@@ -288,13 +288,15 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     lines = ["## The sweep", ""]
     if data.get("study"):
         lines += [
-            f"Optuna study `{data['study']['name']}` in `{data['study']['storage']}`; open it with `{data['study']['dashboard']}`.",
+            f"Optuna study `{data['study']['name']}` in `{data['study']['storage']}`; open it with "
+            f"`{data['study']['dashboard']}`.",
             "",
         ]
     warm = data.get("warm_start")
     if warm:
         lines += [
-            f"Warm-started from study `{warm['study']}` in `{warm['source']}`: {len(warm['used'])} earlier trials used, "
+            f"Warm-started from study `{warm['study']}` in `{warm['source']}`: "
+            f"{len(warm['used'])} earlier trials used, "
             f"{len(warm['ignored'])} ignored."
         ]
         lines += [f"- trial {w['trial']} ignored: {w['why']}" for w in warm["ignored"]] + [""]
@@ -329,8 +331,10 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     if asha:
         rungs = sorted({m for bracket in asha.get("rungs") or [] for m, _ in bracket})
         lines += [
-            f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} (of {asha.get('max_t')}), "
-            f"reduction factor {asha.get('reduction_factor')}; it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
+            f"ASHA on {asha.get('metric')}: rungs at epochs {', '.join(str(m) for m in rungs)} "
+            f"(of {asha.get('max_t')}), "
+            f"reduction factor {asha.get('reduction_factor')}; "
+            f"it stopped {sum(h['status'] == STOPPED for h in data['history'])} "
             f"of {len(data['history'])} trials before the last epoch.",
             "",
         ]
@@ -343,8 +347,9 @@ def markdown(data: dict, rel: dict[str, str], table, figure, num) -> list[str]:
     lines += [
         "### Compute spent",
         "",
-        f"Against a full-budget grid of the same {c['trials']} trials, each run to {data['epochs']} epochs at its own measured "
-        f"time per epoch ({c['trials_timed']} trials timed; {unit} hours = trial wall time x {c['device_per_trial']:g} {unit}s per trial).",
+        f"Against a full-budget grid of the same {c['trials']} trials, each run to {data['epochs']} epochs "
+        f"at its own measured time per epoch ({c['trials_timed']} trials timed; "
+        f"{unit} hours = trial wall time x {c['device_per_trial']:g} {unit}s per trial).",
         "",
     ]
     lines += table(

@@ -36,7 +36,8 @@ from torchvision.ops import box_convert
 
 from detr_ray.config import DETR_ONLY_SETTINGS, DETRConfig, ExperimentConfig
 from detr_ray.model import weights as weights_mod
-from detr_ray.model.detr import build_model, parameter_groups as detr_parameter_groups
+from detr_ray.model.detr import build_model
+from detr_ray.model.detr import parameter_groups as detr_parameter_groups
 from detr_ray.model.postprocess import postprocess
 from detr_ray.model.weights import LoadReport, WeightsError, log_class_mapping
 
@@ -228,7 +229,8 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
         return weights_mod.load_pretrained(model, source, categories=categories)
     if str(source) == "torchvision":
         raise WeightsError(
-            f"'torchvision' (ImageNet backbone weights) is DETR's; {inner.arch} takes a state dict of the whole detector"
+            f"'torchvision' (ImageNet backbone weights) is DETR's; {inner.arch} takes a state dict of the whole "
+            "detector"
         )
     sd, table = weights_mod._read_source(source)
     sd = {k.removeprefix(PREFIX): v for k, v in sd.items()}
@@ -246,7 +248,8 @@ def load_weights(model: nn.Module, source: str, *, categories: Sequence[tuple[in
     if unexpected or missing or wrong:
         raise WeightsError(
             f"{source}: not a state dict of {inner.arch} with this model's classes: {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}), {len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})"
+            f"(e.g. {unexpected[:3]}), {len(missing)} missing (e.g. {missing[:3]}), {len(wrong)} of another shape "
+            f"(e.g. {wrong[:3]})"
         )
     inner.detector.load_state_dict(sd, strict=False)
     report.loaded = sorted(sd)
@@ -263,7 +266,8 @@ def _map_class_heads(inner: TorchvisionDetector, sd, target, table, categories, 
     k_dst = target[f"{first}.bias"].shape[0] // anchors
     if len(categories) + inner.label_offset != k_dst:
         raise WeightsError(
-            f"{report.source}: {len(categories)} dataset categories given for a model with {k_dst - inner.label_offset} classes"
+            f"{report.source}: {len(categories)} dataset categories given for a model with "
+            f"{k_dst - inner.label_offset} classes"
         )
     k_src = sd[f"{first}.bias"].shape[0] // anchors
     if table is not None:

@@ -59,8 +59,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from detr_ray.data import storage
 from detr_ray import checkpoint as ckpt
+from detr_ray.data import storage
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from detr_ray.data.images import DEFAULT_MAX_PIXELS
 from detr_ray.serve.model import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SCORE_THRESHOLD,
+    IsolatedDecoder,
     ModelSpec,
     RequestError,
-    IsolatedDecoder,
     ServedModel,
     check_threshold,
 )
@@ -69,7 +69,8 @@ class ServeOptions:
     def validate(self) -> "ServeOptions":
         if self.max_batch_size < 1 or not self.batch_wait_timeout_s >= 0:
             raise ValueError(
-                f"max_batch_size must be >= 1 and batch_wait_timeout_s >= 0, got {self.max_batch_size}, {self.batch_wait_timeout_s}"
+                f"max_batch_size must be >= 1 and batch_wait_timeout_s >= 0, got {self.max_batch_size}, "
+                f"{self.batch_wait_timeout_s}"
             )
         if self.num_replicas is not None and self.num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")

@@ -107,8 +107,8 @@ def export_detector(detector, identity: dict, out: str | Path) -> dict:
     an earlier export's (ownership.claim)."""
     from detr_ray.config import to_dict
     from detr_ray.model import build_model
-    from detr_ray.ownership import claim
     from detr_ray.model.predict import IMAGENET_MEAN, IMAGENET_STD
+    from detr_ray.ownership import claim
 
     out = claim(out, "export")
     model = build_model(detector.model)
@@ -142,7 +142,9 @@ def export_detector(detector, identity: dict, out: str | Path) -> dict:
         },
         "outputs": {
             "pred_logits": "[B, Q, K+1]; softmax, drop the last (no object), best class -> label, score",
-            "pred_boxes": "[B, Q, 4] cx, cy, w, h as fractions of the unpadded image; times the original width/height -> pixels",
+            "pred_boxes": (
+                "[B, Q, 4] cx, cy, w, h as fractions of the unpadded image; times the original width/height -> pixels"
+            ),
         },
         "torch": torch.__version__,
         "check": {"max_abs_difference": difference, "tolerance": TOLERANCE, "batches": CHECK_BATCHES},

@@ -28,13 +28,14 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import torch
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
 from detr_ray.data.transforms import TransformConfig
-from detr_ray import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def choose_checkpoint(
         return _choose_published(checkpoint, workdir, data, list(overrides))
     if data is not None or overrides:
         raise subject.EvaluationTargetError(
-            "--data and --set apply to published DETR weights only; a checkpoint carries its own categories and settings"
+            "--data and --set apply to published DETR weights only; a checkpoint carries its own categories and "
+            "settings"
         )
     if checkpoint is not None:
         if not subject.storage.is_uri(checkpoint) and Path(checkpoint).is_file():
@@ -148,7 +150,8 @@ def _choose_published(location: str, workdir: str | Path, data: str | None, over
     if new:
         raise subject.EvaluationTargetError(
             f"{location}: categories {new} of {data} are not among its classes; serving them would answer with "
-            "freshly initialised rows (different in every replica). Fine-tune it on this data first, then serve that checkpoint"
+            "freshly initialised rows (different in every replica). Fine-tune it on this data first, then serve that "
+            "checkpoint"
         )
     identity = {
         "source": location,

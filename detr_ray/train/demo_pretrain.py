@@ -38,12 +38,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.config import experiment_from_dict
 from detr_ray.data import demo
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import write_shards
 from detr_ray.ownership import claim, remove_generated
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import demo_experiment
 
 logger = logging.getLogger(__name__)

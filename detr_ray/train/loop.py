@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from detr_ray import checkpoint as ckpt
 from detr_ray import testing_hooks
 from detr_ray.coco_eval import evaluate
 from detr_ray.config import ExperimentConfig
@@ -36,7 +37,6 @@ from detr_ray.model import build_criterion, detectors
 from detr_ray.model.backbone import calibrate_frozen_batchnorm
 from detr_ray.model.predict import normalize, predict_batch
 from detr_ray.testing_hooks import TestingHooks
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ def _resume_candidates(ctx) -> list:
             candidates.append(registered)
         elif candidates and candidates[-1].path.rstrip("/") != registered.path.rstrip("/"):
             log.warning(
-                "Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is tried first",
+                "Ray's latest registered checkpoint is %s; %s is newer (a worker died before Ray registered it) and is "
+                "tried first",
                 registered.path,
                 candidates[-1].path,
             )

@@ -49,11 +49,11 @@ from typing import Any
 
 from detr_ray.config import (
     ConfigError,
-    _check_type,
     DataConfig,
     DETRConfig,
     ExperimentConfig,
     TrainConfig,
+    _check_type,
     experiment_from_dict,
     load_yaml,
 )

@@ -204,7 +204,8 @@ def resolve_source(source: str, study_name: str | None = None) -> tuple[str, str
     if study_name is None:
         if len(names) != 1:
             raise StudyError(
-                f"{shown(spec)} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with --warm-start-study"
+                f"{shown(spec)} holds {len(names)} studies ({', '.join(names) or 'none'}): name one with "
+                "--warm-start-study"
             )
         study_name = names[0]
     if study_name not in names:
@@ -244,7 +245,10 @@ def warm_start(source: str, space: SearchSpace, study_name: str | None = None) -
         optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
         for d in directions(space)
     ]:
-        why = f"different objectives: {old_names} ({[d.name.lower() for d in old.directions]}) vs this sweep's {wanted} ({directions(space)})"
+        why = (
+            f"different objectives: {old_names} ({[d.name.lower() for d in old.directions]}) "
+            f"vs this sweep's {wanted} ({directions(space)})"
+        )
         out.ignored = [(t.number, why) for t in old.trials]
         return out
     for t in old.trials:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import json
 
+from detr_ray import checkpoint as ckpt
 from detr_ray import pareto
 from detr_ray.data import storage
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import run_resources
 from detr_ray.tune import study
 from detr_ray.tune.placement import read_leaks
 from detr_ray.tune.space import SearchSpace, apply_sample
 from detr_ray.tune.trial import RUNS_KEY, sample_of
 from detr_ray.tune.tuner import Sweep
-
 
 HISTORY_PREFIXES = ("train/", "val/", "model/")
 HISTORY_KEYS = ("epoch", "lr", "lr_backbone", "time_this_iter_s", "time_total_s")  # times: the report's compute spent

@@ -213,13 +213,15 @@ def _restore(
     recorded = study.read_record(exp_dir)
     if warm_start:
         raise SweepError(
-            f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose another --name)"
+            f"{exp_dir} already holds a sweep, which keeps its own study: --warm-start seeds a new sweep (choose "
+            "another --name)"
         )
     if study_storage and (
         recorded is None or study.shown(study.default_storage(exp_dir, study_storage)) != recorded["storage"]
     ):
         raise SweepError(
-            f"{exp_dir}: the sweep's Optuna study is in {recorded['storage'] if recorded else 'its pickled searcher state'}, "
+            f"{exp_dir}: the sweep's Optuna study is in "
+            f"{recorded['storage'] if recorded else 'its pickled searcher state'}, "
             f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)"
         )
     log.info("restoring the sweep at %s", exp_dir)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from detr_ray.local_ray import init as init_local_ray
 from detr_ray import checkpoint as ckpt
+from detr_ray.local_ray import init as init_local_ray
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,8 @@ def local_ray():
 
 
 def _train_tiny(root: Path) -> dict:
-    from detr_ray.data.demo import make_demo_dataset
     from detr_ray.config import experiment_from_dict
+    from detr_ray.data.demo import make_demo_dataset
     from detr_ray.train.trainer import build_trainer, demo_experiment
 
     train, val = make_demo_dataset(root / "data", num_train=32, num_val=12, shard_size=8, workers=0)

@@ -3,8 +3,8 @@ import copy
 import numpy as np
 import pytest
 
-from detr_ray.evaluation import analysis as A
 from detr_ray.coco_eval import evaluate
+from detr_ray.evaluation import analysis as A
 from tests.evaluation.synthetic import coco_ap50, coco_eval, coco_matches, error_zoo, random_dataset
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detr_ray import checkpoint as ckpt
+from detr_ray.coco_eval import METRIC_NAMES, ResultsError, as_coco
 from detr_ray.data.shards import coco_ground_truth
 from detr_ray.evaluation.analysis import FP_TYPES
-from detr_ray.coco_eval import METRIC_NAMES, ResultsError, as_coco
 from detr_ray.evaluation.end_to_end import score
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_results
-from detr_ray import checkpoint as ckpt
 from tests.evaluation.conftest import make_experiment
 from tests.evaluation.synthetic import coco_eval, coco_matches, random_dataset
 

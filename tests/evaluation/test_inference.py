@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from detr_ray.coco_eval import evaluate
 from detr_ray.data.shards import coco_ground_truth, read_rows
 from detr_ray.data.transforms import DetectionTransform
-from detr_ray.coco_eval import evaluate
 from detr_ray.evaluation.inference import InferenceConfig, InferenceError, load_detector, run_inference
 from detr_ray.model import build_model, postprocess
 from detr_ray.model.predict import detections_to_results, normalize

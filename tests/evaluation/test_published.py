@@ -19,8 +19,8 @@ from detr_ray.data.shards import read_meta, write_shards
 from detr_ray.evaluation.inference import load_detector
 from detr_ray.evaluation.subject import EvaluationTargetError, from_published, is_weights_file, resolve
 from detr_ray.model import build_model
-from detr_ray.model.weights import WeightsError, infer_model_config
 from detr_ray.model.predict import normalize
+from detr_ray.model.weights import WeightsError, infer_model_config
 from tests.conftest import random_batch, tiny_config
 from tests.data.conftest import make_coco
 

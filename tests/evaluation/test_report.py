@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detr_ray.evaluation.analysis import ERROR_TYPES, GroundTruth, analyze, tide
 from detr_ray.coco_eval import ap_per_iou, evaluate, per_category
+from detr_ray.evaluation.analysis import ERROR_TYPES, GroundTruth, analyze, tide
 from detr_ray.evaluation.report import Report, write_report
 from tests.evaluation.synthetic import random_dataset
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.evaluation.subject import EvaluationTargetError, from_checkpoint, from_experiment, from_results, resolve
 from detr_ray.evaluation.training_history import parameter_importances, run_history
 from detr_ray.model import build_model
-from detr_ray import checkpoint as ckpt
 from tests.conftest import tiny_config
 from tests.evaluation.conftest import SEARCH, make_experiment
 

@@ -36,12 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray.train
 import yaml
 
-import ray.train
-
-from detr_ray.testing_hooks import TestingHooks
 from detr_ray import checkpoint as ckpt
+from detr_ray.testing_hooks import TestingHooks
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
@@ -250,7 +249,8 @@ def truncated_checkpoint(workdir: Path, demo_root, inject: bool = True) -> dict:
         problems.append(f"truncated checkpoint: the chosen best checkpoint is {chosen}")
     if reports and reports[0]["train/start_epoch"] != 1:
         problems.append(
-            f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 checkpoint skipped)"
+            f"relaunch started at epoch {reports[0]['train/start_epoch']}, expected 1 (the truncated epoch-2 "
+            "checkpoint skipped)"
         )
     left = sorted(d.name for d in run_dir.glob("checkpoint_epoch*"))
     return record(

@@ -10,12 +10,12 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.coco_eval import METRIC_NAMES, evaluate
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.model import WeightsError, detectors
 from detr_ray.model.detectors import TorchvisionDetector
 from detr_ray.model.predict import detections_to_results, normalize
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
 from detr_ray.tune.space import parse_space
 from tests.conftest import random_batch

@@ -4,15 +4,14 @@ import logging
 import pytest
 import torch
 import torchvision
-
 from torch import nn
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import read_meta, write_shards
 from detr_ray.model import WeightsError, build_model, load_pretrained
-from detr_ray.model.weights import COCO_CATEGORIES
-from detr_ray import checkpoint as ckpt
 from detr_ray.model.predict import normalize
+from detr_ray.model.weights import COCO_CATEGORIES
 from tests.conftest import random_batch, tiny_config
 from tests.data.conftest import make_coco
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detr_ray.data.demo import ensure_demo_shards
 from detr_ray import checkpoint as ckpt
+from detr_ray.data.demo import ensure_demo_shards
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from detr_ray.data.demo import ensure_demo_shards
 from detr_ray import checkpoint as ckpt
+from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.tune.study import open_storage
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.model import build_model, postprocess
 from detr_ray.serve.export import MIN_SIDE, TOLERANCE, Exportable, load_program, random_padded_batch
-from detr_ray import checkpoint as ckpt
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,12 +5,12 @@ no class for refused (no Ray: ServedModel is what each replica builds)."""
 import pytest
 import torch
 
-from detr_ray.evaluation.subject import EvaluationTargetError
-from detr_ray.serve.model import ServedModel, choose_checkpoint
-from tests.evaluation.test_published import COCO_SUBSET, _args, _published, _shards
-from tests.data.conftest import make_coco
 from detr_ray.data.coco import load_coco
 from detr_ray.data.shards import read_meta, write_shards
+from detr_ray.evaluation.subject import EvaluationTargetError
+from detr_ray.serve.model import ServedModel, choose_checkpoint
+from tests.data.conftest import make_coco
+from tests.evaluation.test_published import COCO_SUBSET, _args, _published, _shards
 
 
 @pytest.mark.timeout(300)

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.data.shards import shard_files
 from detr_ray.evaluation.inference import InferenceConfig, load_detector, run_inference
 from detr_ray.evaluation.subject import EvaluationTargetError
 from detr_ray.serve.model import choose_checkpoint, manifest_sha256
-from detr_ray import checkpoint as ckpt
 from tests.evaluation.conftest import local_ray, make_experiment, tiny_run  # noqa: F401  (module fixtures: one Ray, the tiny run)
 
 REPO = Path(__file__).resolve().parents[2]

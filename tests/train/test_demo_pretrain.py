@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr_ray import checkpoint as ckpt
 from detr_ray.config import ConfigError, DETRConfig, apply_overrides
 from detr_ray.data import demo
 from detr_ray.data.shards import read_meta, read_shard_table
 from detr_ray.model import build_model, load_pretrained
 from detr_ray.ownership import MARKER, NotOwnedError
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.demo_pretrain import (
     LOCK_FILE,
     ensure_demo_pretrained,

@@ -10,14 +10,14 @@ import ray
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_ray import checkpoint as ckpt
+from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.config import experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
-from detr_ray.coco_eval import METRIC_NAMES
 from detr_ray.evaluation.end_to_end import EvaluationOptions, run_evaluation
 from detr_ray.evaluation.inference import InferenceConfig
 from detr_ray.evaluation.subject import from_checkpoint
 from detr_ray.local_ray import init as init_local_ray
-from detr_ray import checkpoint as ckpt
 from detr_ray.train.trainer import build_trainer, demo_experiment
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.summary import summarize

@@ -4,14 +4,14 @@ import json
 import sys
 from pathlib import Path
 
-from ray import cloudpickle
 import pytest
 import ray
 import torch
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
 
-from detr_ray.local_ray import init as init_local_ray
 from detr_ray.config import experiment_from_dict
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.trainer import build_trainer, demo_experiment
 

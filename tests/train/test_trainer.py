@@ -5,18 +5,17 @@ import os
 from dataclasses import replace
 
 import pyarrow.fs as pafs
-
 import pytest
 import ray
 
-from detr_ray.local_ray import init as init_local_ray
-from detr_ray.data.demo import ensure_demo_shards
+from detr_ray import checkpoint as ckpt
 from detr_ray.config import experiment_from_dict
 from detr_ray.data.datasets import resolve_shards
+from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.data.shards import read_shard_table
-from detr_ray import checkpoint as ckpt
-from detr_ray.train.loop import load_resume_state, run_checkpoints
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.testing_hooks import TestingHooks
+from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.train.trainer import build_trainer, demo_experiment
 from tests.conftest import tiny_config
 

@@ -130,7 +130,8 @@ def test_coco_finetune_documents_a_valid_r50_to_r101_transfer_option():
                 "model.backbone": {"choice": ["resnet50", "resnet101"]},
                 "train.pretrained": {"by": {"model.backbone": {"resnet50": "a.pth"}}},
             },
-            "search.train.pretrained.by.model.backbone: needs a value for each of ['resnet50', 'resnet101'] and nothing else; missing ['resnet101']",
+            "search.train.pretrained.by.model.backbone: needs a value for each of ['resnet50', 'resnet101'] and "
+            "nothing else; missing ['resnet101']",
         ),
         (
             {

@@ -31,9 +31,9 @@ from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.evaluation.subject import EvaluationTargetError, from_experiment
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.tune import study
-from detr_ray.tune.space import parse_space
 from detr_ray.tune.pruning import PruningOptunaSearch
 from detr_ray.tune.resources import SweepError
+from detr_ray.tune.space import parse_space
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 

@@ -9,13 +9,11 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from detr_ray.local_ray import init as init_local_ray
-from detr_ray.config import ConfigError, experiment_from_dict
-from detr_ray.data.demo import ensure_demo_shards
 from detr_ray import checkpoint as ckpt
 from detr_ray.checkpoint import best_checkpoint
-from detr_ray.tune.space import parse_space
-from detr_ray.tune.study import open_storage
+from detr_ray.config import ConfigError, experiment_from_dict
+from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.local_ray import init as init_local_ray
 from detr_ray.tune.placement import live_placement_groups
 from detr_ray.tune.pruning import PruningOptunaSearch
 from detr_ray.tune.resources import (
@@ -26,6 +24,8 @@ from detr_ray.tune.resources import (
     plan_concurrency,
     trial_needs,
 )
+from detr_ray.tune.space import parse_space
+from detr_ray.tune.study import open_storage
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 
