@@ -376,3 +376,18 @@ def apply_overrides(data: dict, overrides: list[str], where: str = "--set") -> d
             raise ConfigError(f"{where} {item!r}: expected section.key=value, e.g. train.lr=2e-4")
         data.setdefault(section, {})[name] = yaml.safe_load(raw)
     return data
+
+
+def bundled_search_space(name: str) -> Path:
+    """A search space shipped with detr-ray (search_spaces/<name>): the repository's file in a
+    checkout, where a user edits it; the copy installed as package data
+    (`detr_ray/search_spaces/`, see pyproject.toml) after a plain `pip install .`."""
+    checkout = Path(__file__).resolve().parents[1] / "search_spaces" / name
+    if checkout.is_file():
+        return checkout
+    installed = Path(__file__).resolve().parent / "search_spaces" / name
+    if installed.is_file():
+        return installed
+    raise ConfigError(
+        f"{name}: not among the search spaces shipped with detr-ray (looked in {checkout} and {installed})"
+    )

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,56 @@ def test_every_requirements_pin_lies_in_its_pyproject_range():
         req = declared[pin.name.lower()]
         assert req.specifier.contains(version), f"requirements.txt {pin}: outside pyproject.toml's {req}"
         assert set(pin.extras) == set(req.extras), f"{pin.name}: extras {sorted(pin.extras)} vs {sorted(req.extras)}"
+
+
+def test_the_package_list_names_every_subpackage():
+    """pyproject.toml lists the packages (for the search spaces' package-dir): a new subpackage
+    must be added there, or `pip install .` would leave it out."""
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "detr_ray").rglob("__init__.py")}
+    assert set(PYPROJECT["tool"]["setuptools"]["packages"]) == found | {"detr_ray.search_spaces"}
+
+
+@pytest.mark.timeout(300)
+def test_a_built_wheel_carries_the_search_spaces_and_runs_without_the_checkout(tmp_path):
+    """`pip install .` (not editable): the default demo space and the demo experiment come from
+    the wheel's package data; the process runs outside the checkout, with the wheel's files first."""
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("detr_ray-*.whl")
+
+    unpacked = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    assert sorted(p.name for p in (unpacked / "detr_ray" / "search_spaces").glob("*.yaml")) == sorted(
+        p.name for p in (ROOT / "search_spaces").glob("*.yaml")
+    )
+    code = (
+        "import json, detr_ray\n"
+        "from detr_ray.cli.tune import DEFAULT_SPACE\n"
+        "from detr_ray.train.trainer import demo_experiment\n"
+        "print(json.dumps([detr_ray.__file__, DEFAULT_SPACE, demo_experiment()['train']['epochs']]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(unpacked)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    package_file, space, epochs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(package_file).is_relative_to(unpacked)
+    assert Path(space) == unpacked / "detr_ray" / "search_spaces" / "demo.yaml"
+    assert epochs == 8  # search_spaces/demo.yaml's

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 
-from detr_ray.config import ConfigError, apply_overrides, load_yaml
+from detr_ray.config import ConfigError, apply_overrides, bundled_search_space, load_yaml
 from detr_ray.data.datasets import resolve_shards
 from detr_ray.data.storage import join
 from detr_ray.tune import console, study
@@ -43,10 +43,7 @@ from detr_ray.tune.space import parse_space
 from detr_ray.tune.summary import best_row_value, summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
 
-# The repository's search_spaces/ (two levels above this package): the project runs from its checkout.
-DEFAULT_SPACE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "search_spaces", "demo.yaml"
-)
+DEFAULT_SPACE = str(bundled_search_space("demo.yaml"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from detr_ray.config import ExperimentConfig, load_yaml
+from detr_ray.config import ExperimentConfig, bundled_search_space, load_yaml
 from detr_ray.data.datasets import build_datasets, resolve_shards
 from detr_ray.data.recipe import augment_recipe
 from detr_ray.data.storage import is_uri
@@ -16,14 +15,15 @@ from detr_ray.testing_hooks import TestingHooks
 
 log = logging.getLogger(__name__)
 
-# The demo experiment lives once, as the fixed experiment of the demo sweep.
-DEMO_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "demo.yaml"
-
 
 def demo_experiment() -> dict[str, Any]:
     """The demo experiment (a small DETR that learns the synthetic demo dataset in minutes on a
-    CPU), as a new dict: the `experiment` of search_spaces/demo.yaml."""
-    return {section: dict(values or {}) for section, values in (load_yaml(DEMO_SPACE).get("experiment") or {}).items()}
+    CPU), as a new dict: the `experiment` of search_spaces/demo.yaml, the demo sweep's fixed
+    experiment, so that the two never drift apart."""
+    return {
+        section: dict(values or {})
+        for section, values in (load_yaml(bundled_search_space("demo.yaml")).get("experiment") or {}).items()
+    }
 
 
 def default_storage() -> str:
