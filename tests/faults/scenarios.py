@@ -30,7 +30,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,19 +40,10 @@ import yaml
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.testing_hooks import TestingHooks
+from tests.tiny_sweep import sweep_space, tiny_model, tune_command
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
-TINY_MODEL = {
-    "backbone": "resnet18",
-    "hidden_dim": 32,
-    "nheads": 4,
-    "enc_layers": 1,
-    "dec_layers": 2,
-    "dim_feedforward": 64,
-    "num_queries": 5,
-    "frozen_bn": False,
-}
 TUNE_BAR = 2.5  # Tune's own bar: a restored sweep takes at most 2.5x a clean one
 
 
@@ -140,7 +130,7 @@ def train_experiment(demo_root, **train) -> dict:
     from detr_ray.train.trainer import demo_experiment
 
     exp = demo_experiment()
-    exp["model"].update(TINY_MODEL)
+    exp["model"].update(tiny_model())
     # The small demo shards themselves (demo_root would regenerate the demo at its default size).
     exp["data"].update(
         train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8
@@ -369,28 +359,6 @@ def enospc(workdir: Path, demo_root, full_dir: Path | None, inject: bool = True)
 # Sweeps: what every restored sweep must satisfy
 
 
-def sweep_space(num_samples: int, epochs: int, **train) -> dict:
-    return {
-        "experiment": {
-            "model": TINY_MODEL,
-            "data": {"batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25, "augment": "demo"},
-            "train": {
-                "epochs": epochs,
-                "max_steps_per_epoch": STEPS,
-                "max_failures": 0,
-                "tensorboard": False,
-                "cpus_per_worker": 0.5,
-                **train,
-            },
-        },
-        "search": {
-            "train.lr": {"loguniform": [1.0e-5, 1.0e-3]},
-            "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]},
-        },
-        "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": num_samples, "seed": 0},
-    }
-
-
 def trial_reports(exp_dir: Path) -> dict[str, list[dict]]:
     """Per trial, every result Tune recorded (result.json of its trial directory), in order."""
     out: dict[str, list[dict]] = {}
@@ -468,23 +436,6 @@ KILL_POINTS = {
 }
 
 
-def tune_command(space: Path, data: Path, storage: Path, name: str) -> list[str]:
-    return [
-        sys.executable,
-        str(REPO / "scripts" / "tune.py"),
-        "--space",
-        str(space),
-        "--data",
-        str(data),
-        "--storage",
-        str(storage),
-        "--name",
-        name,
-        "--num-cpus",
-        "2",
-    ]
-
-
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -506,7 +457,7 @@ def driver_kill(
 ) -> dict:
     """(e) scripts/tune.py SIGKILLed at `point` (None: a clean sweep), then rerun."""
     space = workdir / "space.yaml"
-    space.write_text(yaml.safe_dump(sweep_space(num_samples, epochs)))
+    space.write_text(yaml.safe_dump(sweep_space(num_samples, epochs, STEPS)))
     storage, name = workdir / "sweeps", "faults"
     exp_dir = storage / name
     cmd = tune_command(space, Path(demo_root), storage, name)
@@ -576,7 +527,7 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     from detr_ray.tune.summary import summarize, write_summary
     from detr_ray.tune.tuner import build_sweep
 
-    raw = sweep_space(num_samples, epochs, max_failures=2)
+    raw = sweep_space(num_samples, epochs, STEPS, max_failures=2)
     raw["experiment"]["data"]["demo_root"] = str(demo_root)
     space = parse_space(raw, "fault space")
     storage, name = workdir / "sweeps", "node-loss"

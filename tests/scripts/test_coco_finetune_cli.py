@@ -5,7 +5,6 @@ and the model tiny, the `by` table mechanism unchanged)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from detr_ray.data.shards import read_meta, write_shards
 from detr_ray.model import build_model
 from tests.conftest import tiny_config
 from tests.data.conftest import make_coco
+from tests.tiny_sweep import tune_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,22 +72,7 @@ def test_coco_finetune_rehearsal_two_trials_two_steps(tmp_path):
         "train.gpus_per_worker=0",
         "train.cpus_per_worker=0.5",
     ]
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "tune.py"),
-        "--space",
-        str(space),
-        "--data",
-        str(data),
-        "--storage",
-        str(tmp_path / "sweeps"),
-        "--name",
-        "rehearsal",
-        "--num-samples",
-        "2",
-        "--num-cpus",
-        "2",
-    ]
+    command = tune_command(space, data, tmp_path / "sweeps", "rehearsal", "--num-samples", "2")
     for s in sets:
         command += ["--set", s]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=360)

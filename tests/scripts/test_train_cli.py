@@ -15,6 +15,7 @@ import yaml
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.data.demo import ensure_demo_shards
+from tests.tiny_sweep import tiny_experiment, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,31 +40,8 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     data = tmp_path / "demo"
     ensure_demo_shards(data, num_train=16, num_val=8)
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "model": {
-                    "backbone": "resnet18",
-                    "hidden_dim": 32,
-                    "nheads": 4,
-                    "enc_layers": 1,
-                    "dec_layers": 1,
-                    "dim_feedforward": 64,
-                    "num_queries": 5,
-                    "frozen_bn": False,
-                },
-                "data": {"demo_root": str(data), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-                "train": {
-                    "epochs": 1,
-                    "lr": 2.0e-4,
-                    "max_steps_per_epoch": 1,
-                    "max_failures": 0,
-                    "tensorboard": False,
-                    "cpus_per_worker": 0.5,
-                },
-            }
-        )
-    )
+    experiment = tiny_experiment({"demo_root": str(data)}, epochs=1, steps=1, model=tiny_model(dec_layers=1), lr=2.0e-4)
+    config.write_text(yaml.safe_dump(experiment))
     storage = tmp_path / "runs"
     base = ["--config", str(config), "--storage", str(storage)]
 

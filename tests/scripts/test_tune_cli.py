@@ -21,53 +21,14 @@ from optuna.trial import TrialState
 from detr_ray import checkpoint as ckpt
 from detr_ray.data.demo import ensure_demo_shards
 from detr_ray.tune.study import open_storage
+from tests.tiny_sweep import sweep_space, tune_command
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.sweep  # the scripts run end to end, each starting its own Ray
 
-SPACE = {
-    "experiment": {
-        "model": {
-            "backbone": "resnet18",
-            "hidden_dim": 32,
-            "nheads": 4,
-            "enc_layers": 1,
-            "dec_layers": 2,
-            "dim_feedforward": 64,
-            "num_queries": 5,
-            "frozen_bn": False,
-        },
-        "data": {"batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25, "augment": "demo"},
-        "train": {
-            "epochs": 3,
-            "max_steps_per_epoch": 2,
-            "max_failures": 0,
-            "tensorboard": False,
-            "cpus_per_worker": 0.5,
-        },
-    },
-    "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}, "train.weight_decay": {"loguniform": [1.0e-5, 1.0e-2]}},
-    # 3 trials, 2 at a time: when the sweep is killed one is still to be created.
-    "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 3, "seed": 0},
-}
-
-
-def _command(space, data, storage):
-    return [
-        sys.executable,
-        str(REPO / "scripts" / "tune.py"),
-        "--space",
-        str(space),
-        "--data",
-        str(data),
-        "--storage",
-        str(storage),
-        "--name",
-        "kill-test",
-        "--num-cpus",
-        "2",
-    ]
+# 3 trials, 2 at a time: when the sweep is killed one is still to be created.
+SPACE = sweep_space(num_samples=3, epochs=3, steps=2)
 
 
 def _checkpoints(exp_dir: Path) -> int:
@@ -91,7 +52,7 @@ def killed_sweep(tmp_path_factory):
 
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
-            _command(space, data, storage),
+            tune_command(space, data, storage, "kill-test"),
             cwd=tmp_path,
             env=env,
             stdout=log,
@@ -117,7 +78,12 @@ def killed_sweep(tmp_path_factory):
             pass
 
     second = subprocess.run(
-        _command(space, data, storage), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800
+        tune_command(space, data, storage, "kill-test"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=800,
     )
     return {
         "dir": tmp_path,
@@ -208,7 +174,7 @@ def test_restore_with_a_changed_space_is_refused_unless_resume_as_stored(killed_
         killed_sweep["storage"],
         killed_sweep["env"],
     )
-    command = _command(space, killed_sweep["data"], storage)
+    command = tune_command(space, killed_sweep["data"], storage, "kill-test")
     assert killed_sweep["second"].returncode == 0, "the sweep to restore did not finish"
     record = (storage / "kill-test" / "detr_ray_sweep.json").read_bytes()
 

@@ -36,34 +36,15 @@ from detr_ray.tune.resources import SweepError
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
+from tests.tiny_sweep import tiny_experiment, tiny_model
 
-TINY_MODEL = {
-    "backbone": "resnet18",
-    "hidden_dim": 32,
-    "nheads": 4,
-    "enc_layers": 1,
-    "dec_layers": 1,
-    "dim_feedforward": 64,
-    "num_queries": 5,
-    "frozen_bn": False,
-}
 STATES = {"completed": TrialState.COMPLETE, "stopped early (ASHA)": TrialState.PRUNED, "error": TrialState.FAIL}
 
 
 def _space(data: dict, search: dict, epochs: int, samples: int, seed: int = 0, **scheduler) -> object:
     return parse_space(
         {
-            "experiment": {
-                "model": TINY_MODEL,
-                "data": {**data, "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-                "train": {
-                    "epochs": epochs,
-                    "max_steps_per_epoch": 1,
-                    "max_failures": 0,
-                    "tensorboard": False,
-                    "cpus_per_worker": 0.5,
-                },
-            },
+            "experiment": tiny_experiment(data, epochs, steps=1, model=tiny_model(dec_layers=1)),
             "search": search,
             "scheduler": {
                 "grace_period": 1,

@@ -28,33 +28,13 @@ from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
-
-TINY_MODEL = {
-    "backbone": "resnet18",
-    "hidden_dim": 32,
-    "nheads": 4,
-    "enc_layers": 1,
-    "dec_layers": 2,
-    "dim_feedforward": 64,
-    "num_queries": 5,
-    "frozen_bn": False,
-}
+from tests.tiny_sweep import tiny_experiment
 
 
 def _space(root, **scheduler):
     return parse_space(
         {
-            "experiment": {
-                "model": TINY_MODEL,
-                "data": {"demo_root": str(root), "batch_size": 4, "shuffle_buffer": 8, "decode_num_cpus": 0.25},
-                "train": {
-                    "epochs": 3,
-                    "max_steps_per_epoch": 2,
-                    "max_failures": 0,
-                    "tensorboard": False,
-                    "cpus_per_worker": 0.5,
-                },
-            },
+            "experiment": tiny_experiment({"demo_root": str(root)}, epochs=3, steps=2),
             "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
             "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 4, "seed": 0, **scheduler},
         },
