@@ -139,25 +139,13 @@ def main(argv=None) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.space))[0]
     try:
         space = load(args)
-        shards = resolve_shards(
-            space.fixed.data
-        )  # once for every trial (the demo data generated now, before any starts)
+        # Once for every trial: the demo data is generated now, before any trial starts.
+        shards = resolve_shards(space.fixed.data)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import ray
-
-    if args.address:
-        context = ray.init(address=args.address, **console.ray_init_kwargs())
-    else:
-        from detr_ray import local_ray
-
-        context = local_ray.init(num_cpus=args.num_cpus, **console.ray_init_kwargs())
-    url = context.dashboard_url
-    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
-    print(f"Ray's logs (the trials' Train workers, Ray Data): {console.log_locations(context)}", flush=True)
-
+    _start_ray(args)
     start = time.time()
     try:
         sweep = build_sweep(
@@ -180,6 +168,29 @@ def main(argv=None) -> int:
         return 2
     if sweep.space.fixed.data != space.fixed.data:  # restored as stored, with data of its own
         shards = resolve_shards(sweep.space.fixed.data)
+    _print_start(sweep)
+    results = sweep.fit()
+    rows, best = summarize(results, sweep.space)
+    written = write_summary(sweep, rows, best, {"train": shards[0], "val": shards[1]})
+    print(f"\nsweep finished in {time.time() - start:.0f} s ({len(rows)} trials)\n")
+    return _print_end(sweep, rows, best, written)
+
+
+def _start_ray(args) -> None:
+    import ray
+
+    if args.address:
+        context = ray.init(address=args.address, **console.ray_init_kwargs())
+    else:
+        from detr_ray import local_ray
+
+        context = local_ray.init(num_cpus=args.num_cpus, **console.ray_init_kwargs())
+    url = context.dashboard_url
+    print(f"Ray dashboard: http://{url}" if url else "Ray dashboard: not running (install ray[default])", flush=True)
+    print(f"Ray's logs (the trials' Train workers, Ray Data): {console.log_locations(context)}", flush=True)
+
+
+def _print_start(sweep) -> None:
     space = sweep.space
     print(
         f"{'resuming' if sweep.restored else 'starting'} sweep {sweep.experiment_dir}: "
@@ -200,11 +211,11 @@ def main(argv=None) -> int:
         )
         for number, why in warm.ignored:
             print(f"  ignored trial {number}: {why}")
-    results = sweep.fit()
-    rows, best = summarize(results, space)
-    written = write_summary(sweep, rows, best, {"train": shards[0], "val": shards[1]})
 
-    print(f"\nsweep finished in {time.time() - start:.0f} s ({len(rows)} trials)\n")
+
+def _print_end(sweep, rows: list[dict], best: dict | None, written: dict) -> int:
+    """The trials' table, where the summary files are and what to run next; the exit status."""
+    space = sweep.space
     print_summary(rows, space.scheduler.metric)
     leaks = (
         json.loads(open(written["trials"]).read())["leaked_placement_groups"] if "://" not in written["trials"] else []

@@ -12,6 +12,10 @@ their own (the Markdown links the figures by relative path).
                     sweep_importances.png, sweep_front.png (sweep_report.py)
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no global backend).
+
+The module is long because the three renderings of a report (JSON, Markdown, figures) are kept
+side by side, one small function per section or figure: a section added or changed is changed
+in all three in one place.
 """
 
 from __future__ import annotations

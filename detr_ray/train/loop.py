@@ -9,6 +9,12 @@ checkpoint at the next epoch.
 
 Workers agree on every step over a CPU (gloo) group, so a worker whose data ends early (skipped
 images) stops the epoch for all instead of leaving the others waiting in a collective.
+
+The module is long because everything a Train worker process runs is here, on the worker's
+state (`_Worker`): resume, the epoch, validation, the checkpoint and the report depend on each
+other's order (a checkpoint must hold the epoch's metrics, a resume must find what a report
+stored), which one module keeps in view. The step itself lives in step.py, the prediction path
+in model/predict.py, the data in data/.
 """
 
 from __future__ import annotations
