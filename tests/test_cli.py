@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -173,6 +174,12 @@ def test_the_package_list_names_every_subpackage():
 def test_a_built_wheel_carries_the_search_spaces_and_runs_without_the_checkout(tmp_path):
     """`pip install .` (not editable): the default demo space and the demo experiment come from
     the wheel's package data; the process runs outside the checkout, with the wheel's files first."""
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for part in ("detr_ray", "search_spaces"):
+        shutil.copytree(ROOT / part, source / part, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", source / "pyproject.toml")
     built = subprocess.run(
         [
             sys.executable,
@@ -184,7 +191,7 @@ def test_a_built_wheel_carries_the_search_spaces_and_runs_without_the_checkout(t
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(source),
         ],
         capture_output=True,
         text=True,
