@@ -118,18 +118,6 @@ def test_worker_killed_mid_run_resumes_from_its_checkpoint(demo_root, tmp_path):
     assert m["epoch"] == 3 and m["train/start_epoch"] == 1 and m["global_step"] == 6
 
 
-def test_relaunch_with_the_same_name_continues(demo_root, tmp_path):
-    first = build_trainer(
-        experiment_from_dict(_experiment(demo_root, epochs=1)), name="again", storage_path=str(tmp_path)
-    ).fit()
-    assert first.metrics["epoch"] == 1
-    second = build_trainer(
-        experiment_from_dict(_experiment(demo_root, epochs=2)), name="again", storage_path=str(tmp_path)
-    ).fit()
-    assert second.metrics["epoch"] == 2 and second.metrics["train/start_epoch"] == 1
-    assert second.metrics["global_step"] == 4
-
-
 def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
     exp = _experiment(demo_root, epochs=1, max_steps_per_epoch=1, num_workers=3)
     exp["data"].update(ray_data_cpus=1.0, decode_batch_size=4)  # 3 workers + 1 CPU of decoding; several val blocks
