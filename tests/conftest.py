@@ -1,17 +1,9 @@
 """Shared fixtures: tiny model configurations that run in milliseconds on a CPU."""
 
-import os
-
 import pytest
 import torch
 
 from detr_ray.model import DETRConfig
-
-# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
-# default) and learns of a result, a finished run or a failure only at a poll; the tests' runs
-# last seconds, so those waits are a large share of each. Set before any test starts Ray: Ray's
-# processes and the scripts the tests launch inherit it. A user's run keeps Ray's default.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def tiny_config(**overrides) -> DETRConfig:
