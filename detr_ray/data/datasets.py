@@ -65,8 +65,8 @@ def progress_bars_wanted(stream=None) -> bool:
     """Whether a dataset built here shows Ray Data's per-operator progress bars: only when this
     process's stdout (`stream`) is a terminal. The bars redraw with carriage returns; where output
     goes to a file (a sweep's log, `ray job logs`) every redraw becomes a line. The choice travels
-    with the dataset's context to the process that runs it (Ray Train's SplitCoordinator, whose
-    own stdout is never a terminal and whose bars are drawn by the driver)."""
+    with the dataset's context to the process that runs it (Ray Train's SplitCoordinator or a
+    Train worker, whose own stdout is never a terminal and whose bars are drawn by the driver)."""
     stream = sys.stdout if stream is None else stream
     isatty = getattr(stream, "isatty", None)
     try:

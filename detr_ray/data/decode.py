@@ -11,9 +11,9 @@ Each image's augmentation is drawn from (seed, epoch, image id) when the dataset
 and glibc keeps freed buffers (`keep_freed_memory`) in decoding and batching processes instead
 of faulting in fresh zeroed pages for every image and batch.
 
-Importing this module in a process with Ray Data loaded installs ray_data_scheduling_patch: Ray
-Train's SplitCoordinator imports it when it unpickles a dataset (decode_blocks lives here), and
-it runs the executions of `get_dataset_shard`.
+Importing this module in a process with Ray Data loaded installs ray_data_scheduling_patch: the
+process that runs the executions of `get_dataset_shard` (Ray Train's SplitCoordinator, or the
+worker of a one-worker run) imports it when it unpickles a dataset (decode_blocks lives here).
 """
 
 from __future__ import annotations

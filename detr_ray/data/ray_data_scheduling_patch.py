@@ -27,16 +27,17 @@ still waits the full timeout, so an idle loop costs no more than before. A wait 
 timeout is passed to Ray unchanged: it returns `num_returns` ready refs, as `ray.wait` promises.
 
 Both must be installed in the process that runs the execution: the driver for a plain dataset
-iteration, Ray Train's SplitCoordinator actor for `get_dataset_shard`. decode.py installs them
-when it is imported in a process that has Ray Data loaded; the coordinator imports decode.py
-when it unpickles the dataset (decode_blocks lives there), so it is covered too.
+iteration; for `get_dataset_shard`, Ray Train's SplitCoordinator actor, or the Train worker itself
+in a run of one worker (trainer.data_config). decode.py installs them when it is imported in a
+process that has Ray Data loaded; either process imports decode.py when it unpickles the dataset
+(decode_blocks lives there), so both are covered.
 
 Both rely on Ray Data internals (checked for Ray 2.60). A Ray whose internals differ is left
 alone, with a WARNING naming the Ray version and the fix that did not apply; the pipeline still
 works, at Ray's own pace. `DETR_RAY_DATA_SCHEDULING_PATCH=0` turns both off (to measure them, or
 to rule them out; the older name `DETR_RAY_DATA_FIXES=0` works too); set it where Ray's workers see
-it too (their environment or the job's runtime_env env_vars), since the Train coordinator installs
-them in its own process.
+it too (their environment or the job's runtime_env env_vars), since the Train coordinator (or
+worker) installs them in its own process.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from detr_ray.data.shards import read_shard_table
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.loop import load_resume_state, run_checkpoints
-from detr_ray.train.trainer import build_trainer, demo_experiment
+from detr_ray.train.trainer import build_trainer, data_config, demo_experiment
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(300)]
@@ -47,6 +47,21 @@ def _experiment(demo_root, **train):
     exp["train"].update(epochs=2, max_steps_per_epoch=2, max_failures=0, cpus_per_worker=1.0)
     exp["train"].update(train)
     return exp
+
+
+def test_one_worker_iterates_its_datasets_itself_several_split_them():
+    from ray.data import ExecutionOptions
+    from ray.data._internal.iterator.stream_split_iterator import StreamSplitDataIterator
+
+    config = data_config(ExecutionOptions())
+    datasets = {"train": ray.data.range(10), "val": ray.data.range(7)}
+    (one,) = config.configure(datasets, 1, None, None)
+    # No split, so no SplitCoordinator actor: the single worker runs each execution itself.
+    assert not any(isinstance(it, StreamSplitDataIterator) for it in one.values())
+    assert sorted(r["id"] for r in one["val"].iter_rows()) == list(range(7))
+    assert sorted(r["id"] for r in one["train"].iter_rows()) == list(range(10))
+    two = config.configure(datasets, 2, None, None)
+    assert all(isinstance(it, StreamSplitDataIterator) for split in two for it in split.values())
 
 
 def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path):
