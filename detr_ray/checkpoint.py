@@ -79,8 +79,15 @@ def _write_atomic(path: Path, write) -> None:
 def _torch_save(obj: Any, path: Path) -> None:
     # Through a Python file object: on a full disk torch.save(obj, path) raises an opaque
     # RuntimeError ("unexpected pos ..."), while a file object's write raises OSError(ENOSPC).
+    # torch's archive writer can still wrap that OSError in the same RuntimeError (when the disk
+    # fills inside a record); the OSError is then the RuntimeError's context, and is what we raise.
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from e
+            raise
 
 
 def save(

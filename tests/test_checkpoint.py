@@ -190,3 +190,21 @@ def test_best_verified_falls_back_to_the_next_best(tmp_path, caplog):
     assert "a/model.pt: contents do not match" in caplog.text
     assert ckpt.best_verified(candidates, "min")[0] == (0.2, str(tmp_path / "c"))
     assert ckpt.best_verified(candidates[1:2], "max") is None
+
+
+def test_a_full_disk_fails_the_save_naming_the_file_and_leaves_no_checkpoint(tmp_path):
+    """The writer on a real full filesystem (a 4 MB tmpfs; root only). The whole run on a disk that
+    fills up, resumed once space is freed, is the ENOSPC case of the fault suite (benchmarks/faults.py)."""
+    from tests.faults.scenarios import tiny_tmpfs
+
+    model = build_model(tiny_config())
+    with tiny_tmpfs(tmp_path / "tmpfs", size_mb=4) as mounted:
+        if mounted is None:
+            pytest.skip("mounting a tmpfs needs root")
+        target = mounted / "checkpoint_epoch0001"
+        with pytest.raises(OSError, match=r"cannot write checkpoint file .*model\.pt: No space left") as e:
+            ckpt.save(target, model, None, None, None, ckpt.TrainingState(epoch=1, global_step=1, config={}))
+        assert e.value.errno == 28
+        assert list(target.iterdir()) == []  # no partial file, no manifest: nothing that looks saved
+        with pytest.raises(ckpt.CheckpointError):
+            ckpt.verify(target)

@@ -1,5 +1,7 @@
 """A full filesystem under the checkpoint writer: a real tmpfs (root only, else skipped) as the
 Train workers' TMPDIR, where checkpoint.save writes, filled once epoch 1's checkpoint is stored.
+Slow (DETR_RAY_SLOW=1; benchmarks/faults.py runs it): two Train runs and a Ray of their own. In
+CI, tests/test_checkpoint.py checks the writer itself on a full tmpfs.
 
 The scenario runs in a Python process of its own, with a Ray started there for it: the fault
 depends on the workers' TMPDIR and on the timing of one run, which the state that earlier test
@@ -14,7 +16,7 @@ import pytest
 
 from tests.faults.conftest import assert_survived
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """

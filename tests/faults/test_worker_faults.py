@@ -1,5 +1,6 @@
-"""Train-level faults on one local Ray: a worker SIGKILLed mid-epoch, the newest checkpoint
-truncated. Both run in CI (one to two minutes each on 2 cores)."""
+"""Train-level faults on one local Ray: a worker SIGKILLed mid-epoch (slow: DETR_RAY_SLOW=1 or
+benchmarks/faults.py; in CI tests/train/test_trainer.py kills a worker mid-run through its testing
+hook), the newest checkpoint truncated (in CI, about a minute on 2 cores)."""
 
 import pytest
 import ray
@@ -24,6 +25,7 @@ def truncated(tmp_path_factory, fault_demo_root, local_ray):
     return truncated_checkpoint(tmp_path_factory.mktemp("truncated"), fault_demo_root)
 
 
+@pytest.mark.slow
 def test_worker_sigkilled_mid_epoch_resumes_from_its_checkpoint(tmp_path, fault_demo_root):
     assert_survived(worker_sigkill(tmp_path, fault_demo_root))
 
