@@ -1,8 +1,11 @@
 """Fixtures of the fault suite (tests/faults/, scenarios in tests/faults/scenarios.py).
 
-The slowest cases (whole sweeps killed and restored, a multi-node cluster losing a node) are
-marked `slow` and run only with DETR_RAY_SLOW=1, or through benchmarks/faults.py, which runs
-every fault and records the figures in benchmarks/results/faults.json."""
+The slowest cases (whole sweeps killed and restored, a multi-node cluster losing a node, a run
+on a disk that fills up, a worker SIGKILLed) are marked `slow` and run only with DETR_RAY_SLOW=1,
+or through benchmarks/faults.py, which runs every fault and records the figures in
+benchmarks/results/faults.json. CI keeps the truncated-checkpoint case, and cheaper tests of
+the rest: the checkpoint writer on a full tmpfs, a worker killed mid-run, the sweep's driver
+killed and restored (tests/test_checkpoint.py, tests/train/test_trainer.py, tests/scripts/test_tune_cli.py)."""
 
 from __future__ import annotations
 
