@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from detr_ray.data.batches import DetectionBatches  # noqa: E402
 from detr_ray.data.decode import DECODED_SCHEMA  # noqa: E402
-from detr_ray.data.transforms import DetectionTransform, TransformConfig  # noqa: E402
+from detr_ray.data.recipe import TransformConfig  # noqa: E402
+from detr_ray.data.transforms import DetectionTransform  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "batch_padding.json"
 SOURCE_SIZES = [(480, 640), (640, 480), (427, 640)]  # (h, w): COCO's most common

@@ -40,8 +40,9 @@ import torch
 from PIL import Image
 
 from detr_ray.data.coco import load_coco
+from detr_ray.data.recipe import TransformConfig
 from detr_ray.data.shards import write_shards
-from detr_ray.data.transforms import TransformConfig, build_train_transform, normalized_cxcywh
+from detr_ray.data.transforms import build_train_transform, normalized_cxcywh
 
 RESULTS = Path(__file__).parent / "results" / "data_pipeline.json"
 SIZES = [(480, 640), (640, 480), (427, 640)]  # (height, width), as COCO's

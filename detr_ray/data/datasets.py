@@ -54,8 +54,8 @@ from typing import Any
 from detr_ray.config import DataConfig
 from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.data.decode import READ_COLUMNS, decode_blocks
+from detr_ray.data.recipe import TransformConfig
 from detr_ray.data.shards import read_meta
-from detr_ray.data.transforms import TransformConfig
 
 READ_BLOCK_BATCHES = 4  # a read block (and one decode task) holds this many decode batches
 OUTPUT_BLOCK_BYTES = 16 * 2**20  # target size of a decoded output block (Ray's default: 128 MiB)

@@ -14,6 +14,9 @@ of faulting in fresh zeroed pages for every image and batch.
 Importing this module in a process with Ray Data loaded installs ray_data_scheduling_patch: the
 process that runs the executions of `get_dataset_shard` (Ray Train's SplitCoordinator, or the
 worker of a one-worker run) imports it when it unpickles a dataset (decode_blocks lives here).
+So do processes that only hold a dataset (Ray Train's DatasetManager), which is why torch and
+the transforms are imported where an image is decoded, not here: importing torch and
+torchvision costs 3-5 s of CPU per process on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.data.images import decode_rgb
-from detr_ray.data.transforms import DetectionTransform, TransformConfig
+from detr_ray.data.recipe import TransformConfig
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ def _prepare_process() -> None:
     """Once per decoding process: a random torch seed for unseeded datasets (Ray worker
     processes all start from torch's fixed default seed) and `keep_freed_memory`."""
     global _process_ready
+    import torch
+
     torch.seed()
     keep_freed_memory()
     _process_ready = True
@@ -119,6 +123,10 @@ def decode_augment(
 
     An image that fails to decode (or decodes to another size than its row says) becomes a
     `skipped` row and a warning; any other failure raises ShardRowError naming shard and row."""
+    import torch
+
+    from detr_ray.data.transforms import DetectionTransform
+
     if not _process_ready:
         _prepare_process()
     transform = DetectionTransform(TransformConfig(**augment), train=train)

@@ -18,8 +18,6 @@ image's size, and the surviving labels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import PIL.Image
 import torch
 from torch import Tensor
@@ -28,57 +26,9 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from detr_ray.config import ConfigError
+from detr_ray.data.recipe import TransformConfig
 
 _XYXY = tv_tensors.BoundingBoxFormat.XYXY
-
-
-@dataclass
-class TransformConfig:
-    """Augmentation scales in pixels. Defaults are DETR's COCO recipe; `demo()` is the small
-    recipe of the synthetic demo dataset."""
-
-    train_scales: tuple[int, ...] = tuple(range(480, 801, 32))
-    max_size: int = 1333
-    flip_prob: float = 0.5
-    crop_prob: float = 0.5
-    crop_resize_scales: tuple[int, ...] = (400, 500, 600)
-    crop_min: int = 384
-    crop_max: int = 600
-    val_scale: int = 800
-
-    def validate(self, where: str = "augment") -> "TransformConfig":
-        for name in ("train_scales", "crop_resize_scales"):
-            scales = tuple(getattr(self, name))
-            if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in scales):
-                raise ConfigError(f"{where}.{name}: expected a non-empty list of positive integers, got {scales!r}")
-            setattr(self, name, scales)
-        for name in ("max_size", "crop_min", "crop_max", "val_scale"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.crop_min > self.crop_max:
-            raise ConfigError(f"{where}: crop_min {self.crop_min} > crop_max {self.crop_max}")
-        for name in ("flip_prob", "crop_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{where}.{name}: must be in [0, 1], got {getattr(self, name)}")
-        return self
-
-    @classmethod
-    def coco(cls) -> "TransformConfig":
-        return cls()
-
-    @classmethod
-    def demo(cls) -> "TransformConfig":
-        """Scales for the synthetic demo dataset (images of 64-96 px)."""
-        return cls(
-            train_scales=(64, 72, 80, 88, 96),
-            max_size=128,
-            crop_prob=0.3,
-            crop_resize_scales=(80, 96),
-            crop_min=56,
-            crop_max=80,
-            val_scale=80,
-        )
 
 
 class RandomSizeCrop:

@@ -29,9 +29,8 @@ import torch
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.config import DETRConfig, ExperimentConfig, experiment_from_dict, from_dict, to_dict
-from detr_ray.data.recipe import augment_recipe
+from detr_ray.data.recipe import TransformConfig, augment_recipe
 from detr_ray.data.shards import read_meta
-from detr_ray.data.transforms import TransformConfig
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import torch
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_rgb, stored_size
-from detr_ray.data.transforms import TransformConfig
+from detr_ray.data.recipe import TransformConfig
 
 log = logging.getLogger(__name__)
 

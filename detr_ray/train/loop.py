@@ -1,4 +1,4 @@
-"""`train_loop_per_worker`: what each Ray Train worker runs.
+"""`run_worker`: what each Ray Train worker runs (entered through worker_run.py).
 
 Per epoch: stream this worker's part of the train split, take TrainSteps, report the epoch's
 losses, lr, images/s, data-wait fraction and skipped images; every `eval_every` epochs (and the
@@ -35,7 +35,6 @@ from torch import nn
 from detr_ray import checkpoint as ckpt
 from detr_ray import testing_hooks
 from detr_ray.coco_eval import evaluate
-from detr_ray.config import ExperimentConfig
 from detr_ray.data.batches import DetectionBatches
 from detr_ray.data.decode import derive_seed
 from detr_ray.data.shards import coco_ground_truth, read_meta
@@ -44,6 +43,7 @@ from detr_ray.model.backbone import calibrate_frozen_batchnorm
 from detr_ray.model.predict import normalize, predict_batch
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.step import StepOptions, TrainStep, build_optimizer
+from detr_ray.train.worker_run import WorkerRun
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +175,6 @@ def _resume_candidates(ctx) -> list:
 # The loop
 
 
-@dataclass(frozen=True)
-class WorkerRun:
-    """What every Train worker of a run receives: the parsed experiment and what build_trainer
-    resolved once for the run (the shard locations, the TensorBoard directory), plus the test
-    hooks (inert in production: detr_ray/testing_hooks.py)."""
-
-    experiment: ExperimentConfig
-    train_uri: str
-    val_uri: str
-    tensorboard_dir: str | None = None
-    testing: TestingHooks = field(default_factory=TestingHooks)
-
-
-RUN_KEY = "run"  # the key of the WorkerRun in TorchTrainer's train_loop_config
-
-
 @dataclass
 class _Worker:
     """This worker's model and optimisation state, as built and (when resuming) restored."""
@@ -260,12 +244,12 @@ def _resume(w: _Worker, ctx, rank: int) -> None:
     log.info("rank %d: resuming from %s at epoch %d", rank, loaded.path, w.start_epoch)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's entry point: `config[RUN_KEY]` is this run's WorkerRun."""
+def run_worker(run: WorkerRun) -> None:
+    """One Train worker's whole run (worker_run.train_loop_per_worker, Ray Train's entry point,
+    calls it)."""
     import ray.train
     import ray.train.torch
 
-    run: WorkerRun = config[RUN_KEY]
     exp, tcfg = run.experiment, run.experiment.train
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

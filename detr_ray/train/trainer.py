@@ -127,7 +127,7 @@ def build_trainer(
     from ray.data import ExecutionOptions, ExecutionResources
     from ray.train.torch import TorchTrainer
 
-    from detr_ray.train.loop import RUN_KEY, WorkerRun, train_loop_per_worker
+    from detr_ray.train.worker_run import RUN_KEY, WorkerRun, train_loop_per_worker
 
     t = exp.train
     storage_path = storage_path or default_storage()

@@ -12,8 +12,8 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from detr_ray.data.coco import load_coco
+from detr_ray.data.recipe import TransformConfig
 from detr_ray.data.shards import write_shards
-from detr_ray.data.transforms import TransformConfig
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
 

@@ -18,9 +18,8 @@ from detr_ray.data.batches import DetectionBatches
 from detr_ray.data.collate import collate, shape_group
 from detr_ray.data.datasets import train_dataset, val_dataset
 from detr_ray.data.decode import DECODED_SCHEMA, READ_COLUMNS, ShardRowError, decode_augment
-from detr_ray.data.recipe import augment_recipe
+from detr_ray.data.recipe import TransformConfig, augment_recipe
 from detr_ray.data.shards import META_FILE, read_shard_table
-from detr_ray.data.transforms import TransformConfig
 from detr_ray.local_ray import init as init_local_ray
 from tests.data.conftest import AUGMENT, AUGMENT_KW, CORRUPT_ID, make_shards
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from detr_ray.config import ConfigError, DataConfig, from_dict
-from detr_ray.data.recipe import augment_recipe
-from detr_ray.data.transforms import TransformConfig
+from detr_ray.data.recipe import TransformConfig, augment_recipe
 from tests.data.conftest import make_shards
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "prepare_coco.py"
