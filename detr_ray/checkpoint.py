@@ -235,10 +235,10 @@ def load(directory: str | Path, expected: dict | None = None) -> Loaded:
     )
 
 
-def latest_valid(directories: Iterable[str | Path]) -> Path | None:
-    """The newest verifiable checkpoint among `directories` (ordered oldest -> newest), skipping
-    and logging unfinished or corrupt ones; None when there is none."""
-    for d in reversed([Path(d) for d in directories]):
+def latest_valid(directories: Iterable[str | Path]) -> str | Path | None:
+    """The newest verifiable checkpoint among `directories` (ordered oldest -> newest; local
+    paths or URIs), skipping and logging unfinished or corrupt ones; None when there is none."""
+    for d in reversed(list(directories)):
         try:
             verify(d)
             return d

@@ -10,7 +10,8 @@ gets a new, unique name (printed, with the command that resumes it).
 
 Rerunning with the same --name and --storage resumes the run from its latest checkpoint, with the
 configuration it was started with (recorded in <storage>/<name>/detr_ray_run.json):
-  - the same configuration: the run resumes (a finished run reports its final metrics again);
+  - the same configuration: the run resumes; a finished run (its newest verified checkpoint has
+    all its epochs) reports its final metrics again without starting Ray;
   - only train.epochs raised (--epochs, --set train.epochs=N): the run continues to N epochs;
   - anything else differs (fewer epochs too): refused, exit code 2, listing each differing key
     (stored -> requested). Choose a new --name for a separate run, or pass --resume-as-stored to
@@ -20,6 +21,7 @@ configuration it was started with (recorded in <storage>/<name>/detr_ray_run.jso
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -29,7 +31,7 @@ import time
 
 from detr_ray.cli import invocation
 from detr_ray.config import ConfigError, apply_overrides, experiment_from_dict, load_yaml
-from detr_ray.data.storage import is_uri, join
+from detr_ray.data.storage import is_uri, join, list_dirs, read_bytes
 from detr_ray.relaunch import plan_run
 from detr_ray.train.trainer import build_trainer, default_storage, demo_experiment
 
@@ -55,6 +57,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def new_run_name() -> str:
     return f"detr-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def finished_state(run_dir: str, epochs: int) -> dict | None:
+    """The state.json of the run's newest verified checkpoint (the one a resume starts from)
+    when that checkpoint has all `epochs`; None when the run has epochs left to train."""
+    from detr_ray import checkpoint as ckpt
+
+    names = [n for n in list_dirs(run_dir) if n.startswith("checkpoint_")]
+    newest = ckpt.latest_valid([join(run_dir, n) for n in names])
+    if newest is None:
+        return None
+    state = json.loads(read_bytes(join(newest, ckpt.STATE)))  # verified: hashed in the manifest
+    return state if state["epoch"] >= epochs else None
+
+
+def report_best(run_dir: str) -> None:
+    from detr_ray.checkpoint import best_checkpoint
+
+    # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
+    best, value = best_checkpoint(run_dir, "val/AP", "max")
+    print(
+        f"run directory: {run_dir}\nbest verified checkpoint: "
+        + (f"{best} (val/AP {value:.3f})" if best else "none (no verified checkpoint with val/AP)")
+    )
 
 
 def main(argv=None) -> int:
@@ -83,12 +109,21 @@ def main(argv=None) -> int:
             args.name = new_run_name()
             again = shlex.join([*invocation(), *argv, "--name", args.name, "--storage", storage])
             print(f"run name: {args.name}\nresume it with: {again}")
-        plan = plan_run(join(storage, args.name), exp, as_stored=args.resume_as_stored)
+        run_dir = join(storage, args.name)
+        plan = plan_run(run_dir, exp, as_stored=args.resume_as_stored)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(plan.message, flush=True)
     exp = plan.experiment
+    if plan.action != "start" and (final := finished_state(run_dir, exp.train.epochs)) is not None:
+        m = final["metrics"]
+        print(
+            f"the run had finished: epoch {final['epoch']} of {exp.train.epochs}, "
+            f"val/AP {m.get('val/AP', float('nan')):.3f}, val/AP50 {m.get('val/AP50', float('nan')):.3f}"
+        )
+        report_best(run_dir)
+        return 0
 
     import ray
 
@@ -101,14 +136,7 @@ def main(argv=None) -> int:
         f"finished in {time.time() - start:.0f} s: epoch {m.get('epoch')}, val/AP {m.get('val/AP', float('nan')):.3f}, "
         f"val/AP50 {m.get('val/AP50', float('nan')):.3f}"
     )
-    from detr_ray.checkpoint import best_checkpoint
-
-    # The best checkpoint by val/AP that verifies (every file's hash), as tune.py and evaluate.py choose.
-    best, value = best_checkpoint(result.path, "val/AP", "max")
-    print(
-        f"run directory: {result.path}\nbest verified checkpoint: "
-        + (f"{best} (val/AP {value:.3f})" if best else "none (no verified checkpoint with val/AP)")
-    )
+    report_best(result.path)
     return 0
 
 

@@ -62,12 +62,16 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     assert "Ray dashboard" not in refused.stdout  # stopped before anything started
     assert (run_dir / "detr_ray_run.json").read_bytes() == record
 
-    # As stored: the stored 1 epoch (done), not this command's 2 epochs nor its lr.
+    # As stored: the stored 1 epoch (done), not this command's 2 epochs nor its lr. The run had
+    # finished, so it reports its final metrics from the checkpoint without starting Ray.
     as_stored = _train(
         [*base, "--name", name, "--set", "train.lr=1e-3", "--epochs", "2", "--resume-as-stored"], tmp_path
     )
     assert as_stored.returncode == 0, as_stored.stdout[-3000:] + as_stored.stderr[-3000:]
     assert "with its stored configuration" in as_stored.stdout
+    assert "the run had finished: epoch 1 of 1, val/AP " in as_stored.stdout
+    assert f"best verified checkpoint: {run_dir / 'checkpoint_epoch0001'}" in as_stored.stdout
+    assert "Ray dashboard" not in as_stored.stdout
     assert "train.lr: 0.0002 -> 0.001" in as_stored.stderr  # the ignored differences are logged
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch*")) == ["checkpoint_epoch0001"]
     assert (run_dir / "detr_ray_run.json").read_bytes() == record
@@ -80,3 +84,19 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     assert state.metrics["train/start_epoch"] == 1 and state.metrics["lr"] == 2e-4
     assert state.config["train"]["lr"] == 2e-4 and state.config["train"]["epochs"] == 2
     assert json.loads((run_dir / "detr_ray_run.json").read_text())["config"]["train"]["epochs"] == 2
+
+
+def test_a_run_is_finished_only_when_its_newest_verified_checkpoint_has_all_epochs(tmp_path):
+    from detr_ray.cli.train import finished_state
+    from tests.test_checkpoint import _save
+
+    run = tmp_path / "run"
+    assert finished_state(str(run), 2) is None  # no run
+    _save(run / "checkpoint_epoch0001", epoch=1)
+    _save(run / "checkpoint_epoch0002", epoch=2)
+    assert finished_state(str(run), 2)["epoch"] == 2
+    assert finished_state(str(run), 3) is None  # epochs left
+    victim = run / "checkpoint_epoch0002" / "model.pt"
+    victim.write_bytes(victim.read_bytes()[:-1])
+    assert finished_state(str(run), 2) is None  # resume would redo epoch 2 from epoch 1's
+    assert finished_state(str(run), 1)["epoch"] == 1
