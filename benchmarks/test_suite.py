@@ -1,15 +1,16 @@
 """How long `make test` takes here, next to how fast this machine is while it runs.
 
 The suite's time is mostly Ray starting processes that import torch, so it follows the
-machine's speed of the moment: on the shared 2-core development machine the same commit has
-taken 26 and 35 minutes. A fixed reference workload, timed before and after the suite, tells a
-slow suite from a slow machine: the same imports and the same single-thread ResNet-18 steps.
+machine's speed of the moment (benchmarks/results/README.md, "Test suite"). A fixed reference
+workload, timed before and after the suite, tells a slow suite from a slow machine: the same
+imports and the same single-thread ResNet-18 steps.
 
   python benchmarks/test_suite.py                        # make test, then the record
   python benchmarks/test_suite.py --reference-only       # the reference workload alone
   python benchmarks/test_suite.py --command "make test-fast"
 
-Prints the figures and writes benchmarks/results/test_suite_<commit>.json.
+Prints the figures and writes benchmarks/results/test_suite_<commit>.json; an existing record
+is never replaced (the run is refused before it starts: pass another --out).
 """
 
 from __future__ import annotations
@@ -90,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="record file (default: benchmarks/results/test_suite_<commit>.json)")
     args = parser.parse_args(argv)
 
+    commit = _commit()
+    out = args.out or RESULTS / f"test_suite_{commit}.json"
+    if out.exists() and not args.reference_only:
+        parser.error(f"{out} already holds a record; pass another --out")
     before = reference()
     print(f"reference workload: {before}")
     if args.reference_only:
         return 0
 
-    commit = _commit()
     started = datetime.now(timezone.utc)
     busy0, wall0 = _busy_cpu_s(), time.perf_counter()
     env = {**os.environ, "PYTEST_ADDOPTS": (os.environ.get("PYTEST_ADDOPTS", "") + " --durations=20").strip()}
@@ -123,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         "reference_before": before,
         "reference_after": after,
     }
-    out = args.out or RESULTS / f"test_suite_{commit}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(
         f"\n{args.command}: exit {rc}, {wall / 60:.1f} min wall (pytest: {record['pytest_result'] or 'no summary'}), "
