@@ -21,7 +21,6 @@ from detr_ray.data import ray_data_scheduling_patch
 from detr_ray.local_ray import init as init_local_ray
 
 TASK_S = 0.3
-LONG_S, SHORT_S = 0.8, 0.1
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
 
 
@@ -33,22 +32,18 @@ def ray_two_cpus():
     ray.shutdown()
 
 
-def _timed_task(batch):
+def _timed_task(batch, long_s: float, short_s: float):
     start = time.time()
-    time.sleep(TASK_S if batch["id"][0] % 2 == 0 else TASK_S / 2)  # uneven: tasks end at different times
+    time.sleep(long_s if batch["id"][0] % 2 == 0 else short_s)  # uneven: tasks end at different times
     return {"pid": [os.getpid()] * len(batch["id"]), "start": [start], "end": [time.time()]}
 
 
-def _long_short_task(batch):
-    start = time.time()
-    time.sleep(LONG_S if batch["id"][0] % 2 == 0 else SHORT_S)
-    return {"pid": [os.getpid()] * len(batch["id"]), "start": [start], "end": [time.time()]}
-
-
-def _run_tasks(n: int = 6, task=_timed_task):
+def _run_tasks(n: int = 6, long_s: float = TASK_S, short_s: float = TASK_S / 2):
     """(start times in s after the execution began, idle gaps between consecutive tasks of one
-    worker process) of a fresh n-task execution."""
-    ds = ray.data.range(n, override_num_blocks=n).map_batches(task, batch_size=None, num_cpus=1)
+    worker process) of a fresh n-task execution, tasks alternately long_s and short_s long."""
+    ds = ray.data.range(n, override_num_blocks=n).map_batches(
+        _timed_task, batch_size=None, num_cpus=1, fn_kwargs={"long_s": long_s, "short_s": short_s}
+    )
     began = time.time()
     tasks = ds.to_pandas().sort_values("start")
     gaps = [
@@ -82,7 +77,7 @@ def test_a_finished_tasks_cpu_goes_to_the_next_task_at_once(ray_two_cpus, monkey
     # long one (0.8 s) idles until the long one ends (0.7 s; measured: 2 or 3 gaps of 0.95-1.9 s
     # out of 8); with it, no gap is longer than a few scheduling steps (measured: at most 0.03 s).
     monkeypatch.setattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 2.0)
-    _, gaps = _run_tasks(10, task=_long_short_task)
+    _, gaps = _run_tasks(10, long_s=0.8, short_s=0.1)
     assert len(gaps) == 8
     assert max(gaps) < 0.4, gaps
 
