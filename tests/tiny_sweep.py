@@ -28,8 +28,16 @@ def tiny_model(**overrides) -> dict:
     }
 
 
+def demo_shards(root) -> dict:
+    """The `data` keys that name the demo shards a test made under `root` (ensure_demo_shards with
+    its small sizes). Not `demo_root`: a run resolves that with ensure_demo_shards' default sizes,
+    which replaces the test's shards with the 400 + 100 image demo and scores every epoch on 100
+    validation images."""
+    return {"train": f"{root}/train", "val": f"{root}/val", "augment": "demo"}
+
+
 def tiny_experiment(data: dict, epochs: int, steps: int, model: dict | None = None, **train) -> dict:
-    """An experiment of `epochs` epochs of `steps` steps on the data of `data` (demo_root, ...),
+    """An experiment of `epochs` epochs of `steps` steps on the data of `data` (demo_shards, ...),
     small batches, no retries, no TensorBoard; `train` adds to or overrides the train section."""
     return {
         "model": tiny_model() if model is None else model,

@@ -40,7 +40,7 @@ import yaml
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.testing_hooks import TestingHooks
-from tests.tiny_sweep import sweep_space, tiny_model, tune_command
+from tests.tiny_sweep import demo_shards, sweep_space, tiny_model, tune_command
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2  # train.max_steps_per_epoch everywhere: global_step == STEPS * epoch is an invariant
@@ -131,10 +131,7 @@ def train_experiment(demo_root, **train) -> dict:
 
     exp = demo_experiment()
     exp["model"].update(tiny_model())
-    # The small demo shards themselves (demo_root would regenerate the demo at its default size).
-    exp["data"].update(
-        train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8
-    )
+    exp["data"].update(demo_shards(demo_root), batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=3, max_steps_per_epoch=STEPS, max_failures=1, cpus_per_worker=1.0, tensorboard=False)
     exp["train"].update(train)
     return exp
@@ -528,7 +525,7 @@ def node_loss(workdir: Path, demo_root, cluster, inject: bool = True, num_sample
     from detr_ray.tune.tuner import build_sweep
 
     raw = sweep_space(num_samples, epochs, STEPS, max_failures=2)
-    raw["experiment"]["data"]["demo_root"] = str(demo_root)
+    raw["experiment"]["data"].update(demo_shards(demo_root))
     space = parse_space(raw, "fault space")
     storage, name = workdir / "sweeps", "node-loss"
     exp_dir = storage / name

@@ -15,7 +15,8 @@ import yaml
 
 from detr_ray import checkpoint as ckpt
 from detr_ray.data.demo import ensure_demo_shards
-from tests.tiny_sweep import tiny_experiment, tiny_model
+from detr_ray.data.shards import read_shard_table
+from tests.tiny_sweep import demo_shards, tiny_experiment, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,13 +41,14 @@ def test_relaunch_with_other_settings_is_refused_and_resume_as_stored_uses_the_s
     data = tmp_path / "demo"
     ensure_demo_shards(data, num_train=16, num_val=8)
     config = tmp_path / "tiny.yaml"
-    experiment = tiny_experiment({"demo_root": str(data)}, epochs=1, steps=1, model=tiny_model(dec_layers=1), lr=2.0e-4)
+    experiment = tiny_experiment(demo_shards(data), epochs=1, steps=1, model=tiny_model(dec_layers=1), lr=2.0e-4)
     config.write_text(yaml.safe_dump(experiment))
     storage = tmp_path / "runs"
     base = ["--config", str(config), "--storage", str(storage)]
 
     first = _train(base, tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert read_shard_table(str(data / "val"), ["image_id"]).num_rows == 8  # the test's shards, not a new demo
     name = re.search(r"^run name: (detr-\d{8}-\d{6}-[0-9a-f]{6})$", first.stdout, re.M).group(1)
     resume_command = re.search(r"^resume it with: (.*)$", first.stdout, re.M).group(1)
     assert shlex.split(resume_command)[-4:] == ["--name", name, "--storage", str(storage)]

@@ -22,6 +22,7 @@ from detr_ray.train.trainer import build_trainer, demo_experiment
 from detr_ray.tune.space import parse_space
 from detr_ray.tune.summary import summarize
 from detr_ray.tune.tuner import build_sweep
+from tests.tiny_sweep import demo_shards
 
 ARCH = "fcos_resnet50_fpn"
 
@@ -48,7 +49,7 @@ def local_ray():
 def _experiment(root, **train):
     exp = demo_experiment()
     exp["model"]["arch"] = ARCH
-    exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
+    exp["data"].update(demo_shards(root), batch_size=4, shuffle_buffer=8)
     exp["train"].update(
         {
             "epochs": 1,

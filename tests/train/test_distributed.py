@@ -14,6 +14,7 @@ from detr_ray.config import experiment_from_dict
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.trainer import build_trainer, demo_experiment
+from tests.tiny_sweep import demo_shards
 
 pytestmark = pytest.mark.timeout(420)
 REPO = str(Path(__file__).resolve().parents[2])
@@ -93,7 +94,7 @@ class TestTwoNodes:
         train_uri, _ = ensure_demo_shards(root, num_train=48, num_val=16)
         exp = demo_experiment()
         exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
-        exp["data"].update(train=f"{root}/train", val=f"{root}/val", augment="demo", batch_size=4, shuffle_buffer=8)
+        exp["data"].update(demo_shards(root), batch_size=4, shuffle_buffer=8)
         exp["train"].update(epochs=2, num_workers=2, cpus_per_worker=1.0, max_failures=0, eval_every=2)
         audit = tmp_path / "audit"
         result = build_trainer(

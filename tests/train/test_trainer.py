@@ -18,6 +18,7 @@ from detr_ray.testing_hooks import TestingHooks
 from detr_ray.train.loop import load_resume_state, run_checkpoints
 from detr_ray.train.trainer import build_trainer, data_config, demo_experiment
 from tests.conftest import tiny_config
+from tests.tiny_sweep import demo_shards
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(300)]
 
@@ -40,10 +41,7 @@ def local_ray():
 def _experiment(demo_root, **train):
     exp = demo_experiment()
     exp["model"].update(hidden_dim=32, dim_feedforward=64, num_queries=5)
-    # The small demo shards themselves (demo_root would regenerate the demo at its default size).
-    exp["data"].update(
-        train=f"{demo_root}/train", val=f"{demo_root}/val", augment="demo", batch_size=4, shuffle_buffer=8
-    )
+    exp["data"].update(demo_shards(demo_root), batch_size=4, shuffle_buffer=8)
     exp["train"].update(epochs=2, max_steps_per_epoch=2, max_failures=0, cpus_per_worker=1.0)
     exp["train"].update(train)
     return exp

@@ -13,6 +13,7 @@ from detr_ray import checkpoint as ckpt
 from detr_ray.checkpoint import best_checkpoint
 from detr_ray.config import ConfigError, experiment_from_dict
 from detr_ray.data.demo import ensure_demo_shards
+from detr_ray.data.shards import read_shard_table
 from detr_ray.local_ray import init as init_local_ray
 from detr_ray.tune.placement import live_placement_groups
 from detr_ray.tune.pruning import PruningOptunaSearch
@@ -28,13 +29,13 @@ from detr_ray.tune.space import parse_space
 from detr_ray.tune.study import open_storage
 from detr_ray.tune.summary import summarize, write_summary
 from detr_ray.tune.tuner import build_sweep
-from tests.tiny_sweep import tiny_experiment
+from tests.tiny_sweep import demo_shards, tiny_experiment
 
 
 def _space(root, **scheduler):
     return parse_space(
         {
-            "experiment": tiny_experiment({"demo_root": str(root)}, epochs=3, steps=2),
+            "experiment": tiny_experiment(demo_shards(root), epochs=3, steps=2),
             "search": {"train.lr": {"loguniform": [1.0e-5, 1.0e-3]}},
             "scheduler": {"grace_period": 1, "reduction_factor": 2, "num_samples": 4, "seed": 0, **scheduler},
         },
@@ -157,6 +158,8 @@ def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ra
     assert sweep.concurrency == 2  # 2 CPUs / (0.5 worker + 0.25 Ray Data + 0.01 driver)
     results = sweep.fit()
     assert len(results) == 4 and not results.errors
+    # The trials ran on the test's 32 + 16 images, not on a default-size demo generated over them.
+    assert read_shard_table(str(root / "val"), ["image_id"]).num_rows == 16
 
     # Every trial's Train placement group is gone (Ray's own cleanup or the sweep's watch).
     assert live_placement_groups() == []
