@@ -10,7 +10,8 @@ loop calls the functions here at named points of each step and epoch:
   the restarted worker group does not die again.
 - `audit_point` (after each epoch): `audit_dir` gets one JSON file per rank and epoch with the
   image ids that rank trained on, its per-step losses, a hash of its parameters and the val
-  image ids it inferred, for tests of data splitting and determinism.
+  image ids it inferred, and how many images its data stream delivered (collated) in the
+  epoch, for tests of data splitting, determinism and early stops.
 - `hold_point` (after each epoch's report): `hold={"epoch", "release"}` makes rank 0 wait, once
   that epoch's checkpoint is stored, until the file `release` exists, so a test can change the
   world (fill a disk, kill a node) at a known point of the run instead of racing it.
@@ -65,7 +66,14 @@ def hold_point(hooks: TestingHooks, rank: int, epoch: int) -> None:
 
 
 def audit_point(
-    hooks: TestingHooks, rank: int, epoch: int, image_ids: list[int], model, losses=(), val_image_ids=None
+    hooks: TestingHooks,
+    rank: int,
+    epoch: int,
+    image_ids: list[int],
+    model,
+    losses=(),
+    val_image_ids=None,
+    delivered: int | None = None,
 ) -> None:
     """Writes `<audit_dir>/rank<R>_epoch<E>.json` (see the module docstring); no audit_dir: nothing."""
     if not hooks.audit_dir:
@@ -83,6 +91,7 @@ def audit_point(
         "params_sha256": h.hexdigest(),
         "losses": list(losses),
         "val_image_ids": val_image_ids,
+        "delivered": delivered,
     }
     os.makedirs(hooks.audit_dir, exist_ok=True)
     Path(hooks.audit_dir, f"rank{rank}_epoch{epoch}.json").write_text(json.dumps(record))

@@ -293,7 +293,7 @@ def run_worker(run: WorkerRun) -> None:
         else:
             val_ids = None
             metrics["checkpoint_score"] = -1.0  # ranks below every evaluated checkpoint
-        testing_hooks.audit_point(run.testing, rank, done, seen, w.model, losses, val_ids)
+        testing_hooks.audit_point(run.testing, rank, done, seen, w.model, losses, val_ids, batches.delivered)
         metrics.update(w.last_val)
         metrics.update(
             {
@@ -382,8 +382,11 @@ def _train_epoch(
         n_images += len(targets)
         seen += [t["image_id"] for t in targets]
         t_last = time.perf_counter()
-    for _ in it:  # drain this epoch's stream if another worker stopped first
-        pass
+    # Closed, not drained: after max_steps_per_epoch (or when another worker's part ran out first)
+    # the rest of the epoch is not needed, and draining it would decode every image of the split
+    # for a few steps' training. A split's coordinator shuts its execution down once every worker
+    # has ended its part; the next epoch starts a new one.
+    it.close()
     _check_finite(first_bad, epoch)
     elapsed = time.perf_counter() - t_start
     metrics = {k: float(v) / max(n_steps, 1) for k, v in sums.items()}

@@ -153,14 +153,19 @@ def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_
     def step_losses(seed, name):
         audit = tmp_path / name
         exp = _experiment(demo_root, seed=seed, eval_every=2)
-        exp["data"].update(decode_batch_size=4)  # 3 decode tasks, one at a time (1 worker: 1 CPU of decoding)
+        exp["data"].update(decode_batch_size=4)  # 12 decode tasks, one at a time (1 worker: 1 CPU of decoding)
         build_trainer(
             experiment_from_dict(exp),
             name=name,
             storage_path=str(tmp_path / "runs"),
             testing=TestingHooks(audit_dir=str(audit)),
         ).fit()
-        return [x for epoch in (1, 2) for x in json.loads((audit / f"rank0_epoch{epoch}.json").read_text())["losses"]]
+        records = [json.loads((audit / f"rank0_epoch{epoch}.json").read_text()) for epoch in (1, 2)]
+        # Each epoch stopped at max_steps_per_epoch (2 steps of 4) and closed its stream: the 48
+        # images of the split were not all decoded. At most the 8 trained on, the 2 batches
+        # prefetched, one waiting to be queued and one being collated when it closed: 24.
+        assert all(r["delivered"] <= 24 for r in records), [r["delivered"] for r in records]
+        return [x for r in records for x in r["losses"]]
 
     first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
     assert len(first) == 4  # 2 epochs of 2 steps: shuffle, augmentation and init all draw
