@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local_cluster.sh"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
+TRAIN_SETTINGS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 pytestmark = [
     pytest.mark.cluster,
@@ -69,12 +70,14 @@ class LocalCluster:
         # A short private directory: Ray's socket paths under it must stay below 107 characters.
         self.dir = tempfile.mkdtemp(prefix="drc-", dir="/tmp")
         self.base = next(b for b in range(25000, 32000, 500) if _ports_free(b))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # No RAY_ variable of this process (its address, its token) reaches the cluster, but for
+        # the two Ray Train settings that every test run uses (tests/conftest.py).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in TRAIN_SETTINGS}
         env.update(
             DETR_RAY_CLUSTER_DIR=os.path.join(self.dir, "cluster"),
             DETR_RAY_CLUSTER_PORT_BASE=str(self.base),
             RAY_BIN=RAY,
-            # The rehearsal sweep of docs/cluster.md uses the default demo data: generated here, not in ~/.cache.
+            # A job that falls back to the default demo data generates it here, not in ~/.cache.
             # (The nodes, and so the jobs, inherit this environment.)
             DETR_RAY_DEMO_DIR=os.path.join(self.dir, "demo-default"),
         )
@@ -312,29 +315,36 @@ def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data)
     assert list(Path(storage, "rehearsal-train").glob("checkpoint_*")), "no checkpoint in the run's storage"
 
 
-def _readme_rehearsal_command() -> list[str]:
-    """The `ray job submit ... python scripts/tune.py ...` command of docs/cluster.md's "Rehearsal
-    on one machine", as argv."""
+def _readme_rehearsal_commands() -> tuple[list[str], list[str]]:
+    """The `python scripts/prepare_coco.py ...` and `ray job submit ... python scripts/tune.py ...`
+    commands of docs/cluster.md's "Rehearsal on one machine", as argv."""
     text = (ROOT / "docs" / "cluster.md").read_text()
     section = text.split("\n## Rehearsal on one machine\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"^```\n(.*?)^```", section, flags=re.S | re.M).group(1)
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
+    prepare = [c for c in commands if c[:2] == ["python", "scripts/prepare_coco.py"]]
     submit = [c for c in commands if c[:3] == ["ray", "job", "submit"]]
-    assert len(submit) == 1, commands
-    return submit[0]
+    assert len(prepare) == 1 and len(submit) == 1, commands
+    return prepare[0], submit[0]
 
 
 @pytest.mark.timeout(1200)
 def test_readme_sweep_runs_trials_on_more_than_one_node(cluster):
-    """The rehearsal of docs/cluster.md, as written there (only --storage moved into the test's directory):
-    a tiny sweep of two trials submitted with `ray job submit --working-dir . -- python
-    scripts/tune.py ...`. Each trial has two 1-CPU Train workers; four do not fit on one 3-CPU
-    worker node nor on the 1-CPU head, so the trials use both worker nodes. Every driver (the
-    trials' and their Train runs') is on the head, and Tune's TensorBoard files are there too."""
-    command = _readme_rehearsal_command()
+    """The rehearsal of docs/cluster.md, as written there (only the data and --storage moved into the
+    test's directory): a small demo dataset, then a tiny sweep of two trials submitted with
+    `ray job submit --working-dir . -- python scripts/tune.py ...`. Each trial has two 1-CPU Train
+    workers; four do not fit on one 3-CPU worker node nor on the 1-CPU head, so the trials use both
+    worker nodes. Every driver (the trials' and their Train runs') is on the head, and Tune's
+    TensorBoard files are there too."""
+    prepare, command = _readme_rehearsal_commands()
+    data = os.path.join(cluster.dir, "rehearsal-data")
+    # The sweep reads what the first command prepared.
+    assert command[command.index("--data") + 1] == prepare[prepare.index("--out") + 1]
+    prepare[prepare.index("--out") + 1] = command[command.index("--data") + 1] = data
+    made = subprocess.run([sys.executable, *prepare[1:], "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    assert made.returncode == 0, made.stdout + made.stderr
     storage = os.path.join(cluster.dir, "sweeps")
-    i = command.index("--storage")
-    command[i + 1] = storage
+    command[command.index("--storage") + 1] = storage
     name = command[command.index("--name") + 1]
     num_samples = int(command[command.index("--num-samples") + 1])
     workers_per_trial = int(command[command.index("--workers-per-trial") + 1])

@@ -4,6 +4,7 @@
     python scripts/prepare_coco.py --images /data/coco/val2017 \\
         --annotations /data/coco/annotations/instances_val2017.json --out s3://bucket/coco/val
     python scripts/prepare_coco.py --demo --out data/demo      # synthetic demo: DIR/train, DIR/val
+    python scripts/prepare_coco.py --demo --num-train 32 --num-val 8 --out /tmp/tiny   # a smaller one
 
 Run it once per split. A rerun over a finished output reuses what is there. --out must be new,
 empty or an earlier output of the same conversion: other files there are an error, never replaced.
@@ -46,12 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"waiting {ReadRetry.first_delay} s, then twice as long after each failure)",
     )
     p.add_argument("--demo", action="store_true", help="generate the synthetic demo dataset into --out")
+    p.add_argument("--num-train", type=int, help="with --demo: training images (default 400)")
+    p.add_argument("--num-val", type=int, help="with --demo: validation images (default 100)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.demo and (args.images or args.annotations):
         p.error("--demo generates its own images and annotations; drop --images/--annotations")
     if not args.demo and not (args.images and args.annotations):
         p.error("give --images and --annotations (or --demo)")
+    for flag, value in (("--num-train", args.num_train), ("--num-val", args.num_val)):
+        if value is not None and not args.demo:
+            p.error(f"{flag} sizes the --demo dataset; a COCO split converts all of its images")
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -60,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.demo:
-            train, val = make_demo_dataset(args.out, workers=args.workers or 0, progress=not args.no_progress)
+            sizes = {k: v for k, v in (("num_train", args.num_train), ("num_val", args.num_val)) if v is not None}
+            train, val = make_demo_dataset(args.out, workers=args.workers or 0, progress=not args.no_progress, **sizes)
             for split, uri in (("train", train), ("val", val)):
                 meta = read_meta(uri)
                 print(f"{split}: {uri}  ({meta.counts['images']} images, {meta.counts['annotations']} objects)")

@@ -77,6 +77,22 @@ def test_demo_flag_writes_train_and_val(script, tmp_path, capsys):
     assert "train: " in printed and "(400 images" in printed and "val: " in printed
     assert (tmp_path / "d" / "raw" / "annotations" / "instances_val.json").exists()
     assert read_meta(str(tmp_path / "d" / "val")).counts["images"] == 100
+    assert (
+        script.main(["--demo", "--num-train", "6", "--num-val", "3", "--out", str(tmp_path / "s"), "--no-progress"])
+        == 0
+    )
+    assert [read_meta(str(tmp_path / "s" / split)).counts["images"] for split in ("train", "val")] == [6, 3]
+
+
+def test_demo_sizes_need_the_demo_flag(script, coco_dir, tmp_path, capsys):
+    argv = ["--images", str(coco_dir / "images"), "--annotations", str(coco_dir / "instances.json")]
+    with pytest.raises(SystemExit):
+        script.main([*argv, "--num-train", "6", "--out", str(tmp_path / "a")])
+    assert "--num-train sizes the --demo dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(["--demo", "--num-val", "0", "--out", str(tmp_path / "b")])
+    assert "--num-val must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_max_pixels_and_read_attempts_flags(script, coco_dir, tmp_path, capsys):
