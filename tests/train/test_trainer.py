@@ -62,10 +62,27 @@ def test_one_worker_iterates_its_datasets_itself_several_split_them():
     assert all(isinstance(it, StreamSplitDataIterator) for split in two for it in split.values())
 
 
-def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path):
-    result = build_trainer(
-        experiment_from_dict(_experiment(demo_root, eval_every=2, epochs=3)), name="short", storage_path=str(tmp_path)
-    ).fit()
+@pytest.fixture(scope="module")
+def seeded_runs(demo_root, tmp_path_factory):
+    """Three runs of 3 epochs of 2 steps, validated after epochs 2 and 3, each audited: "a" and "b"
+    with seed 3, "c" with seed 4. Run "a" is also the run whose metrics and checkpoints are checked
+    (each run costs about 20 s on 2 cores)."""
+    storage = tmp_path_factory.mktemp("seeded")
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        exp = _experiment(demo_root, seed=seed, eval_every=2, epochs=3)
+        exp["data"].update(decode_batch_size=4)  # 12 decode tasks, one at a time (1 worker: 1 CPU of decoding)
+        audit = storage / f"audit-{name}"
+        result = build_trainer(
+            experiment_from_dict(exp), name=name, storage_path=str(storage), testing=TestingHooks(audit_dir=str(audit))
+        ).fit()
+        records = [json.loads((audit / f"rank0_epoch{epoch}.json").read_text()) for epoch in (1, 2, 3)]
+        runs[name] = {"result": result, "dir": storage / name, "audit": records}
+    return runs
+
+
+def test_short_run_reports_metrics_and_verified_checkpoints(seeded_runs):
+    result = seeded_runs["a"]["result"]
     m = result.metrics
     assert m["epoch"] == 3 and m["global_step"] == 6 and m["train/start_epoch"] == 0
     for key in (
@@ -92,7 +109,7 @@ def test_short_run_reports_metrics_and_verified_checkpoints(demo_root, tmp_path)
     epochs = {c.path.rsplit("_epoch", 1)[1]: mm for c, mm in result.best_checkpoints}
     assert "0003" in epochs and epochs["0003"]["checkpoint_score"] == m["val/AP"]
     assert all(mm["checkpoint_score"] == -1.0 for k, mm in epochs.items() if k == "0001")
-    events = list((tmp_path / "short" / "tensorboard").glob("events.out.tfevents.*"))
+    events = list((seeded_runs["a"]["dir"] / "tensorboard").glob("events.out.tfevents.*"))
     tags = _event_tags(events[0])
     assert {"train/loss", "val/AP", "lr"} <= tags["scalar"]
     assert "val/predictions/0" in tags["image"]  # predictions drawn on val images
@@ -149,26 +166,14 @@ def test_three_workers_score_every_val_image_exactly_once(demo_root, tmp_path):
     assert result.metrics["val/images"] == len(val_ids)
 
 
-def test_one_seed_gives_the_same_step_losses_another_seed_others(demo_root, tmp_path):
-    def step_losses(seed, name):
-        audit = tmp_path / name
-        exp = _experiment(demo_root, seed=seed, eval_every=2)
-        exp["data"].update(decode_batch_size=4)  # 12 decode tasks, one at a time (1 worker: 1 CPU of decoding)
-        build_trainer(
-            experiment_from_dict(exp),
-            name=name,
-            storage_path=str(tmp_path / "runs"),
-            testing=TestingHooks(audit_dir=str(audit)),
-        ).fit()
-        records = [json.loads((audit / f"rank0_epoch{epoch}.json").read_text()) for epoch in (1, 2)]
+def test_one_seed_gives_the_same_step_losses_another_seed_others(seeded_runs):
+    for run in seeded_runs.values():
         # Each epoch stopped at max_steps_per_epoch (2 steps of 4) and closed its stream: the 48
         # images of the split were not all decoded. At most the 8 trained on, the 2 batches
         # prefetched, one waiting to be queued and one being collated when it closed: 24.
-        assert all(r["delivered"] <= 24 for r in records), [r["delivered"] for r in records]
-        return [x for r in records for x in r["losses"]]
-
-    first, again, other = step_losses(3, "a"), step_losses(3, "b"), step_losses(4, "c")
-    assert len(first) == 4  # 2 epochs of 2 steps: shuffle, augmentation and init all draw
+        assert all(r["delivered"] <= 24 for r in run["audit"]), [r["delivered"] for r in run["audit"]]
+    first, again, other = ([x for r in seeded_runs[n]["audit"] for x in r["losses"]] for n in "abc")
+    assert len(first) == 6  # 3 epochs of 2 steps: shuffle, augmentation and init all draw
     assert first == again
     assert other != first
 
