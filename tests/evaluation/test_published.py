@@ -217,6 +217,10 @@ def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(loca
             str(local),
             "--batch-size",
             "4",
+            # Published weights are evaluated at COCO's resolution (800 px): each timed image costs
+            # almost a second here, and 20 per checkpoint (the default) would time nothing more.
+            "--latency-images",
+            "2",
             "--no-progress",
         ]
     )
@@ -235,6 +239,7 @@ def test_evaluate_script_scores_published_weights_from_a_url_and_in_compare(loca
     # The same bytes from the URL and from the file: the same model, the same detections, the same figures.
     assert other["metrics"] == report["metrics"]
     assert f"sha256 `{sha}`" in (out / "report.md").read_text()
+    assert [r["efficiency"]["latency_images"] for r in (report, other)] == [2, 2]
 
     rc = script.main(
         ["--checkpoint", f"{url}/missing.pth", "--data", shards, "--out", str(tmp_path / "r2"), "--no-progress"]
