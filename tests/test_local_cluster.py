@@ -272,10 +272,16 @@ def demo_data(cluster):
     return root
 
 
+@pytest.mark.slow
 def test_train_job_spreads_its_workers_over_the_worker_nodes(cluster, demo_data):
     """scripts/train.py submitted as a job: two Train workers of 2 CPUs each, one on each worker
     node (3 CPUs each: one such worker per node; the head's 1 CPU holds none). The run finishes
-    and writes its checkpoint to the shared (here: local) storage."""
+    and writes its checkpoint to the shared (here: local) storage.
+
+    Slow (DETR_RAY_SLOW=1): `make test` covers its parts more cheaply. The rehearsal sweep below
+    submits a job to this cluster whose Train workers run on both worker nodes and whose drivers
+    stay on the head; tests/train/test_distributed.py::TestTwoNodes spreads one Train run over
+    two nodes; tests/scripts/test_train_cli.py runs scripts/train.py end to end."""
     storage = os.path.join(cluster.dir, "runs")
     run = cluster.submit(
         "python",

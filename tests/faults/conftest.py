@@ -5,24 +5,14 @@ on a disk that fills up, a worker SIGKILLed) are marked `slow` and run only with
 or through benchmarks/faults.py, which runs every fault and records the figures in
 benchmarks/results/faults.json. CI keeps the truncated-checkpoint case, and cheaper tests of
 the rest: the checkpoint writer on a full tmpfs, a worker killed mid-run, the sweep's driver
-killed and restored (tests/test_checkpoint.py, tests/train/test_trainer.py, tests/scripts/test_tune_cli.py)."""
+killed and restored (tests/test_checkpoint.py, tests/train/test_trainer.py, tests/scripts/test_tune_cli.py).
+(tests/conftest.py skips the `slow` cases.)"""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from detr_ray.data.demo import ensure_demo_shards
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("DETR_RAY_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow fault case: set DETR_RAY_SLOW=1 (or run benchmarks/faults.py)")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
