@@ -17,6 +17,7 @@ are checked: one Ray failed to release is reported loudly and removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -198,6 +199,48 @@ def _scheduler(space: SearchSpace, early_stopping: bool, run_config):
     return scheduler
 
 
+# The files Tune restores a sweep from (the newest of each kind): JSON, or pickles (whatever
+# their suffix), which always end with pickle's STOP opcode.
+_TUNE_STATE = (
+    ("experiment_state-", "json"),
+    ("search_gen_state-", "pickle"),
+    ("searcher-state-", "pickle"),
+    ("callback-states-", "pickle"),
+    ("tuner.pkl", "pickle"),
+)
+
+
+def check_saved_state(exp_dir: str) -> None:
+    """Refuses a sweep whose saved Tune state is incomplete. The driver writes that state to a
+    staging directory and copies it to the storage in the background; a driver killed during the
+    copy leaves a truncated file. Tune, failing to read it, logs an error and starts the whole
+    sweep again from its first trial; this stops with the file named instead. Reads the files,
+    never unpickles them."""
+    names = storage.list_files(exp_dir)
+    for prefix, kind in _TUNE_STATE:
+        found = [n for n in names if n.startswith(prefix)]
+        if not found:
+            continue
+        name = max(found)  # Tune reads the newest (names carry the session's start time)
+        data = storage.read_bytes(storage.join(exp_dir, name))
+        if kind == "json":
+            try:
+                json.loads(data)
+                complete = True
+            except ValueError:
+                complete = False
+        else:
+            complete = data.endswith(b".")
+        if not complete:
+            raise SweepError(
+                f"{storage.join(exp_dir, name)}: the sweep's saved state is incomplete ({len(data)} bytes; its "
+                "driver was probably stopped while saving it). Tune would start the sweep over from its first "
+                "trial instead of resuming it, so nothing is restored. Start a new sweep under another --name, "
+                "or put back a complete copy of this file (the driver's staging copy is under the Ray session's "
+                "artifacts directory on the node that ran it)."
+            )
+
+
 def _restore(
     exp_dir: str,
     space: SearchSpace,
@@ -224,6 +267,7 @@ def _restore(
             f"{recorded['storage'] if recorded else 'its pickled searcher state'}, "
             f"not {study.shown(study_storage)}: a restored sweep continues its own study (drop --study-storage)"
         )
+    check_saved_state(exp_dir)
     log.info("restoring the sweep at %s", exp_dir)
     tuner = tune.Tuner.restore(
         exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False

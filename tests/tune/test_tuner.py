@@ -208,3 +208,17 @@ def test_fast_sweep_stops_early_releases_resources_and_writes_best_json(local_ra
     assert again.restored
     with pytest.raises(SweepError, match="already holds a sweep"):
         build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps"), resume=False)
+
+    # A state file that its driver was killed while copying to the storage: Tune would start the
+    # sweep over from its first trial; the restore refuses, naming the file, and changes nothing.
+    exp_dir = tmp_path / "sweeps" / "fast"
+    for pattern in ("searcher-state-*.pkl", "experiment_state-*.json"):
+        (victim,) = exp_dir.glob(pattern)
+        whole = victim.read_bytes()
+        victim.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(SweepError, match="saved state is incomplete") as refused:
+            build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps"))
+        assert str(victim) in str(refused.value)
+        assert victim.read_bytes() == whole[: len(whole) // 2]
+        victim.write_bytes(whole)
+    assert build_sweep(space, name="fast", storage_path=str(tmp_path / "sweeps")).restored
