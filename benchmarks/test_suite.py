@@ -46,23 +46,34 @@ print(time.perf_counter() - t)
 """
 
 
-def _busy_cpu_s() -> float:
-    """CPU-seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal)."""
+def _cpu_s() -> tuple[float, float]:
+    """CPU-seconds the whole machine has spent busy (user, nice, system, irq, softirq, steal), and
+    the steal among them: time this virtual machine's CPUs were ready to run but the hypervisor ran
+    something else (other machines on the same host). Busy keeps steal, as the earlier records do;
+    steal on its own tells a crowded host from a suite that grew."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
 
 
 def reference() -> dict:
     """The fixed workload: `import torch, torchvision` in a new interpreter (best of 3, wall
-    seconds) and 20 single-thread ResNet-18 training steps on 8 images of 96x96 (seconds)."""
+    seconds) and 20 single-thread ResNet-18 training steps on 8 images of 96x96 (seconds), with
+    the share of the CPUs' time stolen by the host meanwhile."""
+    (_, steal0), wall0 = _cpu_s(), time.perf_counter()
     imports = []
     for _ in range(3):
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", "import torch, torchvision"], check=True)
         imports.append(time.perf_counter() - start)
     steps = float(subprocess.run([sys.executable, "-c", _STEPS], check=True, capture_output=True, text=True).stdout)
-    return {"import_torch_torchvision_s": round(min(imports), 2), "resnet18_20_steps_1_thread_s": round(steps, 2)}
+    steal_share = (_cpu_s()[1] - steal0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
+    return {
+        "import_torch_torchvision_s": round(min(imports), 2),
+        "resnet18_20_steps_1_thread_s": round(steps, 2),
+        "steal_share": round(steal_share, 3),
+    }
 
 
 def _commit() -> str:
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = datetime.now(timezone.utc)
-    busy0, wall0 = _busy_cpu_s(), time.perf_counter()
+    (busy0, steal0), wall0 = _cpu_s(), time.perf_counter()
     env = {**os.environ, "PYTEST_ADDOPTS": (os.environ.get("PYTEST_ADDOPTS", "") + " --durations=20").strip()}
     proc = subprocess.Popen(
         shlex.split(args.command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -111,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(line)
         lines.append(line)
     rc = proc.wait()
-    wall, busy = time.perf_counter() - wall0, _busy_cpu_s() - busy0
+    wall, (busy, steal) = time.perf_counter() - wall0, _cpu_s()
+    busy, steal = busy - busy0, steal - steal0
     after = reference()
 
     record = {
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": rc,
         "wall_s": round(wall, 1),
         "machine_busy_cpu_s": round(busy, 1),
+        "machine_steal_cpu_s": round(steal, 1),
         **_summary("".join(lines)),
         "reference_before": before,
         "reference_after": after,
@@ -130,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(
         f"\n{args.command}: exit {rc}, {wall / 60:.1f} min wall (pytest: {record['pytest_result'] or 'no summary'}), "
-        f"machine busy {busy:.0f} CPU-s; reference before {before}, after {after}\nrecord: {out}"
+        f"machine busy {busy:.0f} CPU-s, of which steal {steal:.0f} "
+        f"({steal / (wall * (os.cpu_count() or 1)):.0%} of the CPUs' time); "
+        f"reference before {before}, after {after}\nrecord: {out}"
     )
     return rc
 
